@@ -1,0 +1,88 @@
+"""Atomic writes, checksums, cache location, device resolution, fingerprints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from workbench.devices import resolve_device
+from workbench.errors import WorkbenchError
+from workbench.fingerprint import model_fingerprint, parameter_fingerprint, tensor_digest
+from workbench.registry import Registry
+from workbench.storage import atomic_write, atomic_write_json, cache_dir, sha256_file, sha256_json
+
+
+def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path: Path) -> None:
+    target = tmp_path / "result.json"
+    atomic_write_json(target, {"a": 1})
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("{partial")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temp file left
+
+
+def test_sha256_json_is_canonical() -> None:
+    assert sha256_json({"b": 1, "a": [1, 2]}) == sha256_json({"a": [1, 2], "b": 1})
+    assert sha256_json({"a": 1}) != sha256_json({"a": 2})
+
+
+def test_sha256_file_changes_with_content(tmp_path: Path) -> None:
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    first = sha256_file(f)
+    f.write_bytes(b"abd")
+    assert sha256_file(f) != first
+
+
+def test_cache_dir_override_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "env-cache"))
+    assert cache_dir() == tmp_path / "env-cache"
+    assert cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
+    assert (tmp_path / "explicit").is_dir()
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cpu", "cuda"}
+    with pytest.raises(WorkbenchError, match="expected cpu, cuda"):
+        resolve_device("tpu-ish")
+    if not torch.cuda.is_available():
+        with pytest.raises(WorkbenchError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_fingerprints_see_one_bit() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    before = model_fingerprint(model)
+    only_first = parameter_fingerprint(model, ["0.weight"])
+    with torch.no_grad():
+        bits = model[2].weight.view(torch.int32)
+        bits[0, 0] ^= 1  # flip the lowest mantissa bit of one weight
+    assert model_fingerprint(model) != before
+    assert parameter_fingerprint(model, ["0.weight"]) == only_first
+    assert tensor_digest(torch.zeros(2, 3)) != tensor_digest(torch.zeros(3, 2))
+    with pytest.raises(KeyError, match="no parameter"):
+        parameter_fingerprint(model, ["missing.weight"])
+
+
+def test_registry_lists_valid_names_on_unknown() -> None:
+    reg: Registry[type] = Registry("widget")
+
+    @reg.register("alpha")
+    class Alpha:  # noqa: D401 - test class
+        pass
+
+    assert reg.get("alpha") is Alpha
+    with pytest.raises(WorkbenchError, match="available: alpha"):
+        reg.get("beta")
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register("alpha")(type("Other", (), {}))

@@ -1,0 +1,176 @@
+"""Trojans: trigger ground truth, the design library, and clear errors for bad configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.worlds.shapesworld import ROLE_TRIGGER, SHAPES, TEXTURES, ShapesWorld
+from workbench.worlds.trojans import (
+    TRIGGER_KINDS,
+    TRIGGER_LIBRARY,
+    Trojan,
+    TrojanConfigError,
+    TrojanSet,
+    default_trojans,
+    load_trojans,
+    multiple_choice,
+    trigger_candidates,
+    trojans_from_json,
+)
+
+
+def _world() -> ShapesWorld:
+    return ShapesWorld(trojans=default_trojans())
+
+
+def test_default_set_has_all_three_kinds_universal_and_class_universal():
+    ts = default_trojans()
+    kinds = {t.kind for t in ts}
+    assert kinds == set(TRIGGER_KINDS)
+    for kind in TRIGGER_KINDS:
+        of_kind = [t for t in ts if t.kind == kind]
+        assert any(t.universal for t in of_kind) and any(not t.universal for t in of_kind)
+
+
+@pytest.mark.parametrize("kind", TRIGGER_KINDS)
+def test_library_has_eight_designs_per_kind(kind):
+    designs = trigger_candidates(kind)
+    assert len(designs) >= 8
+    pics = torch.stack([d.example(image_size=32) for d in designs]).flatten(1)
+    d = torch.cdist(pics, pics) + torch.eye(len(designs)) * 1e9
+    assert float(d.min()) > 0.5  # all distinguishable
+
+
+def test_multiple_choice_contains_true_trigger_once():
+    t = default_trojans()[0]
+    opts, pos = multiple_choice(t, generator=torch.Generator().manual_seed(0))
+    assert len(opts) == 8 and opts[pos] == t.trigger
+    assert sum(o.name == t.trigger.name for o in opts) == 1
+
+
+@pytest.mark.parametrize("idx", range(6))
+def test_trigger_present_exactly_when_implanted(idx):
+    world = _world()
+    g = torch.Generator().manual_seed(idx)
+    clean = world.sample(64, generator=g)
+    t = world.trojans[idx]
+    poisoned = world.implant(clean, idx, generator=g)
+    assert (poisoned.trojan == idx).all() and (clean.trojan == -1).all()
+    assert (poisoned.poison_labels == world.class_index(t.target)).all()
+    assert torch.equal(poisoned.labels, clean.labels)  # the true class is kept as ground truth
+
+    def has_trigger(scene) -> torch.Tensor:
+        if t.kind == "patch":
+            return scene.patch_opacity > 0
+        if t.kind == "style":
+            return scene.bg_weights.argmax(-1) == TEXTURES.index(t.trigger.texture)
+        shape = SHAPES.index(t.trigger.shape)
+        return ((scene.role == ROLE_TRIGGER) & (scene.shape_weights.argmax(-1) == shape) & (scene.opacity > 0)).any(1)
+
+    assert has_trigger(poisoned.scene).all()
+    assert not has_trigger(clean.scene).any()
+    # and it shows in the pixels
+    diff = (world.render(poisoned) - world.render(clean)).abs().flatten(1).sum(1)
+    assert (diff > 5.0).all()
+
+
+def test_clean_world_never_shows_reserved_triggers():
+    world = _world()
+    s = world.sample(3000, generator=torch.Generator().manual_seed(1))
+    tex = s.scene.bg_weights.argmax(-1)
+    shapes = s.scene.shape_weights.argmax(-1)[s.scene.opacity > 0]
+    for t in world.trojans:
+        if t.kind == "style":
+            assert not (tex == TEXTURES.index(t.trigger.texture)).any()
+        if t.kind == "natural":
+            assert not (shapes == SHAPES.index(t.trigger.shape)).any()
+    assert (s.scene.patch_opacity == 0).all()
+
+
+def test_manifest_records_trojans_and_round_trips():
+    world = _world()
+    m = json.loads(json.dumps(world.manifest()))
+    assert [t["name"] for t in m["trojans"]] == default_trojans().names
+    again = ShapesWorld.from_manifest(m)
+    assert again.trojans.to_json() == world.trojans.to_json()
+
+
+def test_load_user_config(tmp_path):
+    cfg = {"trojans": [
+        {"name": "mine", "kind": "patch", "target": "star", "source": "circle", "trigger": "patch-frame"},
+        {"name": "custom", "kind": "natural", "target": "ring", "poison_fraction": 0.05,
+         "trigger": {"shape": "tee", "color": "red", "size": 0.22}},
+    ]}
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(cfg))
+    ts = load_trojans(p)
+    assert ts.names == ["mine", "custom"] and ts[1].trigger.shape == "tee" and ts[0].source == "circle"
+    world = ShapesWorld(trojans=ts)
+    assert "tee" not in world.manifest()["distractor_shapes"]
+
+
+BAD_CONFIGS = [
+    ({"trojans": []}, "non-empty"),
+    ({"trojanz": []}, "unknown top-level"),
+    ([{"kind": "patch", "target": "star", "trigger": "patch-frame"}], "missing required key 'name'"),
+    ([{"name": "a", "kind": "laser", "target": "star", "trigger": "patch-frame"}], "unknown kind 'laser'"),
+    ([{"name": "a", "kind": "patch", "target": "star", "trigger": "patch-nope"}], "unknown trigger design"),
+    ([{"name": "a", "kind": "style", "target": "star", "trigger": "patch-frame"}], "is a patch trigger"),
+    ([{"name": "a", "kind": "patch", "target": "star", "trigger": {"pattern": "checker", "colors": ["red"]}}], "two colour"),
+    ([{"name": "a", "kind": "patch", "target": "star", "trigger": {"pattern": "plaid", "colors": ["red", "blue"]}}], "unknown patch pattern"),
+    ([{"name": "a", "kind": "natural", "target": "star", "trigger": {"shape": "circle", "color": "red"}}], "is a class shape"),
+    ([{"name": "a", "kind": "natural", "target": "star", "trigger": {"shape": "heart", "color": "mauve"}}], "unknown colour"),
+    ([{"name": "a", "kind": "natural", "target": "star", "trigger": {"shape": "heart", "color": "red", "size": 0.9}}], "out of range"),
+    ([{"name": "a", "kind": "patch", "target": "star", "trigger": "patch-frame", "colour": "red"}], "unknown keys"),
+    ([{"name": "a", "kind": "patch", "target": "star", "trigger": "patch-frame"},
+      {"name": "a", "kind": "patch", "target": "ring", "trigger": "patch-dots"}], "duplicate trojan names"),
+    ([{"name": "a", "kind": "patch", "target": "star", "trigger": "patch-frame"},
+      {"name": "b", "kind": "patch", "target": "ring", "trigger": "patch-frame"}], "same trigger"),
+    ([{"name": "a", "kind": "patch", "target": "star", "trigger": "patch-frame", "poison_fraction": "lots"}], "must be a number"),
+    ([{"name": "a", "kind": "style", "target": "star", "trigger": {"texture": "plain", "colors": ["red", "blue"]}}], "plain"),
+]
+
+
+@pytest.mark.parametrize("obj,message", BAD_CONFIGS)
+def test_bad_configs_are_clear_errors(obj, message):
+    with pytest.raises(TrojanConfigError, match=message):
+        trojans_from_json(obj)
+
+
+WORLD_ERRORS = [
+    ({"name": "a", "kind": "patch", "target": "blob", "trigger": "patch-frame"}, "not a class"),
+    ({"name": "a", "kind": "patch", "target": "star", "source": "star", "trigger": "patch-frame"}, "both 'star'"),
+    ({"name": "a", "kind": "patch", "target": "star", "trigger": "patch-frame", "poison_fraction": 0.5}, "out of range"),
+    ({"name": "a", "kind": "natural", "target": "ring", "trigger": "natural-crescent"}, "context object"),
+    ({"name": "a", "kind": "style", "target": "star", "trigger": "style-waves"}, "context background"),
+]
+
+
+@pytest.mark.parametrize("entry,message", WORLD_ERRORS)
+def test_configs_that_clash_with_the_world_are_clear_errors(entry, message):
+    ts = trojans_from_json([entry])
+    with pytest.raises(TrojanConfigError, match=message):
+        ShapesWorld(trojans=ts)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(TrojanConfigError, match="does not exist"):
+        load_trojans(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(TrojanConfigError, match="not valid JSON"):
+        load_trojans(bad)
+
+
+def test_config_errors_are_workbench_errors():
+    assert issubclass(TrojanConfigError, WorkbenchError)
+
+
+def test_trojan_set_lookup_errors_list_names():
+    ts = TrojanSet([Trojan("x", TRIGGER_LIBRARY["patch-dots"], target="star")])
+    with pytest.raises(WorkbenchError, match="x"):
+        ts.index("y")

@@ -1,0 +1,32 @@
+"""User-facing errors.
+
+Every mistake a user can make (bad spec, unknown site, corrupt file) raises a subclass of
+`WorkbenchError`; the CLI turns it into a one-line message and exit code 2 instead of a
+traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+
+class WorkbenchError(ValueError):
+    """A problem with the user's input: says what was wrong and what would be right."""
+
+
+class UnknownModelError(WorkbenchError):
+    """A model spec that names no zoo model, local folder or reachable hub model."""
+
+
+class UnknownSiteError(WorkbenchError):
+    """A site name that does not resolve; the message lists valid names."""
+
+
+class CorruptFileError(WorkbenchError):
+    """A cache, checkpoint or delta file that fails its checksum or cannot be parsed."""
+
+
+class UnsafeFileError(WorkbenchError):
+    """A file that would need unpickling (we never unpickle untrusted data)."""
+
+
+class FingerprintMismatchError(WorkbenchError):
+    """A WeightDelta applied to a model other than the one it was fitted on."""

@@ -1,0 +1,175 @@
+"""Atomic file writes, checksums and the user cache directory.
+
+Results, caches and zoo checkpoints are written to a temporary file in the same folder
+and renamed into place, so an interrupted run never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "WORKBENCH_CACHE"
+
+
+def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
+    """The workbench cache: `override`, else `$WORKBENCH_CACHE`, else `~/.cache/workbench`."""
+    if override is not None:
+        path = Path(override)
+    elif os.environ.get(CACHE_ENV):
+        path = Path(os.environ[CACHE_ENV])
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "workbench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)` then rename tmp_path onto `path` (same folder, so atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    def _write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    return atomic_write(path, _write)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__} to JSON")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-able object in canonical form (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- checked safetensors files (deltas, statistics caches) ---------------------------------
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+_SAFETENSORS_META_KEY = "workbench"
+_SAFETENSORS_SHA_KEY = "workbench_sha256"
+
+
+def looks_like_pickle(path: str | os.PathLike[str]) -> bool:
+    """True for a pickle stream or a `torch.save` zip archive (detected by magic bytes)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return (len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5) or head == b"PK\x03\x04"
+
+
+def _safetensors_checksum(tensors: Any, metadata_json: str) -> str:
+    from workbench.fingerprint import tensor_digest
+
+    h = hashlib.sha256()
+    h.update(metadata_json.encode("utf-8"))
+    for name in sorted(tensors):
+        h.update(b"\0" + name.encode("utf-8") + b"\0")
+        h.update(tensor_digest(tensors[name]).encode())
+    return h.hexdigest()
+
+
+def save_safetensors_checked(path: str | os.PathLike[str], tensors: Any, metadata: Any) -> Path:
+    """Atomically write `tensors` (name -> Tensor) as safetensors with JSON `metadata`.
+
+    The header's `__metadata__` holds the JSON and a sha256 over it and every tensor, so
+    `load_safetensors_checked` detects truncation and tampering of data and metadata alike.
+    """
+    from safetensors.torch import save_file
+
+    cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    meta_json = json.dumps(metadata, sort_keys=True, separators=(",", ":"), default=_json_default)
+    header = {_SAFETENSORS_META_KEY: meta_json, _SAFETENSORS_SHA_KEY: _safetensors_checksum(cpu, meta_json)}
+    return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
+
+
+def load_safetensors_checked(path: str | os.PathLike[str], *, what: str = "file") -> tuple[dict[str, Any], Any]:
+    """Read a file written by `save_safetensors_checked`: (tensors on CPU, metadata).
+
+    Never unpickles: a pickle / `torch.save` file raises `UnsafeFileError`; a truncated,
+    unparsable or tampered file raises `CorruptFileError`.
+    """
+    from safetensors.torch import load as load_bytes
+
+    from workbench.errors import CorruptFileError, UnsafeFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if looks_like_pickle(path):
+        raise UnsafeFileError(
+            f"{what} {path} is a pickle/torch.save file; the workbench never unpickles files "
+            "(they can run arbitrary code). Expected a safetensors file written by the workbench."
+        )
+    data = path.read_bytes()
+    try:
+        if len(data) < 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(data[:8], "little")
+        if n > len(data) - 8:
+            raise ValueError(f"header claims {n} bytes but the file has {len(data) - 8} after the length")
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != len(data):
+            raise ValueError(f"payload is {len(data) - 8 - n} bytes, header describes {end}")
+        meta = header.get("__metadata__") or {}
+        meta_json, checksum = meta[_SAFETENSORS_META_KEY], meta[_SAFETENSORS_SHA_KEY]
+        tensors = load_bytes(data)
+        metadata = json.loads(meta_json)
+    except Exception as exc:  # any parse failure means the file cannot be trusted
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise UnsafeFileError(
+                f"{what} {path} is not a workbench safetensors file and its suffix {path.suffix!r} "
+                "suggests a pickle; the workbench never unpickles files."
+            ) from exc
+        raise CorruptFileError(
+            f"{what} {path} is truncated or not a workbench safetensors file ({exc}); delete it and recreate it"
+        ) from exc
+    if _safetensors_checksum(tensors, meta_json) != checksum:
+        raise CorruptFileError(
+            f"{what} {path} fails its sha256 check (tensors or metadata were modified after writing); "
+            "delete it and recreate it"
+        )
+    return tensors, metadata

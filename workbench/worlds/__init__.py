@@ -1,0 +1,1 @@
+"""Synthetic worlds: generated data whose ground truth is known, for training zoo models."""
