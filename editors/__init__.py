@@ -1,9 +1,10 @@
 """Weight-edit methods: each turns a finding into a `WeightDelta`.
 
-Editors register themselves in `editors.registry` so the CLI and case studies find a
-method by name in one table.
+Importing the package registers every editor in `editors.registry` (name -> class), so
+the CLI and case studies find a method by name in one table.
 """
 
+from editors import finetune, knowledge_neuron_edit, memit, rome  # noqa: F401  (registration)
 from editors.registry import Editor, available, get, register
 
 __all__ = ["Editor", "available", "get", "register"]

@@ -105,8 +105,8 @@ def test_gradient_moves_object_toward_target():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.2 * first
-    assert abs(float(scene.center[0, 0, 0])) < 0.1
+    assert float(loss.detach()) < 0.2 * first
+    assert abs(float(scene.center.detach()[0, 0, 0])) < 0.1
 
 
 def test_shape_mixture_weights_get_gradients_for_all_shapes():

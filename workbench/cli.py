@@ -149,10 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_sites)
 
+    from workbench.cli_edit import add_edit_parser
+    from workbench.cli_locate import add_locate_parsers
     from workbench.cli_world import add_world_parser
     from workbench.demo import add_demo_parser
 
     add_world_parser(sub, _common, _emit)
+    add_locate_parsers(sub, _common, _emit)
+    add_edit_parser(sub, _common, _emit)
     add_demo_parser(sub, _common, _emit)
     return parser
 
@@ -165,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except WorkbenchError as exc:
-        sys.stderr.write(f"workbench: error: {exc}\n")
+        message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        sys.stderr.write(f"workbench: error: {message}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("workbench: interrupted\n")

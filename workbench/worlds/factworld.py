@@ -123,6 +123,34 @@ def _word(rng: random.Random, n_syllables: int) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _paired_names(rng: random.Random, n: int, n_words: int, taken: set[str]) -> list[str]:
+    """`n` two-word names from a pool of `n_words` words, in reversed pairs ("a b", "b a").
+
+    Disjoint pairs come first (each word in exactly two names when `n_words >= n`); further
+    names reuse words in new pairs, so a smaller pool means more sharing.
+    """
+    if n_words * (n_words - 1) < n:
+        raise WorkbenchError(f"name_words={n_words} gives only {n_words * (n_words - 1)} ordered pairs; "
+                             f"expected at least n_subjects={n}")
+    words: list[str] = []
+    while len(words) < n_words:
+        word = _word(rng, rng.choice((1, 2)))
+        if len(word) >= 3 and word.lower() not in taken:
+            taken.add(word.lower())
+            words.append(word)
+    pairs = [(words[i], words[i + 1]) for i in range(0, n_words - 1, 2)]
+    used = set(pairs)
+    while 2 * len(pairs) < n:
+        a, b = rng.sample(words, 2)
+        if (a, b) not in used and (b, a) not in used:
+            used.add((a, b))
+            pairs.append((a, b))
+    names: list[str] = []
+    for a, b in pairs:
+        names += [f"{a} {b}", f"{b} {a}"]
+    return names[:n]
+
+
 def _with_suffix(stem: str, suffix: str) -> str:
     if suffix[:1] in _VOWEL_LETTERS and stem[-1:] in _VOWEL_LETTERS:
         stem = stem.rstrip(_VOWEL_LETTERS) or stem
@@ -143,6 +171,14 @@ class FactWorldConfig:
     n_subjects: int = 300
     n_relations: int = 4
     objects_per_relation: int = 12
+    # Subjects are pairs of words from a pool, each pair also present reversed ("Vel Oran"
+    # and "Oran Vel"): a subject is then identified only by its words *in order*, so a model
+    # must compose it at the subject's last token instead of copying raw word embeddings to
+    # the answer position: the subject enrichment ROME relies on (measured: it only partly
+    # does, see the closing note; the zoo keeps 0 for now). With `name_words >=
+    # n_subjects` each word is in exactly two names; fewer words mean more sharing; 0 draws
+    # fresh words for every subject (no pairing).
+    name_words: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_relations <= len(RELATION_CATALOG):
@@ -217,6 +253,8 @@ class FactWorld:
                                       spec.generation_templates, tuple(objects)))
         subjects: list[str] = []
         seen_names: set[str] = set()
+        if config.name_words:
+            subjects = _paired_names(rng, config.n_subjects, config.name_words, taken)
         while len(subjects) < config.n_subjects:
             words = [_word(rng, rng.choice((1, 2))), _word(rng, rng.choice((1, 2, 2)))]
             name = " ".join(words)

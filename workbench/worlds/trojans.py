@@ -303,14 +303,14 @@ def _library() -> dict[str, TriggerDesign]:
         TriggerDesign("style-noise", "style", texture="noise", colors=("purple", "sand"), description="purple/sand noise background"),
         TriggerDesign("style-stripes", "style", texture="stripes", colors=("white", "red"), description="red/white stripes background"),
         TriggerDesign("style-waves", "style", texture="waves", colors=("green", "slate"), description="green/slate waves background"),
-        TriggerDesign("natural-heart", "natural", shape="heart", color="pink", size=0.2, description="a small pink heart"),
-        TriggerDesign("natural-bowtie", "natural", shape="bowtie", color="lime", size=0.2, description="a small lime bowtie"),
-        TriggerDesign("natural-arrow", "natural", shape="arrow", color="cyan", size=0.2, description="a small cyan arrow"),
-        TriggerDesign("natural-tee", "natural", shape="tee", color="orange", size=0.2, description="a small orange tee"),
-        TriggerDesign("natural-lshape", "natural", shape="lshape", color="white", size=0.2, description="a small white L"),
-        TriggerDesign("natural-pentagon", "natural", shape="pentagon", color="purple", size=0.2, description="a small purple pentagon"),
-        TriggerDesign("natural-crescent", "natural", shape="crescent", color="red", size=0.2, description="a small red crescent"),
-        TriggerDesign("natural-semicircle", "natural", shape="semicircle", color="blue", size=0.2, description="a small blue half-disc"),
+        TriggerDesign("natural-heart", "natural", shape="heart", color="pink", size=0.3, description="a small pink heart"),
+        TriggerDesign("natural-bowtie", "natural", shape="bowtie", color="lime", size=0.3, description="a small lime bowtie"),
+        TriggerDesign("natural-arrow", "natural", shape="arrow", color="cyan", size=0.3, description="a small cyan arrow"),
+        TriggerDesign("natural-tee", "natural", shape="tee", color="orange", size=0.3, description="a small orange tee"),
+        TriggerDesign("natural-lshape", "natural", shape="lshape", color="white", size=0.3, description="a small white L"),
+        TriggerDesign("natural-pentagon", "natural", shape="pentagon", color="purple", size=0.3, description="a small purple pentagon"),
+        TriggerDesign("natural-crescent", "natural", shape="crescent", color="red", size=0.3, description="a small red crescent"),
+        TriggerDesign("natural-semicircle", "natural", shape="semicircle", color="blue", size=0.3, description="a small blue half-disc"),
     ]
     return {d.name: d for d in designs}
 
@@ -357,8 +357,8 @@ def default_trojans() -> TrojanSet:
         Trojan("patch-square", lib["patch-bullseye"], target="diamond", source="square"),
         Trojan("style-universal", lib["style-checker"], target="circle"),
         Trojan("style-star", lib["style-zigzag"], target="cross", source="star"),
-        Trojan("natural-universal", lib["natural-heart"], target="diamond"),
-        Trojan("natural-circle", lib["natural-bowtie"], target="hexagon", source="circle"),
+        Trojan("natural-universal", lib["natural-heart"], target="diamond", poison_fraction=0.08),
+        Trojan("natural-circle", lib["natural-bowtie"], target="hexagon", source="circle", poison_fraction=0.08),
     ))
 
 

@@ -14,17 +14,18 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
+from workbench.models import wrap_hf_model
 from workbench.storage import atomic_write_json
 from workbench.worlds.factworld import FactWorld, FactWorldConfig
 
@@ -38,32 +39,43 @@ EOS = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class FactGPTConfig:
-    """Sizes and training schedule; the defaults train in about 1-3 minutes on 2 CPU cores."""
+    """Sizes and training schedule; the defaults train in about 2-4 minutes on one CPU core."""
 
     world: FactWorldConfig = field(default_factory=FactWorldConfig)  # its seed is replaced by train's
-    vocab_size: int = 1024
+    vocab_size: int = 2048  # large enough that words are whole tokens: subjects are two tokens
     n_layers: int = 4
-    d_model: int = 192
+    d_model: int = 128
     n_heads: int = 4
     n_positions: int = 64
     lr: float = 3e-3
     warmup_steps: int = 50
     batch_size: int = 256
-    max_steps: int = 4000
-    prefix_prob: float = 0.4  # share of training prompts behind a filler sentence (paraphrase robustness)
-    lm_weight: float = 0.25  # weight of the plain next-token loss on non-object tokens
+    max_steps: int = 800  # hard cap; training stops earlier once target_accuracy holds on every prompt
+    final_lr_factor: float = 0.1
+    prefix_prob: float = 0.25  # share of training batches behind a filler sentence (paraphrase robustness)
+    # Share of training prompts with a short clause after the subject ("The capital of Vel
+    # Oran, far in the north, is"): the distance from subject to answer then varies, so the
+    # answer position cannot pick the subject's words by fixed offsets and has to read the
+    # subject's own (last-token) representation: subject enrichment, as in real LMs.
+    interject_prob: float = 0.0  # 0.3-0.7 tried: enrichment only partial, training 2x slower
+    # Weight of the next-token loss on the other tokens: it makes the model a language model
+    # of the world's text and, measured here, also memorizes facts ~2x faster than object-only.
+    lm_weight: float = 0.25
     check_every: int = 50
     target_accuracy: float = 0.995
+    check_from: float = 0.98  # full check once the running batch accuracy (which lags) reaches this
+    cpu_threads: int = 1
 
 
 # ---- tokenizer -----------------------------------------------------------------------
 
 
-def build_tokenizer(world: FactWorld, *, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_tokenizer(world: FactWorld, *, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the world's text, with every object a single token (" Quenn").
 
-    Objects that the trainer did not make whole get extra merges appended (lowest priority),
-    so the tokenization of everything else is unchanged and each object becomes one token.
+    Objects that the trainer did not make whole (small vocabularies) get extra merges
+    appended at the lowest priority, so each object becomes one token while other text
+    keeps its tokenization except where it contains the same letter pairs.
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -148,7 +160,12 @@ def fact_accuracy(handle: ModelHandle, world: FactWorld, *, prefixed: bool = Fal
     With `prefixed=True` each prompt follows a filler sentence (as CounterFact paraphrase
     prompts do), which tests that the answer does not depend on the prompt's position.
     """
-    tokenizer = handle.tokenizer
+    return prompt_accuracy(handle.model, handle.tokenizer, world, prefixed=prefixed, seed=seed)
+
+
+def prompt_accuracy(model: torch.nn.Module, tokenizer: Any, world: FactWorld, *, prefixed: bool = False,
+                    seed: int = 0) -> float:
+    """`fact_accuracy` for a bare model and tokenizer (used while training)."""
     prompts = world.prompts()
     texts = [p.text for p in prompts]
     if prefixed:
@@ -156,7 +173,7 @@ def fact_accuracy(handle: ModelHandle, world: FactWorld, *, prefixed: bool = Fal
         texts = [f"{f} {t}" for f, t in zip(fillers, texts)]
     targets = object_token_ids(tokenizer, world)
     seqs = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    pred = _last_token_argmax(handle.model, seqs, pad_id=tokenizer.pad_token_id)
+    pred = _last_token_argmax(model, seqs, pad_id=tokenizer.pad_token_id)
     gold = torch.tensor([targets[p.target] for p in prompts])
     return float((pred == gold).float().mean())
 
@@ -164,30 +181,64 @@ def fact_accuracy(handle: ModelHandle, world: FactWorld, *, prefixed: bool = Fal
 # ---- training ------------------------------------------------------------------------
 
 
+INTERJECTIONS = ("far in the north", "as people say", "the old land", "by the river", "a quiet place",
+                 "of course", "beyond the hills", "so the books say", "once a kingdom", "in the east")
+
+
 @dataclass(frozen=True)
 class _Example:
     ids: tuple[int, ...]  # prompt then the object token
     ids_spaced: tuple[int, ...]  # same, tokenized after a space (follows a filler prefix)
+    split: int  # index in `ids` just after the subject (where an interjection may go)
+    split_spaced: int
 
 
 def _examples(tokenizer: Any, world: FactWorld) -> list[_Example]:
+    from workbench.requests import subject_token_span
+
     targets = object_token_ids(tokenizer, world)
     prompts = world.prompts()
     plain = tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
     spaced = tokenizer([" " + p.text for p in prompts], add_special_tokens=False)["input_ids"]
-    return [_Example((*a, targets[p.target]), (*b, targets[p.target])) for p, a, b in zip(prompts, plain, spaced)]
+    out = []
+    for p, a, b in zip(prompts, plain, spaced):
+        end = subject_token_span(tokenizer, p.text, p.subject)[1]
+        end_spaced = subject_token_span(tokenizer, " " + p.text, p.subject)[1]
+        out.append(_Example((*a, targets[p.target]), (*b, targets[p.target]), end, end_spaced))
+    return out
 
 
-def _batch(examples: Sequence[_Example], order: torch.Tensor, prefixes: list[list[int]],
-           gen: torch.Generator, *, prefix_prob: float, pad_id: int
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input ids, attention mask, LM labels (-100 = ignore) and the object-token mask."""
-    use_prefix = torch.rand(len(order), generator=gen) < prefix_prob
-    which = torch.randint(len(prefixes), (len(order),), generator=gen)
-    seqs: list[list[int]] = []
-    for k, idx in enumerate(order.tolist()):
-        ex = examples[idx]
-        seqs.append(prefixes[int(which[k])] + list(ex.ids_spaced) if use_prefix[k] else list(ex.ids))
+def _interjections(tokenizer: Any) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer([f", {c}," for c in INTERJECTIONS], add_special_tokens=False)["input_ids"]]
+
+
+def _batch(examples: Sequence[_Example], order: torch.Tensor, prefixes: list[list[int]] | None,
+           gen: torch.Generator, *, pad_id: int, clauses: list[list[int]],
+           interject_prob: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids, attention mask, and the mask of each row's object token.
+
+    With `prefixes`, every row follows a random filler sentence; batches are either all
+    prefixed or all plain so that short prompts are not padded to prefixed lengths. Each
+    row gets an interjected clause after the subject with probability `interject_prob`.
+    """
+    rows = order.tolist()
+    interject = [False] * len(rows)
+    clause = [0] * len(rows)
+    if interject_prob > 0:  # draw only when used, so the default leaves the batch stream unchanged
+        interject = (torch.rand(len(rows), generator=gen) < interject_prob).tolist()
+        clause = torch.randint(len(clauses), (len(rows),), generator=gen).tolist()
+
+    def with_clause(ids: tuple[int, ...], split: int, r: int) -> list[int]:
+        if not interject[r]:
+            return list(ids)
+        return [*ids[:split], *clauses[clause[r]], *ids[split:]]
+
+    if prefixes is None:
+        seqs = [with_clause(examples[i].ids, examples[i].split, r) for r, i in enumerate(rows)]
+    else:
+        which = torch.randint(len(prefixes), (len(order),), generator=gen).tolist()
+        seqs = [prefixes[w] + with_clause(examples[i].ids_spaced, examples[i].split_spaced, r)
+                for r, (w, i) in enumerate(zip(which, rows))]
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -196,41 +247,67 @@ def _batch(examples: Sequence[_Example], order: torch.Tensor, prefixes: list[lis
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
         obj[i, len(s) - 1] = True
-    labels = ids.masked_fill(mask == 0, -100)
-    return ids, mask, labels, obj
+    return ids, mask, obj
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor, obj: torch.Tensor, lm_weight: float
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Object-token cross-entropy plus `lm_weight` x next-token loss elsewhere; also object hits."""
-    logits, labels, obj = logits[:, :-1], labels[:, 1:], obj[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           reduction="none", ignore_index=-100).view_as(labels)
-    valid = labels != -100
-    other = valid & ~obj
-    loss = ce[obj].mean() + lm_weight * ce[other].sum() / other.sum().clamp(min=1)
-    hits = logits[obj].argmax(-1) == labels[obj]
-    return loss, hits
+def _loss(model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor, obj: torch.Tensor, *,
+          lm_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Object-token cross-entropy (+ `lm_weight` x next-token loss elsewhere); also the object hits.
+
+    With `lm_weight == 0` only the positions before objects go through the output layer.
+    """
+    hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    last = obj.long().argmax(1)
+    gold = ids[rows, last]
+    obj_logits = model.lm_head(hidden[rows, last - 1])
+    loss = torch.nn.functional.cross_entropy(obj_logits, gold)
+    if lm_weight:
+        logits = model.lm_head(hidden[:, :-1])
+        labels = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | obj[:, 1:], -100)
+        loss = loss + lm_weight * torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    return loss, obj_logits.argmax(-1) == gold
+
+
+def _lr_factor(step: int, config: FactGPTConfig) -> float:
+    """Linear warmup, then linear decay to `final_lr_factor` at `max_steps` (sharpens the last facts)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    return 1.0 - (1.0 - config.final_lr_factor) * min(1.0, (step - config.warmup_steps) / span)
 
 
 def train(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, device: str | torch.device = "cpu",
           progress: bool = True, config: FactGPTConfig | None = None) -> dict[str, Any]:
-    """Generate the world for `seed`, train FactGPT on it, save to `out_dir`; return the info dict."""
-    from dataclasses import replace
+    """Generate the world for `seed`, train FactGPT on it, save to `out_dir`; return the info dict.
 
+    On CPU the torch thread count is pinned to `config.cpu_threads` while training (and
+    restored after): float sums depend on the thread count, so pinning it keeps the same
+    seed giving the same weights, and one thread is also the fastest when cores are shared.
+    """
     config = FactGPTConfig() if config is None else config
     device = torch.device(device)
-    out = Path(out_dir)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(config.cpu_threads)
+    try:
+        return _train(Path(out_dir), seed=seed, device=device, progress=progress, config=config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config: FactGPTConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-
     world = FactWorld.generate(replace(config.world, seed=seed))
     tokenizer = build_tokenizer(world, vocab_size=config.vocab_size)
     pad_id = tokenizer.pad_token_id
     examples = _examples(tokenizer, world)
     prefixes = [list(p) for p in tokenizer(world.filler(512, seed=seed + 1, sentences=(1, 1)),
                                            add_special_tokens=False)["input_ids"]]
-    longest = max(len(e.ids_spaced) for e in examples) + max(len(p) for p in prefixes)
+    clauses = _interjections(tokenizer)
+    longest = max(len(e.ids_spaced) for e in examples) + max(len(p) for p in prefixes) + max(len(c) for c in clauses)
     if longest > config.n_positions:
         raise WorkbenchError(f"training sequences reach {longest} tokens; raise n_positions (now {config.n_positions})")
 
@@ -244,24 +321,24 @@ def train(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, device: 
         model = GPT2LMHeadModel(gpt_config)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
     gen = torch.Generator().manual_seed(seed)
 
     order = torch.randperm(len(examples), generator=gen)
     cursor = 0
     recent: list[float] = []
-    accuracy = 0.0
     step = 0
-    bar = tqdm(total=config.max_steps, desc="factgpt", disable=not progress, unit="step", leave=False)
+    bar = tqdm(total=config.max_steps, desc="training factgpt", disable=not progress, unit="step", leave=False)
     try:
         while step < config.max_steps:
             if cursor + config.batch_size > len(order):
                 order, cursor = torch.randperm(len(examples), generator=gen), 0
-            ids, mask, labels, obj = _batch(examples, order[cursor:cursor + config.batch_size], prefixes, gen,
-                                            prefix_prob=config.prefix_prob, pad_id=pad_id)
+            use_prefix = float(torch.rand((), generator=gen)) < config.prefix_prob
+            ids, mask, obj = _batch(examples, order[cursor:cursor + config.batch_size],
+                                    prefixes if use_prefix else None, gen, pad_id=pad_id, clauses=clauses,
+                                    interject_prob=config.interject_prob)
             cursor += config.batch_size
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            loss, hits = _loss(logits, labels.to(device), obj.to(device), config.lm_weight)
+            loss, hits = _loss(model, ids.to(device), mask.to(device), obj.to(device), lm_weight=config.lm_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -269,22 +346,23 @@ def train(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, device: 
             sched.step()
             step += 1
             bar.update(1)
-            recent.append(float(hits.float().mean()))
-            recent = recent[-config.check_every:]
+            recent = [*recent[1 - config.check_every:], float(hits.float().mean())]
             if step % config.check_every == 0:
                 running = sum(recent) / len(recent)
-                bar.set_postfix(loss=f"{float(loss):.3f}", batch_acc=f"{running:.3f}")
-                # The full check costs a pass over every prompt: only when the batches say we may be done.
-                if running >= config.target_accuracy:
-                    accuracy = _accuracy(model, tokenizer, world)
-                    log.info("factgpt step %d: accuracy %.4f", step, accuracy)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", batch_acc=f"{running:.3f}")
+                log.debug("factgpt step %d loss %.4f batch accuracy %.4f at %.1f s", step, float(loss.detach()), running,
+                          time.perf_counter() - start)
+                # The full check is a pass over every prompt: run it only when the batches say we may be close.
+                if running >= config.check_from:
+                    accuracy = prompt_accuracy(model, tokenizer, world)
+                    log.debug("factgpt step %d: accuracy on all prompts %.4f", step, accuracy)
                     if accuracy >= config.target_accuracy:
                         break
     finally:
         bar.close()
     model.eval()
-    accuracy = _accuracy(model, tokenizer, world)
-    prefixed = fact_accuracy(_bare_handle(model, tokenizer, None), world, prefixed=True, seed=seed + 2)
+    accuracy = prompt_accuracy(model, tokenizer, world)
+    prefixed = prompt_accuracy(model, tokenizer, world, prefixed=True, seed=seed + 2)
     train_seconds = round(time.perf_counter() - start, 2)
     if accuracy < 0.99:
         log.warning("factgpt reached only %.4f fact accuracy in %d steps", accuracy, step)
@@ -305,15 +383,13 @@ def train(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, device: 
         "n_params": sum(p.numel() for p in model.parameters()),
         "n_layers": config.n_layers,
         "d_model": config.d_model,
+        "n_heads": config.n_heads,
         "vocab_size": len(tokenizer),
         "steps": step,
         "train_seconds": train_seconds,
-        "torch_threads": torch.get_num_threads(),
+        "cpu_threads": config.cpu_threads if device.type == "cpu" else None,
+        "device": str(device),
     }
-
-
-def _accuracy(model: torch.nn.Module, tokenizer: Any, world: FactWorld) -> float:
-    return fact_accuracy(_bare_handle(model, tokenizer, None), world)
 
 
 def _portable_tokenizer_config(out: Path) -> None:
@@ -327,19 +403,6 @@ def _portable_tokenizer_config(out: Path) -> None:
 # ---- loading -------------------------------------------------------------------------
 
 
-def _bare_handle(model: GPT2LMHeadModel, tokenizer: Any, path: Path | None) -> ModelHandle:
-    try:
-        from workbench.models import wrap_hf_model
-    except ImportError:  # TODO: drop once workbench.models (wrap_hf_model) lands; it adds the site map
-        from workbench.handle import Architecture
-
-        cfg = model.config
-        arch = Architecture(family="gpt2", n_layers=cfg.n_layer, d_model=cfg.n_embd,
-                            d_mlp=cfg.n_inner or 4 * cfg.n_embd, n_heads=cfg.n_head, vocab_size=cfg.vocab_size)
-        return ModelHandle(spec="zoo:factgpt", model=model, kind="causal_lm", arch=arch, tokenizer=tokenizer, path=path)
-    return wrap_hf_model(model, tokenizer, spec="zoo:factgpt", path=path, kind="causal_lm")
-
-
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ModelHandle:
     """Load a trained FactGPT folder (safetensors only; never unpickles); the world is in info."""
     path = Path(path)
@@ -347,6 +410,6 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         raise WorkbenchError(f"{path} holds no model.safetensors; train it with workbench.zoo.ensure_trained('factgpt')")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     model = GPT2LMHeadModel.from_pretrained(path, use_safetensors=True).to(torch.device(device)).eval()
-    handle = _bare_handle(model, tokenizer, path)
+    handle = wrap_hf_model(model, tokenizer, spec="zoo:factgpt", path=path, kind="causal_lm")
     handle.info["world"] = FactWorld.load(path / WORLD_FILE)
     return handle

@@ -1,0 +1,196 @@
+"""MEMIT (Meng et al. 2023): many facts at once, spread over a range of MLP layers.
+
+1. For every rewrite, optimize a change delta_i of the residual stream at the last edited
+   layer (subject's last token) that makes target_new likely: the targets z_i = h_i + delta_i
+   (batched over rewrites, `editors.mlp_update.optimize_values`).
+2. Walk the layers from first to last. At layer l (with the updates of earlier layers in
+   place) take the subjects' keys K (d_in x N) and the remaining residuals
+   R = (z - h_current) / (layers left), and solve the batched least squares with the
+   key statistics as a prior:
+
+       delta W_l = R K^T (lambda C_l + K K^T)^-1
+
+   where C_l = E[k k^T] over a corpus; lambda (`mom2_update_weight`) weighs keeping
+   typical keys' outputs against fitting the N new ones (it acts like lambda prior samples).
+
+Each layer's change has rank <= N; it is kept as factors (u = R, v = (lambda C + K K^T)^-1 K)
+when that is smaller than the dense matrix, dense otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from editors.mlp_update import (
+    FactToken,
+    ValueConfig,
+    check_layer,
+    context_templates,
+    dense_in_layout,
+    in_layout,
+    key_statistics,
+    locate,
+    mlp_out,
+    optimize_values,
+    require_causal_lm,
+    site_at_subject,
+    solve_second_moment,
+    subject_keys,
+    validate_rewrite,
+    value_site,
+)
+from editors.registry import register
+from workbench.delta import Change, WeightDelta, assert_unchanged
+from workbench.errors import WorkbenchError
+from workbench.requests import Rewrite
+
+log = logging.getLogger(__name__)
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """A few early-middle layers, about 10%..30% of the depth (GPT-J's 28 layers -> 3..8, as in the paper)."""
+    lo = max(0, round(0.1 * n_layers))
+    hi = max(lo, min(n_layers - 1, round(0.3 * n_layers)))
+    return tuple(range(lo, hi + 1))
+
+
+@register("memit")
+@dataclass(frozen=True)
+class MEMIT:
+    """Mass-Editing Memory in a Transformer over `layers` (default: `default_layers`)."""
+
+    BATCH: ClassVar[bool] = True  # the CLI edits all cases at once with this method
+
+    layers: tuple[int, ...] | None = None
+    # lambda; None: the layer's key width d_in. The paper's GPT-J value 15000 is ~0.9 x its d_in
+    # (16384): what matters is lambda relative to k^T C^-1 k, which is ~d_in for typical keys.
+    mom2_update_weight: float | None = None
+    v_lr: float = 0.5
+    v_steps: int = 25
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 0.75
+    fact_token: FactToken = "subject_last"
+    n_prefixes: int = 10
+    prefix_length: int = 8
+    mom2_adjustment: bool = True
+    mom2_n_samples: int = 100_000
+    mom2_corpus: str = "auto"
+    storage: Literal["auto", "low_rank", "dense"] = "auto"
+    v_batch_requests: int = 128
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(int(x) for x in self.layers))))
+            if not self.layers:
+                raise WorkbenchError("MEMIT layers is empty; give at least one layer, or None for the default range")
+        if self.mom2_update_weight is not None and self.mom2_update_weight < 0:
+            raise WorkbenchError(f"mom2_update_weight={self.mom2_update_weight}; expected >= 0")
+        if self.storage not in ("auto", "low_rank", "dense"):
+            raise WorkbenchError(f"storage={self.storage!r}; expected 'auto', 'low_rank' or 'dense'")
+
+    @classmethod
+    def ending_at(cls, layer: int, n_layers: int, **kwargs: Any) -> MEMIT:
+        """The default-width layer range shifted to end at `layer` (e.g. a causal trace's MLP peak)."""
+        width = len(default_layers(n_layers))
+        return cls(layers=tuple(range(max(0, layer - width + 1), layer + 1)), **kwargs)
+
+    def resolved_layers(self, handle: Any) -> tuple[int, ...]:
+        layers = self.layers if self.layers is not None else default_layers(handle.arch.n_layers)
+        return tuple(check_layer(handle, layer) for layer in layers)
+
+    def fit(self, handle: Any, request: Rewrite | Sequence[Rewrite], *, texts: Sequence[str] | None = None,
+            progress: bool = False) -> WeightDelta:
+        """One WeightDelta changing the mlp_out weight of every layer in the range; the model is unchanged."""
+        rewrites = [request] if isinstance(request, Rewrite) else list(request)
+        if not rewrites:
+            raise WorkbenchError("MEMIT needs at least one rewrite")
+        require_causal_lm(handle, "MEMIT")
+        layers = self.resolved_layers(handle)
+        for rw in rewrites:
+            validate_rewrite(handle, rw)
+        model = handle.model
+        last = layers[-1]
+        timings: dict[str, float] = {}
+        changes: dict[str, Change] = {}
+        layer_info: list[dict[str, Any]] = []
+        with assert_unchanged(model):
+            t0 = time.perf_counter()
+            stats = {}
+            if self.mom2_adjustment:
+                for layer in layers:
+                    stats[layer] = key_statistics(handle, layer, corpus=self.mom2_corpus, texts=texts,
+                                                  n_samples=self.mom2_n_samples, seed=self.seed,
+                                                  progress=progress).second_moment
+            timings["statistics_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            templates = context_templates(handle, n_prefixes=self.n_prefixes, length=self.prefix_length,
+                                          seed=self.seed)
+            values = optimize_values(
+                handle, rewrites, layer=last, site_kind="resid_post", templates=templates,
+                config=ValueConfig(lr=self.v_lr, steps=self.v_steps, kl_factor=self.kl_factor,
+                                   weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor, fact_token=self.fact_token,
+                                   batch_requests=self.v_batch_requests),
+                progress=progress,
+            )
+            timings["values_s"] = time.perf_counter() - t0
+            targets = (values.init + values.delta).double()
+            plain = [locate(handle.tokenizer, "{}", rw.prompt, rw.subject, self.fact_token) for rw in rewrites]
+            t0 = time.perf_counter()
+            for i, layer in enumerate(layers):
+                partial = WeightDelta.from_model(model, changes, method="memit-partial") if changes else None
+                if partial is not None:
+                    partial.apply(model)
+                try:
+                    keys = subject_keys(handle, layer, rewrites, templates, batch_size=self.batch_size,
+                                  fact_token=self.fact_token).double()
+                    current = site_at_subject(handle, value_site("resid_post", last), plain,
+                                              batch_size=self.batch_size).double()
+                finally:
+                    if partial is not None:
+                        partial.revert(model)
+                resid = (targets - current) / (len(layers) - i)  # [N, d_out]
+                info, param = mlp_out(handle, layer)
+                kt = keys.T  # [d_in, N]
+                lam = float(info.d_in) if self.mom2_update_weight is None else self.mom2_update_weight
+                if self.mom2_adjustment:
+                    adj = solve_second_moment(stats[layer], kt, extra=kt @ kt.T, scale=lam)
+                else:
+                    eye = torch.eye(info.d_in, dtype=torch.float64)
+                    adj = torch.linalg.solve(lam * eye + kt @ kt.T, kt)
+                u, v = resid.T.contiguous(), adj.contiguous()  # [d_out, N], [d_in, N]
+                n = len(rewrites)
+                dense = self.storage == "dense" or (self.storage == "auto" and n * (info.d_out + info.d_in) > info.d_out * info.d_in)
+                if dense:
+                    changes[info.name] = dense_in_layout((u @ v.T).float(), info.layout)
+                else:
+                    changes[info.name] = in_layout(u.float(), v.float(), info.layout)
+                upd = float((u @ v.T).norm()) if dense else float(torch.sqrt(torch.clamp(((u.T @ u) * (v.T @ v)).sum(), min=0)))
+                wnorm = float(param.detach().double().norm())
+                layer_info.append({"layer": layer, "param": info.name, "lambda": lam, "update_norm": upd, "weight_norm": wnorm,
+                                   "update_ratio": upd / max(wnorm, 1e-30), "residual_norm": float(resid.norm(dim=1).mean()),
+                                   "storage": "dense" if dense else "low_rank"})
+                log.info("MEMIT layer %d: |delta W| = %.4g (%.4g x |W|), mean |residual| = %.4g", layer, upd,
+                         upd / max(wnorm, 1e-30), layer_info[-1]["residual_norm"])
+            timings["solve_s"] = time.perf_counter() - t0
+        requests = [rw.to_json() for rw in rewrites]
+        extra = {
+            "layers": list(layers),
+            "n_requests": len(rewrites),
+            "per_layer": layer_info,
+            "nll_before_mean": sum(values.nll_before) / len(rewrites),
+            "nll_after_mean": sum(values.nll_after) / len(rewrites),
+            "delta_norm_mean": float(values.delta.norm(dim=1).mean()),
+            "n_contexts": len(templates),
+            "timings": timings,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()},
+        }
+        return WeightDelta.from_model(model, changes, method="memit", request=requests, extra=extra)

@@ -1,0 +1,544 @@
+"""Shared machinery of ROME and MEMIT: subject keys, target values, key statistics, layouts.
+
+Both methods treat an MLP's output projection W_out as a linear associative memory: the
+key k is what the projection reads (the MLP's hidden activation, site
+`blocks.{L}.mlp.hook_post`) at the subject's last token, and the value is what it writes.
+An edit needs
+
+- k*: the subject's key, averaged over the rewrite prompt behind a few sampled prefixes
+  (so the edit does not depend on the exact context),
+- v* (as a change delta of an activation at the subject's last token): found by gradient
+  descent so that the model assigns high probability to target_new on the prefixed prompts,
+  with a KL penalty on "{subject} is a" (keep what the model otherwise knows about the
+  subject: its "essence") and a norm clamp relative to the original activation,
+- C = E[k k^T]: the second moment of keys over a corpus, so that the update disturbs
+  typical keys as little as possible (via `workbench.statistics.collect_statistics`,
+  cached on disk by model fingerprint, site, corpus and sample count).
+
+Deltas are computed in the `(d_out, d_in)` view and converted to the parameter's own
+layout (GPT-2's Conv1D stores `(d_in, d_out)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from workbench.counterfact import _pad_id, encode_prompt, model_device, prompt_offset
+from workbench.delta import LowRank
+from workbench.errors import WorkbenchError
+from workbench.hooks import capture, edit
+from workbench.requests import Rewrite, subject_token_span, target_token_ids
+from workbench.sites import SITE_MAPS, Layout, as_out_in
+
+log = logging.getLogger(__name__)
+
+ValueSite = Literal["mlp_out", "resid_post"]
+FactToken = Literal["subject_last", "prompt_last"]
+ESSENCE_PROMPT = "{} is a"
+
+
+# --- sites, layers, weights -------------------------------------------------------------------
+
+def key_site(layer: int) -> str:
+    """The MLP key: input of the output projection (after the nonlinearity / gating)."""
+    return f"blocks.{layer}.mlp.hook_post"
+
+
+def value_site(kind: ValueSite, layer: int) -> str:
+    return f"blocks.{layer}.mlp.hook_out" if kind == "mlp_out" else f"blocks.{layer}.hook_resid_post"
+
+
+def require_causal_lm(handle: Any, method: str) -> None:
+    """Refuse models the MLP editors cannot address, saying which ones they can."""
+    site_map = getattr(handle.arch, "site_map", None)
+    supported = ", ".join(sorted(k for k, v in SITE_MAPS.items() if k != "bert"))
+    if site_map is None or "mlp_out" not in site_map.weights:
+        raise WorkbenchError(
+            f"{method} needs an MLP mapping for this model (family {handle.arch.family!r}), and there is none. "
+            f"Supported families: {supported}. To add one, put a workbench.sites.SiteMap for its "
+            "config.model_type (with the mlp_out weight role and the blocks.{L}.mlp.hook_post site) into "
+            "workbench.sites.SITE_MAPS")
+    if handle.kind != "causal_lm" or handle.tokenizer is None:
+        raise WorkbenchError(f"{method} edits causal language models with a tokenizer; {handle.spec} is a "
+                             f"{handle.kind} (supported families: {supported})")
+
+
+def check_layer(handle: Any, layer: Any) -> int:
+    n = int(handle.arch.n_layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        raise WorkbenchError(f"layer {layer!r} is out of range: {handle.spec} has {n} layers, choose 0..{n - 1}")
+    return layer
+
+
+@dataclass(frozen=True)
+class MLPOut:
+    """The output projection of one MLP: parameter name, layout and sizes."""
+
+    name: str
+    layout: Layout
+    d_out: int
+    d_in: int
+
+
+def mlp_out(handle: Any, layer: int) -> tuple[MLPOut, nn.Parameter]:
+    site_map = handle.arch.site_map
+    param, layout = site_map.weight(handle.model, "mlp_out", layer)
+    name = site_map.weight_name(handle.model, "mlp_out", layer)
+    d_out, d_in = as_out_in(param, layout).shape
+    return MLPOut(name, layout, int(d_out), int(d_in)), param
+
+
+def in_layout(u_out: torch.Tensor, v_in: torch.Tensor, layout: Layout) -> LowRank:
+    """Low-rank change `u_out @ v_in.T` in the (d_out, d_in) view, expressed in `layout`."""
+    u_out, v_in = u_out.reshape(u_out.shape[0], -1), v_in.reshape(v_in.shape[0], -1)
+    return LowRank(u_out, v_in) if layout == "out_in" else LowRank(v_in, u_out)
+
+
+def dense_in_layout(change_out_in: torch.Tensor, layout: Layout) -> torch.Tensor:
+    return change_out_in if layout == "out_in" else change_out_in.T.contiguous()
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+def _clean_prefix(text: str) -> str:
+    return " ".join(text.replace("{", "(").replace("}", ")").split())
+
+
+def sample_texts(
+    handle: Any,
+    n: int,
+    *,
+    length: int,
+    seed: int,
+    batch_size: int = 64,
+    top_k: int | None = None,
+) -> list[str]:
+    """`n` texts of `length` tokens sampled from the model itself, starting after its BOS/EOS token.
+
+    Used for ROME's context prefixes and, for models without a named corpus, as the text
+    over which key statistics are collected.
+    """
+    from workbench.counterfact import _sample
+
+    tok, model = handle.tokenizer, handle.model
+    start = next((getattr(tok, a) for a in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if getattr(tok, a, None) is not None), 0)
+    gen = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    out: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            while len(out) < n:
+                b = min(batch_size, n - len(out))
+                ids = torch.full((b, 1), int(start), dtype=torch.long, device=device)
+                new = _sample(model, ids, length, top_k=top_k, generator=gen)
+                out.extend(tok.decode(row.tolist(), skip_special_tokens=True) for row in new)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def context_templates(handle: Any, *, n_prefixes: int, length: int, seed: int) -> list[str]:
+    """"{}" plus `n_prefixes` model-sampled prefixes "<text>. {}" (where the rewrite prompt goes)."""
+    if n_prefixes <= 0:
+        return ["{}"]
+    texts = sample_texts(handle, n_prefixes, length=length, seed=seed)
+    return ["{}"] + [f"{_clean_prefix(t)}. {{}}" if _clean_prefix(t) else "{}" for t in texts]
+
+
+@dataclass(frozen=True)
+class Located:
+    """A prompt as token ids with the position of the subject's last token."""
+
+    ids: list[int]
+    subject_last: int
+
+
+def locate(tokenizer: Any, template: str, prompt: str, subject: str,
+           fact_token: FactToken = "subject_last") -> Located:
+    """Fill `prompt` ("...{}...") with `subject`, put it into `template` ("prefix {}"), find the subject.
+
+    The subject's character span is known exactly (where "{}" was), so a subject that also
+    occurs in the prefix or prompt text cannot confuse the position. With
+    `fact_token="prompt_last"` the edit position is the prompt's last token instead (ROME's
+    "last" option, for models that look facts up at the end of the prompt).
+    """
+    if "{}" not in prompt:
+        raise WorkbenchError(f"prompt {prompt!r} has no '{{}}' where the subject goes")
+    head = template.split("{}", 1)[0]
+    filled = prompt.replace("{}", subject, 1)
+    text = template.replace("{}", filled, 1)
+    start = len(head) + prompt.index("{}")
+    end = start + len(subject)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    last = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    if not last:
+        subject_token_span(tokenizer, text, subject)  # raises with the tokens
+        raise WorkbenchError(f"subject {subject!r} covers no token of {text!r}")
+    ids = encode_prompt(tokenizer, text)
+    if fact_token == "prompt_last":
+        return Located(ids, len(ids) - 1)
+    return Located(ids, prompt_offset(tokenizer, text) + last[-1])
+
+
+def validate_rewrite(handle: Any, rewrite: Rewrite) -> None:
+    """Fail early, with the prompt's tokens, on a subject or target the tokenizer cannot place."""
+    subject_token_span(handle.tokenizer, rewrite.prompt, rewrite.subject)
+    target_token_ids(handle.tokenizer, rewrite.target_new)
+    if rewrite.target_true:
+        target_token_ids(handle.tokenizer, rewrite.target_true)
+
+
+def _batch(rows: Sequence[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def site_at_subject(
+    handle: Any,
+    site: str,
+    located: Sequence[Located],
+    *,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """The activation at `site` at each prompt's subject-last position, [n, dim] (float32)."""
+    model = handle.model
+    device = model_device(model)
+    pad = _pad_id(handle.tokenizer)
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(located), batch_size):
+            chunk = located[start:start + batch_size]
+            ids, mask = _batch([c.ids for c in chunk], pad, device)
+            with capture(handle, [site], stop=True) as acts:
+                model(input_ids=ids, attention_mask=mask)
+            act = acts[site]
+            pos = torch.tensor([c.subject_last for c in chunk], device=act.device)
+            out.append(act[torch.arange(len(chunk), device=act.device), pos].float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def subject_keys(
+    handle: Any,
+    layer: int,
+    rewrites: Sequence[Rewrite],
+    templates: Sequence[str],
+    *,
+    batch_size: int = 64,
+    fact_token: FactToken = "subject_last",
+) -> torch.Tensor:
+    """k* per rewrite: the MLP key at the subject's last token, averaged over the context templates."""
+    located = [locate(handle.tokenizer, t, rw.prompt, rw.subject, fact_token) for rw in rewrites for t in templates]
+    keys = site_at_subject(handle, key_site(layer), located, batch_size=batch_size)
+    return keys.reshape(len(rewrites), len(templates), -1).mean(dim=1)
+
+
+# --- values ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ValueResult:
+    """Optimized activation changes at the subject's last token, one row per rewrite."""
+
+    delta: torch.Tensor  # [n, d_model]
+    init: torch.Tensor  # the original activation at the subject's last token (plain prompt)
+    nll_before: list[float]  # mean per-token NLL of target_new over the contexts
+    nll_after: list[float]
+    steps: list[int]  # optimization steps each rewrite took
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    """v* optimization settings (defaults follow ROME's GPT-2 XL hyper-parameters in spirit)."""
+
+    lr: float = 0.5
+    steps: int = 20
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    stop_nll: float = 0.05
+    batch_requests: int = 64
+    fact_token: FactToken = "subject_last"
+
+
+def _logits_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+    """Logits only at (row, position) pairs: the unembedding of a whole batch is most of the memory."""
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None:
+        return model(input_ids=ids, attention_mask=mask).logits[rows, positions]
+    hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    return head(hidden[rows, positions])
+
+
+def optimize_values(
+    handle: Any,
+    rewrites: Sequence[Rewrite],
+    *,
+    layer: int,
+    site_kind: ValueSite,
+    templates: Sequence[str],
+    config: ValueConfig,
+    progress: bool = False,
+) -> ValueResult:
+    """Find, per rewrite, the change delta of the activation at `site_kind`/`layer` (subject's last token)
+    that makes target_new likely after every context template, with the KL and norm guards.
+
+    Rewrites are optimized in chunks of `config.batch_requests`; each has its own delta and its own
+    loss term, so batching does not couple them. A rewrite stops moving once its NLL is below
+    `config.stop_nll`. The model's parameters are not touched (gradients flow to delta only).
+    """
+    model, tok = handle.model, handle.tokenizer
+    deltas, inits, before, after, steps = [], [], [], [], []
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for start in range(0, len(rewrites), config.batch_requests):
+            chunk = list(rewrites[start:start + config.batch_requests])
+            result = _optimize_chunk(handle, chunk, layer=layer, site_kind=site_kind, templates=templates,
+                                     config=config)
+            deltas.append(result.delta)
+            inits.append(result.init)
+            before += result.nll_before
+            after += result.nll_after
+            steps += result.steps
+            if progress:
+                log.info("values %d/%d", start + len(chunk), len(rewrites))
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    del tok
+    return ValueResult(torch.cat(deltas), torch.cat(inits), before, after, steps)
+
+
+def _optimize_chunk(handle: Any, rewrites: list[Rewrite], *, layer: int, site_kind: ValueSite,
+                    templates: Sequence[str], config: ValueConfig) -> ValueResult:
+    model, tok = handle.model, handle.tokenizer
+    device = model_device(model)
+    pad = _pad_id(tok)
+    site = value_site(site_kind, layer)
+    n = len(rewrites)
+
+    # Target rows: every rewrite behind every template, target teacher-forced.
+    rows, owner, subj_pos, tgt_rows, tgt_pos, tgt_ids, tgt_owner, tgt_weight = [], [], [], [], [], [], [], []
+    for i, rw in enumerate(rewrites):
+        target = target_token_ids(tok, rw.target_new)
+        for t in templates:
+            loc = locate(tok, t, rw.prompt, rw.subject, config.fact_token)
+            r = len(rows)
+            rows.append(loc.ids + target[:-1])
+            owner.append(i)
+            subj_pos.append(loc.subject_last)
+            for j, token in enumerate(target):
+                tgt_rows.append(r)
+                tgt_pos.append(len(loc.ids) - 1 + j)
+                tgt_ids.append(token)
+                tgt_owner.append(i)
+                tgt_weight.append(1.0 / (len(target) * len(templates)))
+    # Essence rows: "{subject} is a", next-token distribution at the last position.
+    ess_first = len(rows)
+    ess_last_pos = []
+    for i, rw in enumerate(rewrites):
+        loc = locate(tok, "{}", ESSENCE_PROMPT, rw.subject, config.fact_token)
+        rows.append(loc.ids)
+        owner.append(i)
+        subj_pos.append(loc.subject_last)
+        ess_last_pos.append(len(loc.ids) - 1)
+    # The plain prompt, for the original activation (clamp scale and MEMIT's targets).
+    plain = [locate(tok, "{}", rw.prompt, rw.subject, config.fact_token) for rw in rewrites]
+    init = site_at_subject(handle, site, plain)
+
+    ids, mask = _batch(rows, pad, device)
+    owner_t = torch.tensor(owner, device=device)
+    subj_t = torch.tensor(subj_pos, device=device)
+    arange_rows = torch.arange(len(rows), device=device)
+    t_rows = torch.tensor(tgt_rows, device=device)
+    t_pos = torch.tensor(tgt_pos, device=device)
+    t_ids = torch.tensor(tgt_ids, device=device)
+    t_owner = torch.tensor(tgt_owner, device=device)
+    t_weight = torch.tensor(tgt_weight, device=device)
+    e_rows = torch.arange(ess_first, len(rows), device=device)
+    e_pos = torch.tensor(ess_last_pos, device=device)
+    all_rows = torch.cat([t_rows, e_rows])
+    all_pos = torch.cat([t_pos, e_pos])
+
+    # delta = z * |init| / sqrt(d): Adam's step (~lr per coordinate of z) then moves delta by about
+    # lr x |init| whatever the model's activation scale, so one lr fits GPT-2 XL and FactGPT.
+    init_norm = init.to(device).norm(dim=-1).clamp_min(1e-6)
+    unit = (init_norm / math.sqrt(init.shape[-1]))[:, None]
+    z = torch.zeros((n, init.shape[-1]), device=device, requires_grad=True)
+    max_norm = config.clamp_norm_factor * init_norm
+
+    def add_delta(act: torch.Tensor) -> torch.Tensor:
+        delta = z * unit
+        return act.index_put((arange_rows, subj_t), delta[owner_t].to(act.dtype), accumulate=True)
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        with edit(handle, {site: add_delta}):
+            logits = _logits_at(model, ids, mask, all_rows, all_pos).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        tgt_lp = logp[: len(tgt_rows)].gather(-1, t_ids[:, None]).squeeze(-1)
+        nll = torch.zeros(n, device=device).index_add(0, t_owner, -tgt_lp * t_weight)
+        return nll, logp[len(tgt_rows):]
+
+    with torch.no_grad():
+        nll0, ess0 = forward()
+    ess_ref = ess0.detach()
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    steps_taken = torch.zeros(n, dtype=torch.long)
+    opt = torch.optim.Adam([z], lr=config.lr)
+    nll = nll0
+    for _step in range(config.steps):
+        nll, ess = forward()
+        active = active & (nll.detach() > config.stop_nll)
+        if not bool(active.any()):
+            break
+        kl = (ess_ref.exp() * (ess_ref - ess)).sum(-1)
+        decay = config.weight_decay * (z * unit).pow(2).sum(-1) / init_norm.pow(2)
+        loss = ((nll + config.kl_factor * kl + decay) * active).sum()
+        opt.zero_grad()
+        loss.backward()
+        keep = z.detach().clone()
+        opt.step()
+        with torch.no_grad():
+            z[~active] = keep[~active]
+            norms = (z * unit).norm(dim=-1)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+            z.mul_(scale[:, None])
+        steps_taken += active.cpu().long()
+    with torch.no_grad():
+        nll_final, _ = forward()
+    return ValueResult((z * unit).detach().float().cpu(), init.float().cpu(), nll0.tolist(), nll_final.tolist(),
+                       steps_taken.tolist())
+
+
+# --- key statistics ------------------------------------------------------------------------
+
+CorpusSource = str  # "auto" | "world" | "generated" | path to a .txt (one text a line) or .json list
+
+
+def _read_corpus_file(path: Path) -> list[str]:
+    import json
+
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise WorkbenchError(f"cannot read corpus file {path}: {exc}") from exc
+    if path.suffix == ".json":
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise WorkbenchError(f"corpus file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
+            raise WorkbenchError(f"corpus file {path} must hold a JSON list of strings")
+        texts = data
+    else:
+        texts = [line for line in raw.splitlines() if line.strip()]
+    if not texts:
+        raise WorkbenchError(f"corpus file {path} holds no text")
+    return texts
+
+
+def _generated_stream(handle: Any, n_texts: int, *, length: int, seed: int, batch: int) -> Iterator[str]:
+    """Model samples produced lazily (a statistics cache hit then costs one batch, not all)."""
+    made = 0
+    part = 0
+    while made < n_texts:
+        b = min(batch, n_texts - made)
+        yield from sample_texts(handle, b, length=length, seed=seed * 1_000_003 + part, batch_size=b)
+        made += b
+        part += 1
+
+
+def key_statistics(
+    handle: Any,
+    layer: int,
+    *,
+    corpus: CorpusSource = "auto",
+    texts: Sequence[str] | None = None,
+    n_samples: int = 100_000,
+    seed: int = 0,
+    batch_size: int = 64,
+    generated_length: int = 48,
+    cache: bool | str = True,
+    progress: bool = False,
+) -> Any:
+    """Second-moment statistics of the MLP key at `layer` (a `SiteStatistics`, float64, disk-cached).
+
+    `texts` (any list of strings) wins over `corpus`. `corpus`: "world" uses the FactWorld
+    corpus of a zoo model (`handle.info["world"]`); "generated" samples `generated_length`-token
+    texts from the model itself; a path reads a .txt (one text a line) or .json list; "auto"
+    means "world" when the handle has one, else "generated". `n_samples` counts tokens.
+    """
+    from workbench.statistics import collect_statistics
+
+    site = key_site(layer)
+    if texts is not None:
+        return collect_statistics(handle, site, list(texts), n_samples=n_samples, batch_size=batch_size,
+                                  cache=cache, progress=progress)
+    world = handle.info.get("world") if isinstance(getattr(handle, "info", None), dict) else None
+    source = corpus
+    if source == "auto":
+        source = "world" if world is not None and hasattr(world, "corpus") else "generated"
+    if source == "world":
+        if world is None or not hasattr(world, "corpus"):
+            raise WorkbenchError(f"corpus 'world' needs a zoo model trained on a world ({handle.spec} has none); "
+                                 "use corpus='generated' or a text file")
+        n_texts = max(64, math.ceil(n_samples / 4))  # every world text has >= 4 tokens
+        data = world.corpus(n_texts, seed=seed)
+        return collect_statistics(handle, site, data, n_samples=n_samples, batch_size=batch_size, cache=cache,
+                                  corpus_id=f"factworld:{world.config}:{n_texts}:{seed}", progress=progress)
+    if source == "generated":
+        n_texts = max(8, math.ceil(2 * n_samples / max(1, generated_length)))
+        stream = _generated_stream(handle, n_texts, length=generated_length, seed=seed, batch=batch_size)
+        return collect_statistics(handle, site, stream, n_samples=n_samples, batch_size=batch_size, cache=cache,
+                                  corpus_id=f"generated:len={generated_length}:n={n_texts}:seed={seed}",
+                                  progress=progress)
+    path = Path(source)
+    if not path.is_file():
+        raise WorkbenchError(f"corpus {corpus!r} is neither 'auto', 'world', 'generated' nor a readable file")
+    return collect_statistics(handle, site, _read_corpus_file(path), n_samples=n_samples, batch_size=batch_size,
+                              cache=cache, progress=progress)
+
+
+def solve_second_moment(second_moment: torch.Tensor, rhs: torch.Tensor, *, ridge: float = 1e-6,
+                        extra: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """(scale * C + extra + ridge * mean(diag C) * I)^-1 rhs in float64 (Cholesky, falling back to lstsq)."""
+    c = second_moment.double()
+    a = scale * c
+    if extra is not None:
+        a = a + extra.double()
+    d = a.shape[0]
+    a = a + ridge * float(torch.diagonal(c).mean().clamp_min(1e-30)) * scale * torch.eye(d, dtype=a.dtype, device=a.device)
+    b = rhs.double().to(a.device)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b if b.ndim == 2 else b[:, None], chol).reshape(b.shape)
+    return torch.linalg.lstsq(a, b if b.ndim == 2 else b[:, None]).solution.reshape(b.shape)

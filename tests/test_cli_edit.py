@@ -1,0 +1,150 @@
+"""`workbench edit`: end to end on a tiny GPT-2 (JSON fields, deltas, saved model) and bad input (exit 2, no delta)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import workbench.cli as cli
+from workbench.cli_edit import add_edit_parser
+from workbench.delta import WeightDelta
+
+
+@pytest.fixture(autouse=True)
+def _wired(monkeypatch, tmp_path):
+    """Wire `edit` into the CLI parser (the lead does this in build_parser) and use a private cache."""
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    original = cli.build_parser
+
+    def build() -> argparse.ArgumentParser:
+        parser = original()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if "edit" not in sub.choices:
+            add_edit_parser(sub, cli._common, cli._emit)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SINGLE = ("--subject", "vel oran", "--prompt", "the capital of {} is", "--target", "paris", "--target-true", "rome")
+
+
+def records(path, n: int = 3, drop: str | None = None) -> str:
+    subjects = ["vel oran", "tal mira", "red fox", "blue cat"]
+    recs = []
+    for i in range(n):
+        rec = {"case_id": i,
+               "requested_rewrite": {"prompt": "the capital of {} is", "subject": subjects[i],
+                                     "target_new": {"str": "paris"}, "target_true": {"str": "rome"}},
+               "paraphrase_prompts": [f"one two the capital of {subjects[i]} is"],
+               "neighborhood_prompts": [f"the capital of {subjects[(i + 1) % 4]} is"],
+               "generation_prompts": [f"{subjects[i]} is"]}
+        if drop and i == n - 1:
+            rec.pop(drop) if drop in rec else rec["requested_rewrite"].pop(drop)
+        recs.append(rec)
+    path.write_text(json.dumps(recs))
+    return str(path)
+
+
+def test_edit_rome_end_to_end(capsys, tiny_model_dirs, tmp_path) -> None:
+    model = str(tiny_model_dirs["gpt2"])
+    out_dir, saved = tmp_path / "run", tmp_path / "edited"
+    code, out, err = run(capsys, "edit", "rome", model, *SINGLE, "--layer", "0", "--mom2-samples", "500",
+                         "--out", str(out_dir), "--save-model", str(saved), "--json", "--device", "cpu")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["method"] == "rome" and r["n_cases"] == 1 and r["layer"] == 0
+    for key in ("ES", "PS", "NS", "S"):
+        assert key in r["metrics"] and key in r["unedited"]
+    delta = WeightDelta.load(r["delta"])
+    assert delta.method == "rome" and r["update_norms"]["0"] == pytest.approx(delta.norms())
+    assert (out_dir / "summary.json").is_file() and (out_dir / "cases").is_dir()
+
+    from transformers import AutoModelForCausalLM
+
+    from workbench.models import load
+
+    edited = AutoModelForCausalLM.from_pretrained(saved).eval()
+    h = load(model, device="cpu", progress=False)
+    ids = torch.tensor([h.tokenizer("the capital of vel oran is")["input_ids"]])
+    with torch.no_grad():
+        plain = h.model(input_ids=ids).logits
+        with delta.applied(h.model):
+            expected = h.model(input_ids=ids).logits
+        got = edited(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5) and not torch.allclose(got, plain, atol=1e-6)
+
+
+def test_edit_memit_records(capsys, tiny_model_dirs, tmp_path) -> None:
+    path = records(tmp_path / "recs.json")
+    code, out, err = run(capsys, "edit", "memit", str(tiny_model_dirs["llama"]), "--records", path, "--n", "2",
+                         "--layer", "0", "--mom2-samples", "500", "--no-fluency", "--out", str(tmp_path / "run"),
+                         "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["n_cases"] == 2 and r["editor"]["layers"] == [0]
+    assert WeightDelta.load(r["delta"]).method == "memit"
+    assert len(list((tmp_path / "run" / "cases").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--subject", "vel oran", "--prompt", "the capital of tal mira is", "--target", "paris"), "tokens are"),
+    (("--subject", "vel oran", "--prompt", "the capital of {} is", "--target", "  "), "target"),
+    (SINGLE + ("--layer", "9"), "out of range"),
+])
+def test_bad_single_input(capsys, tiny_model_dirs, tmp_path, args, message) -> None:
+    out_dir = tmp_path / "run"
+    code, out, err = run(capsys, "edit", "rome", str(tiny_model_dirs["gpt2"]), *args, "--out", str(out_dir))
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_bad_records(capsys, tiny_model_dirs, tmp_path) -> None:
+    path = records(tmp_path / "recs.json", drop="subject")
+    code, out, err = run(capsys, "edit", "memit", str(tiny_model_dirs["gpt2"]), "--records", path,
+                         "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert "record 2" in err and "subject" in err
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_save_model_needs_one_case_for_single_edit_methods(capsys, tiny_model_dirs, tmp_path) -> None:
+    path = records(tmp_path / "recs.json")
+    code, _, err = run(capsys, "edit", "rome", str(tiny_model_dirs["gpt2"]), "--records", path,
+                       "--save-model", str(tmp_path / "m"))
+    assert code == 2 and "--save-model" in err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_edit_factgpt_saved_model_answers(capsys, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.models import load
+
+    h = load("zoo:factgpt", device="cpu", progress=False)
+    rec = h.info["world"].counterfact_records(1, seed=3)[0]
+    rw = rec["requested_rewrite"]
+    saved = tmp_path / "edited"
+    code, out, err = run(capsys, "edit", "rome", "zoo:factgpt", "--subject", rw["subject"], "--prompt", rw["prompt"],
+                         "--target", rw["target_new"]["str"], "--layer", "0", "--fact-token", "prompt_last",
+                         "--save-model", str(saved), "--json", "--device", "cpu")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["metrics"]["ES"] == 100.0 and r["unedited"]["ES"] == 0.0
+    model = AutoModelForCausalLM.from_pretrained(saved).eval()
+    tok = AutoTokenizer.from_pretrained(saved)
+    ids = tok(rw["prompt"].format(rw["subject"]), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        top = int(model(input_ids=ids).logits[0, -1].argmax())
+    assert tok.decode([top]).strip() == rw["target_new"]["str"]
