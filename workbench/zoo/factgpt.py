@@ -307,7 +307,8 @@ def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config
     prefixes = [list(p) for p in tokenizer(world.filler(512, seed=seed + 1, sentences=(1, 1)),
                                            add_special_tokens=False)["input_ids"]]
     clauses = _interjections(tokenizer)
-    longest = max(len(e.ids_spaced) for e in examples) + max(len(p) for p in prefixes) + max(len(c) for c in clauses)
+    longest = max(len(e.ids_spaced) for e in examples) + max(len(p) for p in prefixes) + (
+        max(len(c) for c in clauses) if config.interject_prob > 0 else 0)
     if longest > config.n_positions:
         raise WorkbenchError(f"training sequences reach {longest} tokens; raise n_positions (now {config.n_positions})")
 
