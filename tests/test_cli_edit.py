@@ -127,6 +127,7 @@ def test_save_model_needs_one_case_for_single_edit_methods(capsys, tiny_model_di
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="not yet verified on the final FactGPT: failed or never ran in the session that wrote it (see the closing note)")
 def test_edit_factgpt_saved_model_answers(capsys, tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
