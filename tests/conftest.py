@@ -10,6 +10,8 @@ tests exercise the same path a user's checkpoint takes.
     tiny_lm           parametrized over the four families: a fresh ModelHandle
     small_cnn         a small residual-free CNN (nn.Module), seeded
     cnn_handle        that CNN as an image-classifier ModelHandle (16x16 RGB in [0, 1])
+    gray_cnn_handle   another input size, channel count, range and normalization: a seeded
+                      CNN on 1x20x28 images in [-1, 1] with its normalization inside (4 classes)
 """
 
 from __future__ import annotations
@@ -138,4 +140,35 @@ def small_cnn() -> nn.Module:
 def cnn_handle(small_cnn: nn.Module) -> ModelHandle:
     pre = ImagePreprocess(height=16, width=16, class_names=tuple(f"c{i}" for i in range(5)))
     return ModelHandle(spec="test:small-cnn", model=small_cnn, kind="image_classifier",
+                       arch=Architecture(family="cnn", n_layers=2), preprocess=pre)
+
+
+class GrayCNN(nn.Module):
+    """Normalize inside, then conv-relu-pool and a linear head: 1x20x28 images in [-1, 1] -> 4 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.1]).view(1, 1, 1, 1))
+        self.register_buffer("std", torch.tensor([0.6]).view(1, 1, 1, 1))
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 12, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+@pytest.fixture
+def gray_cnn_handle() -> ModelHandle:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = GrayCNN().eval()
+    pre = ImagePreprocess(height=20, width=28, channels=1, input_range=(-1.0, 1.0), mean=(0.1,), std=(0.6,),
+                          class_names=("w", "x", "y", "z"))
+    return ModelHandle(spec="test:gray-cnn", model=model, kind="image_classifier",
                        arch=Architecture(family="cnn", n_layers=2), preprocess=pre)

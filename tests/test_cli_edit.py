@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import workbench.cli as cli
-from workbench.cli_edit import add_edit_parser
+from workbench.cli_edit import add_parsers as add_edit_parser
 from workbench.delta import WeightDelta
 
 

@@ -161,7 +161,7 @@ def test_bad_target_and_model(load_tiny: Callable[[str], ModelHandle], cnn_handl
 # --- CLI --------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    from workbench.cli_locate import add_locate_parsers
+    from workbench.cli_locate import add_parsers as add_locate_parsers
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true")

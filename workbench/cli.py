@@ -8,6 +8,7 @@ what was wrong and what would be right, never a traceback for a user mistake.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -122,6 +123,15 @@ def _sites(args: argparse.Namespace) -> None:
 
 # --- parser ---------------------------------------------------------------------------
 
+# Modules that add their own subcommands: each defines `add_parsers(sub, common, emit)`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "workbench.cli_world",
+    "workbench.cli_locate",
+    "workbench.cli_edit",
+    "workbench.demo",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="workbench", description="Interpretability findings -> weight edits and adversaries, measured.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -149,15 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_sites)
 
-    from workbench.cli_edit import add_edit_parser
-    from workbench.cli_locate import add_locate_parsers
-    from workbench.cli_world import add_world_parser
-    from workbench.demo import add_demo_parser
-
-    add_world_parser(sub, _common, _emit)
-    add_locate_parsers(sub, _common, _emit)
-    add_edit_parser(sub, _common, _emit)
-    add_demo_parser(sub, _common, _emit)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parsers(sub, _common, _emit)
     return parser
 
 

@@ -316,7 +316,7 @@ def _text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_edit_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None], emit: Callable[..., None]) -> None:
+def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emit: Callable[..., None]) -> None:
     p = sub.add_parser("edit", help="rewrite facts with an editor (rome, memit, ft, ft-l, kn) and measure the edit")
     p.add_argument("method", help="editor name (rome, memit, ft, ft-l, kn)")
     p.add_argument("model", help="zoo:factgpt, a local Hugging Face folder or a hub name")

@@ -107,7 +107,7 @@ def _neurons(args: argparse.Namespace) -> None:
     args.emit(args, result, text)
 
 
-def add_locate_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emit: Callable[..., None]) -> None:
+def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emit: Callable[..., None]) -> None:
     p = sub.add_parser("trace", help="causal tracing of one fact: heatmaps + JSON of the effects")
     p.add_argument("model", help="zoo:factgpt, a local Hugging Face folder or a hub name")
     p.add_argument("--prompt", required=True, help="the prompt, with {} for the subject or containing it")

@@ -47,7 +47,7 @@ def _render(args: argparse.Namespace) -> None:
               lambda r: f"wrote a grid of ShapesWorld scenes to {r['out']}")
 
 
-def add_world_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None],
+def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None],
                      emit: Callable[..., None]) -> None:
     world_p = sub.add_parser("world", help="export or render the synthetic worlds")
     world_sub = world_p.add_subparsers(dest="world_command", metavar="ACTION", parser_class=type(world_p))

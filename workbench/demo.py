@@ -197,7 +197,7 @@ def _cmd(args: argparse.Namespace) -> None:
     args.emit(args, result, text)
 
 
-def add_demo_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None], emit: Callable[..., None]) -> None:
+def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emit: Callable[..., None]) -> None:
     p = sub.add_parser("demo", help="run the main job on the built-in models and write a report")
     p.add_argument("--out", default="demo-report", help="output folder (report.html, results.json)")
     p.add_argument("--pairs", type=int, default=60, help="fact pairs for the interchange intervention")

@@ -111,18 +111,39 @@ def _safetensors_checksum(tensors: Any, metadata_json: str) -> str:
     return h.hexdigest()
 
 
+def safetensors_bytes(tensors: Any, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize tensors as safetensors with a canonical (key-sorted) header.
+
+    The safetensors writer keeps `metadata` in a hash map, so two saves of the same tensors
+    can order the header differently and hash differently. Rewriting the header with sorted
+    keys (tensor offsets are unaffected) makes the same weights always give the same bytes,
+    which is what a sha256 fingerprint of a trained model needs.
+    """
+    from safetensors.torch import save
+
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    raw = save(cpu, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # keep the data section 8-byte aligned, as the format asks
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
+
+
+def save_safetensors(path: str | os.PathLike[str], tensors: Any, metadata: dict[str, str] | None = None) -> Path:
+    """Atomically write tensors as deterministic safetensors bytes (see `safetensors_bytes`)."""
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+
+
 def save_safetensors_checked(path: str | os.PathLike[str], tensors: Any, metadata: Any) -> Path:
     """Atomically write `tensors` (name -> Tensor) as safetensors with JSON `metadata`.
 
     The header's `__metadata__` holds the JSON and a sha256 over it and every tensor, so
     `load_safetensors_checked` detects truncation and tampering of data and metadata alike.
     """
-    from safetensors.torch import save_file
-
     cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     meta_json = json.dumps(metadata, sort_keys=True, separators=(",", ":"), default=_json_default)
     header = {_SAFETENSORS_META_KEY: meta_json, _SAFETENSORS_SHA_KEY: _safetensors_checksum(cpu, meta_json)}
-    return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
+    return save_safetensors(path, cpu, header)
 
 
 def load_safetensors_checked(path: str | os.PathLike[str], *, what: str = "file") -> tuple[dict[str, Any], Any]:

@@ -27,13 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.errors import CorruptFileError, WorkbenchError
 from workbench.handle import Architecture, ImagePreprocess, ModelHandle
-from workbench.storage import atomic_write, atomic_write_json, sha256_file
+from workbench.storage import atomic_write_json, save_safetensors, sha256_file
 from workbench.worlds.shapesworld import Sample, ShapesWorld, WorldConfig
 from workbench.worlds.trojans import TrojanSet, default_trojans, load_trojans, trojans_from_json
 
@@ -343,7 +343,7 @@ def _fit(model: ShapesNet, opt: torch.optim.Optimizer, sched: Any, images: torch
 
 def _save(out: Path, model: ShapesNet, world: ShapesWorld, cfg: TrainConfig, *, seed: int) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "model": "shapesnet"}))
+    save_safetensors(out / WEIGHTS, state, {"format": "pt", "model": "shapesnet"})
     atomic_write_json(out / WORLD, world.manifest())
     atomic_write_json(out / CONFIG, {
         "model": model.config.to_json(),
