@@ -1,8 +1,29 @@
 """Adversary generators: inputs designed from interpretations, plus baselines.
 
-Generators register themselves in `adversaries.registry` (name -> class).
+Generators register themselves in `adversaries.registry` (name -> class); importing this
+package imports every generator module listed in `GENERATOR_MODULES` (a module not written
+yet is skipped), so `adversaries.get("pgd")` works after `import adversaries`. None of
+them imports `transformers` at import time (benchmarks import them beside torchvision).
 """
+
+import importlib
 
 from adversaries.registry import Adversary, available, get, register
 
-__all__ = ["Adversary", "available", "get", "register"]
+GENERATOR_MODULES: tuple[str, ...] = (
+    "adversaries.pgd",
+    "adversaries.adversarial_patch",
+    "adversaries.natural",
+    "adversaries.feature_level",
+    "adversaries.text_triggers",
+    "adversaries.copy_paste",
+)
+
+for _name in GENERATOR_MODULES:
+    try:
+        importlib.import_module(_name)
+    except ModuleNotFoundError as _exc:  # a generator module not written yet
+        if _exc.name != _name:
+            raise
+
+__all__ = ["Adversary", "GENERATOR_MODULES", "available", "get", "register"]

@@ -4,7 +4,16 @@ Importing the package registers every editor in `editors.registry` (name -> clas
 the CLI and case studies find a method by name in one table.
 """
 
-from editors import finetune, knowledge_neuron_edit, memit, rome  # noqa: F401  (registration)
+from editors import (  # noqa: F401  (registration)
+    concept_erasure,
+    finetune,
+    knowledge_neuron_edit,
+    memit,
+    rome,
+    rule_rewrite,
+    steering,
+    unit_ablation,
+)
 from editors.registry import Editor, available, get, register
 
 __all__ = ["Editor", "available", "get", "register"]

@@ -67,8 +67,8 @@ def require_causal_lm(handle: Any, method: str) -> None:
             "config.model_type (with the mlp_out weight role and the blocks.{L}.mlp.hook_post site) into "
             "workbench.sites.SITE_MAPS")
     if handle.kind != "causal_lm" or handle.tokenizer is None:
-        raise WorkbenchError(f"{method} edits causal language models with a tokenizer; {handle.spec} is a "
-                             f"{handle.kind} (supported families: {supported})")
+        raise WorkbenchError(f"{method} edits causal language models with a tokenizer; {handle.spec} is of kind "
+                             f"{handle.kind!r} (supported families: {supported})")
 
 
 def check_layer(handle: Any, layer: Any) -> int:

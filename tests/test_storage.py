@@ -86,3 +86,16 @@ def test_registry_lists_valid_names_on_unknown() -> None:
         reg.get("beta")
     with pytest.raises(ValueError, match="registered twice"):
         reg.register("alpha")(type("Other", (), {}))
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import os
+
+    from workbench.storage import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "report.html", "<html></html>")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # not mkstemp's 0600: reports are meant to be read

@@ -128,7 +128,11 @@ COMMAND_MODULES: tuple[str, ...] = (
     "workbench.cli_world",
     "workbench.cli_locate",
     "workbench.cli_edit",
+    "workbench.cli_units",
     "workbench.demo",
+    "workbench.cli_studies",
+    "workbench.cli_attack",
+    "workbench.cli_featvis",
 )
 
 

@@ -23,7 +23,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     h = hashlib.sha256()
     h.update(str(t.dtype).encode())
     h.update(str(tuple(t.shape)).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-dim buffers (BN counters)
     return h.hexdigest()
 
 

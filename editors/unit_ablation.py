@@ -1,0 +1,802 @@
+"""Unit ablation and scaling by editing weights, so the edited model can be saved and shipped.
+
+A unit (conv channel, MLP neuron) at a site becomes `factor * a + offset` (ablation:
+factor 0 with offset 0, or the unit's clean mean: "mean ablation"; scaling: factor f).
+No run-time hook: the change is folded into parameters, on one of two sides:
+
+- **write side**: the layers that produce the unit. A Linear/Conv output channel scales its
+  weight rows and bias; a BatchNorm channel (eval mode) scales gamma and beta, which is how
+  a bias-free conv followed by BN is edited (zeroing the conv's weights would leave BN's
+  beta). Through a ReLU, `relu(f y) = f relu(y)` for f >= 0 and `relu(offset) = offset` for
+  offset >= 0, so a post-ReLU unit is edited at its BN. A residual sum `relu(bn2(...) +
+  shortcut(x))` is edited on both branches; an identity shortcut cannot be (x feeds other
+  layers too), and that is reported, not approximated.
+- **read side**: the layers that consume the unit. Each reading Linear/Conv scales its
+  input slice (weight columns); through pooling and flatten this reaches e.g. a classifier
+  head. An offset is folded into a reading Linear's bias; a padded conv cannot absorb a
+  constant exactly (its border sees zeros), so that is refused.
+
+Transformers: `blocks.L.mlp.hook_post` (MLP neurons) is read by the MLP output projection
+(columns, any family); `mlp.hook_pre`, `mlp.hook_out` and `attn.hook_out` are written by a
+projection (rows and bias). The residual stream (`hook_resid_*`, embeddings) is read through
+weightless skip connections and LayerNorm, so a unit there cannot be folded into weights;
+`ablation_hook` does it at run time instead.
+
+Every fitted delta is checked: on the handle's dummy input, the weight-edited model must
+match the run-time hook (`unit_selection.units_removed`) numerically.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from editors.registry import register
+from workbench.delta import WeightDelta, assert_unchanged
+from workbench.errors import WorkbenchError
+from workbench.handle import ModelHandle
+from workbench.sites import Site, resolve_site
+
+log = logging.getLogger(__name__)
+
+Side = Literal["auto", "write", "read"]
+
+
+class NotFoldableError(WorkbenchError):
+    """The requested unit change has no exact weight edit at this site (the message says why)."""
+
+
+@dataclass(frozen=True)
+class UnitRequest:
+    """Which units of which site; `values` (one per unit) is the offset, e.g. their clean means."""
+
+    site: str
+    units: tuple[int, ...]
+    values: tuple[float, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"site": self.site, "units": list(self.units), "values": None if self.values is None else list(self.values)}
+
+
+def as_request(request: Any, *, k: int | None = None) -> UnitRequest:
+    """A UnitRequest from a UnitRequest, a UnitRanking (top `k`), or a dict {site, units[, values]}."""
+    from workbench.unit_selection import UnitRanking
+
+    if isinstance(request, UnitRequest):
+        return request
+    if isinstance(request, UnitRanking):
+        units = request.units if k is None else request.top(k)
+        return UnitRequest(request.site, tuple(int(u) for u in units))
+    if isinstance(request, Mapping) and "site" in request and "units" in request:
+        values = request.get("values")
+        return UnitRequest(str(request["site"]), tuple(int(u) for u in request["units"]),
+                           None if values is None else tuple(float(v) for v in values))
+    raise WorkbenchError("a unit request is a UnitRequest(site, units[, values]), a UnitRanking, or {'site': ..., 'units': [...]}")
+
+
+# --------------------------------------------------------------------------------------
+# Parameter edits: each is (param name, slice axis, index list, factor, offset per index or None)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Dense changes accumulated per parameter (built against the current weights)."""
+
+    model: nn.Module
+    changes: dict[str, torch.Tensor] = field(default_factory=dict)
+    touched: list[str] = field(default_factory=list)
+
+    def _param(self, name: str) -> torch.Tensor:
+        params = dict(self.model.named_parameters())
+        if name not in params:
+            raise NotFoldableError(f"parameter {name!r} does not exist (a module without it cannot absorb this change)")
+        return params[name].detach()
+
+    def scale(self, name: str, axis: int, idx: torch.Tensor, factor: float) -> None:
+        """Multiply a slice (indices `idx` along `axis`) of a parameter by `factor`."""
+        if factor == 1.0:
+            return
+        p = self._param(name).float()
+        change = self.changes.setdefault(name, torch.zeros_like(p))
+        sl = [slice(None)] * p.ndim
+        sl[axis] = idx.to(p.device)
+        change[tuple(sl)] += (factor - 1.0) * p[tuple(sl)]
+        self.touched.append(name)
+
+    def add(self, name: str, idx: torch.Tensor | None, value: torch.Tensor) -> None:
+        """Add `value` to a parameter (at `idx` of a 1-D parameter, or everywhere when None)."""
+        p = self._param(name).float()
+        change = self.changes.setdefault(name, torch.zeros_like(p))
+        if idx is None:
+            change += value.to(change)
+        else:
+            change[idx.to(p.device)] += value.to(change)
+        self.touched.append(name)
+
+
+def _bias_name(weight_name: str) -> str:
+    return weight_name[: -len("weight")] + "bias" if weight_name.endswith("weight") else weight_name + ".bias"
+
+
+def _is_conv1d_hf(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _out_axis(module: nn.Module) -> int:
+    """Axis of a weight that indexes output units (Linear/Conv: 0; GPT-2 Conv1D: 1)."""
+    return 1 if _is_conv1d_hf(module) else 0
+
+
+def _write_module(plan: _Plan, path: str, module: nn.Module, idx: torch.Tensor, factor: float, offset: torch.Tensor | None) -> None:
+    """Edit a producing layer's output channels: rows (and bias, which takes the offset)."""
+    has_bias = getattr(module, "bias", None) is not None
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        if module.training:
+            raise NotFoldableError(f"{path} is a BatchNorm in training mode; put the model in eval mode")
+        if not module.affine:
+            raise NotFoldableError(f"{path} is a BatchNorm without affine parameters; there is no gamma/beta to edit")
+        plan.scale(f"{path}.weight", 0, idx, factor)
+        plan.scale(f"{path}.bias", 0, idx, factor)
+        if offset is not None:
+            plan.add(f"{path}.bias", idx, offset)
+        return
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_conv1d_hf(module):
+        plan.scale(f"{path}.weight", _out_axis(module), idx, factor)
+        if has_bias:
+            plan.scale(f"{path}.bias", 0, idx, factor)
+        if offset is not None and bool((offset != 0).any()):
+            if not has_bias:
+                raise NotFoldableError(f"{path} has no bias, so a constant (mean) value cannot be written into its output; "
+                                       "use value='zero', or the run-time hook")
+            plan.add(f"{path}.bias", idx, offset)
+        return
+    raise NotFoldableError(f"{path} is a {type(module).__name__}, whose outputs are not set by a weight slice")
+
+
+def _read_module(plan: _Plan, path: str, module: nn.Module, idx: torch.Tensor, factor: float, offset: torch.Tensor | None) -> None:
+    """Edit a consuming layer's input slice (weight columns); a Linear's bias absorbs the offset."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if module.groups != 1:
+            raise NotFoldableError(f"{path} is a grouped convolution; its input channels are not a plain weight slice")
+        plan.scale(f"{path}.weight", 1, idx, factor)
+        if offset is not None and bool((offset != 0).any()):
+            raise NotFoldableError(
+                f"{path} is a convolution reading the units; a constant (mean) input cannot be folded into it exactly "
+                "(zero padding makes the border see a different sum); edit the writing side, or use value='zero'")
+        return
+    if isinstance(module, nn.Linear) or _is_conv1d_hf(module):
+        in_axis = 0 if _is_conv1d_hf(module) else 1
+        plan.scale(f"{path}.weight", in_axis, idx, factor)
+        if offset is not None and bool((offset != 0).any()):
+            if getattr(module, "bias", None) is None:
+                raise NotFoldableError(f"{path} reads the units but has no bias to absorb their constant value; use value='zero'")
+            w = module.weight.detach().float()
+            cols = w[idx.to(w.device)] if in_axis == 0 else w[:, idx.to(w.device)].T  # (k, out)
+            plan.add(f"{path}.bias", None, offset.to(cols) @ cols)
+        return
+    raise NotFoldableError(f"{path} is a {type(module).__name__}, not a Linear/Conv that reads the units through a weight slice")
+
+
+# --------------------------------------------------------------------------------------
+# Graph analysis for CNNs (torch.fx)
+# --------------------------------------------------------------------------------------
+
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
+_RELU_FUNCS = (F.relu, torch.relu)
+_ADD_FUNCS = (operator.add, torch.add, operator.iadd)
+
+
+def _trace(model: nn.Module) -> Any:
+    import torch.fx as fx
+
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: no graph to fold along
+        raise NotFoldableError(
+            f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}), "
+            "so the layers around this site are unknown; give a site that is a Linear/Conv/BatchNorm output or a "
+            "Linear/Conv input (NAME:input), or use the run-time hook") from None
+
+
+def _site_node(gm: Any, site: Site) -> Any:
+    nodes = list(gm.graph.nodes)
+    for n in nodes:
+        if n.op == "call_module" and n.target == site.module_path:
+            return n
+    inside = [n for n in nodes if n.op not in ("placeholder", "output", "get_attr")
+              and any(k == site.module_path or k.startswith(site.module_path + ".") for k in _stack(n))]
+    if not inside:
+        raise NotFoldableError(f"site {site.name} ({site.module_path}) is not called in the traced forward pass")
+    return inside[-1]
+
+
+def _stack(node: Any) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
+
+
+def _module(gm: Any, model: nn.Module, node: Any) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return model.get_submodule(node.target)
+
+
+def _is_relu(model: nn.Module, gm: Any, node: Any) -> bool:
+    mod = _module(gm, model, node)
+    return isinstance(mod, nn.ReLU) or (node.op == "call_function" and node.target in _RELU_FUNCS)
+
+
+def _write_node(plan: _Plan, model: nn.Module, gm: Any, node: Any, idx: torch.Tensor, factor: float,
+                offset: torch.Tensor | None, *, is_site: bool) -> None:
+    if not is_site and len(node.users) != 1:
+        raise NotFoldableError(
+            f"the value {node.name} on the way back from the site also feeds {', '.join(u.name for u in node.users)}; "
+            "editing its producer would change those too (e.g. an identity shortcut); choose side='read' or another site")
+    mod = _module(gm, model, node)
+    if mod is not None and isinstance(mod, _PASS_MODULES):
+        _write_node(plan, model, gm, node.args[0], idx, factor, offset, is_site=False)
+        return
+    if _is_relu(model, gm, node):
+        off_zero = offset is None or not bool((offset != 0).any())
+        if factor >= 0 and off_zero:
+            _write_node(plan, model, gm, node.args[0], idx, factor, None, is_site=False)
+            return
+        if factor == 0 and offset is not None and bool((offset >= 0).all()):
+            _write_node(plan, model, gm, node.args[0], idx, 0.0, offset, is_site=False)
+            return
+        raise NotFoldableError(f"{node.name} is a ReLU: only a non-negative scale, or a constant >= 0, passes through it exactly")
+    if node.op == "call_function" and node.target in _ADD_FUNCS and len(node.args) == 2:
+        a, b = node.args
+        _write_node(plan, model, gm, a, idx, factor, offset, is_site=False)
+        _write_node(plan, model, gm, b, idx, factor, None, is_site=False)
+        return
+    if mod is not None:
+        path = node.target
+        _write_module(plan, path, mod, idx, factor, offset)
+        return
+    raise NotFoldableError(f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)}) is not a layer whose outputs "
+                           "can be set by editing weights")
+
+
+def _read_node(plan: _Plan, model: nn.Module, gm: Any, node: Any, idx: torch.Tensor, factor: float,
+               offset: torch.Tensor | None, shapes: dict[str, tuple[int, ...]]) -> None:
+    for user in list(node.users):
+        mod = _module(gm, model, user)
+        off_zero = offset is None or not bool((offset != 0).any())
+        if mod is not None and isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            _read_module(plan, user.target, mod, idx, factor, offset)
+        elif mod is not None and isinstance(mod, _PASS_MODULES + (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d)):
+            _read_node(plan, model, gm, user, idx, factor, offset, shapes)
+        elif (mod is not None and isinstance(mod, (nn.MaxPool2d, nn.MaxPool1d, nn.AdaptiveMaxPool2d, nn.ReLU))) or _is_relu(model, gm, user):
+            if factor < 0 or not off_zero:
+                raise NotFoldableError(f"{user.name} is a max-pool/ReLU: only a non-negative scale passes through it exactly")
+            _read_node(plan, model, gm, user, idx, factor, offset, shapes)
+        elif (mod is not None and isinstance(mod, nn.Flatten)) or (user.op == "call_function" and user.target is torch.flatten) \
+                or (user.op == "call_method" and user.target in ("flatten", "view", "reshape")):
+            shape = shapes.get(node.name)
+            if shape is None or len(shape) < 2:
+                raise NotFoldableError(f"cannot tell how {user.name} rearranges the units (unknown input shape)")
+            per = 1
+            for s in shape[2:]:
+                per *= int(s)
+            new_idx = (idx[:, None] * per + torch.arange(per)[None]).reshape(-1)
+            new_off = None if offset is None else offset.repeat_interleave(per)
+            _read_node(plan, model, gm, user, new_idx, factor, new_off, shapes)
+        else:
+            what = user.target if user.op == "call_module" else getattr(user.target, "__name__", user.target)
+            raise NotFoldableError(
+                f"the units are read by {user.name} ({what}), which is not a Linear/Conv (or pooling/flatten leading to "
+                "one); e.g. a residual sum or a normalization. Edit the writing side (side='write') or use the run-time hook")
+
+
+def _shapes(gm: Any, handle: ModelHandle) -> dict[str, tuple[int, ...]]:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from workbench.models import dummy_input
+
+    x = dummy_input(handle)
+    if not isinstance(x, torch.Tensor):
+        return {}
+    try:
+        ShapeProp(gm).propagate(x)
+    except Exception:  # noqa: BLE001 - shapes are a convenience for flatten; without them flatten is refused
+        return {}
+    out = {}
+    for n in gm.graph.nodes:
+        tm = n.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            out[n.name] = tuple(tm.shape)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Sites -> plans
+# --------------------------------------------------------------------------------------
+
+_ROLE_OF_TEMPLATE = {"mlp.hook_out": "mlp_out", "attn.hook_out": "attn_out", "mlp.hook_pre": "mlp_in"}
+
+
+def _canonical_kind(site: Site) -> str | None:
+    if not site.canonical:
+        return None
+    parts = site.name.split(".")
+    return ".".join(parts[2:]) if site.name.startswith("blocks.") else site.name
+
+
+def _residual_message(site: Site) -> str:
+    return (f"site {site.name} is the residual stream (or an embedding): it is read through a weightless skip "
+            "connection and a LayerNorm, and written by several layers at once, so changing one of its dimensions "
+            "cannot be folded exactly into any weight. Use the run-time hook instead: "
+            "`with editors.unit_ablation.ablation_hook(handle, site, units): ...`, or pick a site written or read by a "
+            "projection: blocks.L.mlp.hook_post (MLP neurons), blocks.L.mlp.hook_pre, blocks.L.mlp.hook_out, blocks.L.attn.hook_out")
+
+
+def _plan_transformer(plan: _Plan, handle: ModelHandle, site: Site, idx: torch.Tensor, factor: float,
+                      offset: torch.Tensor | None, side: Side) -> str:
+    model = handle.model
+    site_map = handle.arch.site_map
+    kind = _canonical_kind(site)
+    module = model.get_submodule(site.module_path)
+    direct_linear = isinstance(module, nn.Linear) or _is_conv1d_hf(module)
+    if site.side == "input" and direct_linear and side in ("auto", "read"):
+        _read_module(plan, site.module_path, module, idx, factor, offset)
+        return "read"
+    if site.side == "output" and (isinstance(module, (nn.Linear, nn.BatchNorm1d)) or _is_conv1d_hf(module)):
+        if side == "read":
+            raise NotFoldableError(f"site {site.name} is the output of {site.module_path}; side='read' is not supported here, use 'write'")
+        _write_module(plan, site.module_path, module, idx, factor, offset)
+        return "write"
+    if kind in _ROLE_OF_TEMPLATE and site_map is not None and site.layer is not None:
+        if side == "read":
+            raise NotFoldableError(f"site {site.name} is written by a projection; use side='write' (or 'auto')")
+        role = _ROLE_OF_TEMPLATE[kind]
+        if kind == "mlp.hook_pre" and "mlp_gate" in site_map.weights:
+            role = "mlp_gate"
+        name = site_map.weight_name(model, role, site.layer)
+        path = name.rsplit(".", 1)[0]
+        _write_module(plan, path, model.get_submodule(path), idx, factor, offset)
+        return "write"
+    if kind is not None and ("resid" in kind or kind.startswith("hook_") or kind.startswith("ln_final")):
+        raise NotFoldableError(_residual_message(site))
+    raise NotFoldableError(
+        f"site {site.name} ({site.module_path}, {site.side}) is neither written by nor read by a single projection, "
+        "so its units cannot be folded into weights; use blocks.L.mlp.hook_post (neurons), a Linear's output, or NAME:input "
+        "of a Linear, or the run-time hook editors.unit_ablation.ablation_hook")
+
+
+def _plan_graph(plan: _Plan, handle: ModelHandle, site: Site, idx: torch.Tensor, factor: float,
+                offset: torch.Tensor | None, side: Side) -> str:
+    model = handle.model
+    module = model.get_submodule(site.module_path)
+    if site.side == "input":
+        if side == "write":
+            raise NotFoldableError(f"site {site.name} is the input of {site.module_path}; use side='read' (or 'auto')")
+        _read_module(plan, site.module_path, module, idx, factor, offset)
+        return "read"
+    gm = _trace(model)
+    node = _site_node(gm, site)
+    errors = []
+    order = ("write", "read") if side == "auto" else (side,)
+    for attempt in order:
+        trial = _Plan(model)
+        try:
+            if attempt == "write":
+                _write_node(trial, model, gm, node, idx, factor, offset, is_site=True)
+            else:
+                _read_node(trial, model, gm, node, idx, factor, offset, _shapes(gm, handle))
+        except NotFoldableError as exc:
+            errors.append(f"{attempt} side: {exc}")
+            continue
+        plan.changes.update(trial.changes)
+        plan.touched.extend(trial.touched)
+        return attempt
+    raise NotFoldableError(f"the units of {site.name} cannot be folded into weights exactly. " + " | ".join(errors)
+                           + " | Use the run-time hook editors.unit_ablation.ablation_hook(handle, site, units) instead.")
+
+
+def check_units(handle: ModelHandle, site: str | Site, units: Sequence[int]) -> list[int]:
+    """Validate unit indices against the site's width (clear error when out of range or empty)."""
+    from workbench.unit_selection import site_units
+
+    n = site_units(handle, site)
+    out: list[int] = []
+    for u in units:
+        if isinstance(u, torch.Tensor) and u.numel() == 1:
+            u = int(u)
+        if isinstance(u, bool) or not isinstance(u, int):
+            raise WorkbenchError(f"unit {u!r} is not an integer index")
+        u = int(u)
+        if not 0 <= u < n:
+            raise WorkbenchError(f"unit {u} is out of range: site {site if isinstance(site, str) else site.name} has units 0..{n - 1}")
+        if u not in out:
+            out.append(u)
+    if not out:
+        raise WorkbenchError("no units given; pass at least one unit index")
+    return out
+
+
+def unit_delta(handle: ModelHandle, request: Any, *, factor: float = 0.0, side: Side = "auto", verify: bool = True,
+               method: str = "ablate", extra: Mapping[str, Any] | None = None) -> WeightDelta:
+    """A WeightDelta that makes units `factor * a + values` (values default 0), folded into weights.
+
+    Raises NotFoldableError (a WorkbenchError) with the reason and the hook alternative when
+    no exact weight edit exists. With `verify`, the edited model is compared with the
+    run-time hook on the dummy input.
+    """
+    req = as_request(request)
+    site = resolve_site(handle, req.site)
+    units = check_units(handle, site, req.units)
+    if req.values is not None and len(req.values) != len(req.units):
+        raise WorkbenchError(f"{len(req.values)} values for {len(req.units)} units; give one value per unit")
+    if side not in ("auto", "write", "read"):
+        raise WorkbenchError(f"side must be 'auto', 'write' or 'read'; got {side!r}")
+    idx = torch.tensor(units, dtype=torch.long)
+    offset = None
+    if req.values is not None:
+        by_unit = dict(zip((int(u) for u in req.units), req.values))
+        offset = torch.tensor([float(by_unit[u]) for u in units])
+    model = handle.model
+    with assert_unchanged(model):
+        plan = _Plan(model)
+        if handle.arch.site_map is not None:
+            used = _plan_transformer(plan, handle, site, idx, float(factor), offset, side)
+        else:
+            used = _plan_graph(plan, handle, site, idx, float(factor), offset, side)
+        if not plan.changes:
+            raise WorkbenchError(f"factor {factor} with no values changes nothing; use factor != 1 or give values")
+        delta = WeightDelta.from_model(
+            model, plan.changes, method=method, request=req.to_json(),
+            extra={"site": site.name, "units": units, "factor": float(factor), "side": used,
+                   "values": None if offset is None else offset.tolist(), "params": sorted(plan.changes), **dict(extra or {})},
+        )
+        if verify:
+            _verify(handle, site, units, float(factor), offset, delta)
+    log.info("%s %s units %s (factor %s) on the %s side: %s", method, site.name, units[:10], factor, used, sorted(plan.changes))
+    return delta
+
+
+def _verify(handle: ModelHandle, site: Site, units: list[int], factor: float, offset: torch.Tensor | None, delta: WeightDelta) -> None:
+    from workbench.models import dummy_input, run_model
+
+    x = dummy_input(handle, batch_size=2)
+    if isinstance(x, torch.Tensor) and handle.preprocess is not None:
+        g = torch.Generator().manual_seed(0)
+        lo, hi = handle.preprocess.input_range
+        x = (lo + (hi - lo) * torch.rand(x.shape, generator=g)).to(x.device)
+    model = handle.model
+    with torch.no_grad():
+        with ablation_hook(handle, site, units, factor=factor, values=offset):
+            want = _logits(run_model(model, x))
+        with delta.applied(model):
+            got = _logits(run_model(model, x))
+    scale = float(want.abs().max().clamp(min=1.0))
+    err = float((want - got).abs().max())
+    if err > 1e-4 * scale:
+        raise WorkbenchError(f"internal check failed: the weight edit differs from the run-time edit by {err:.3g} on a test input "
+                             f"(site {site.name}); please report this. The run-time hook ablation_hook is exact.")
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if hasattr(out, "logits"):
+        return out.logits.float()
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state.float()
+    if isinstance(out, (tuple, list)):
+        return out[0].float()
+    return out.float()
+
+
+@contextmanager
+def ablation_hook(handle: ModelHandle, site: str | Site, units: Sequence[int], *, factor: float = 0.0,
+                  values: torch.Tensor | Sequence[float] | None = None) -> Iterator[None]:
+    """Run-time equivalent (any site, incl. the residual stream): units become factor * a + values."""
+    from workbench.hooks import edit
+    from workbench.unit_selection import unit_axis
+
+    resolved = resolve_site(handle, site)
+    idx = torch.as_tensor(list(units), dtype=torch.long)
+    off = None if values is None else torch.as_tensor(values, dtype=torch.float32)
+
+    def fn(act: torch.Tensor) -> None:
+        axis = unit_axis(act, handle)
+        sl: list[Any] = [slice(None)] * act.ndim
+        sl[axis] = idx.to(act.device)
+        part = act[tuple(sl)] * factor
+        if off is not None:
+            shape = [1] * act.ndim
+            shape[axis] = -1
+            part = part + off.to(act).reshape(shape)
+        act[tuple(sl)] = part
+
+    with edit(handle, {resolved: fn}):
+        yield
+
+
+def unit_means(handle: ModelHandle, site: str | Site, inputs: Any, units: Sequence[int]) -> tuple[float, ...]:
+    """The units' mean activations over `inputs` (the constants of mean ablation)."""
+    from workbench.unit_selection import unit_activations
+
+    acts = unit_activations(handle, site, inputs)
+    return tuple(float(v) for v in acts[:, list(units)].mean(0))
+
+
+@register("ablate")
+@dataclass(frozen=True)
+class UnitAblation:
+    """Ablate (factor 0) or scale units by a weight edit; `side`: write, read, or auto (write, then read).
+
+    `fit(handle, request)`: request is a UnitRequest (site, units, optional per-unit values:
+    the constant that replaces the unit, e.g. its clean mean), a UnitRanking (all ranked
+    units; pass a UnitRequest to choose k), or a dict.
+    """
+
+    factor: float = 0.0
+    side: Side = "auto"
+    verify: bool = True
+
+    method: ClassVar[str] = "ablate"
+
+    def __post_init__(self) -> None:
+        if self.side not in ("auto", "write", "read"):
+            raise WorkbenchError(f"side must be 'auto', 'write' or 'read'; got {self.side!r}")
+
+    def fit(self, handle: ModelHandle, request: Any) -> WeightDelta:
+        return unit_delta(handle, request, factor=self.factor, side=self.side, verify=self.verify,
+                          method=self.method, extra={"config": asdict(self)})
+
+
+# --------------------------------------------------------------------------------------
+# Trojan surgery on ShapesNet
+# --------------------------------------------------------------------------------------
+
+SURGERY_SITES: tuple[str, ...] = ("stem.relu", "layer1.relu1", "layer2.relu1", "layer2.relu2", "layer3.relu1", "layer3.relu2")
+SURGERY_KS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+
+
+def trojan_surgery(
+    handle: ModelHandle,
+    trojan_name: str,
+    *,
+    n_units: int | None = None,
+    method: str = "activation_difference",
+    site: str | None = None,
+    seed: int = 0,
+    n_random_draws: int = 5,
+    n_select: int = 128,
+    n_eval: int = 500,
+    n_clean: int = 1000,
+    n_ref: int = 1000,
+    value: Literal["mean", "zero"] = "mean",
+    clean_budget: float = 0.01,
+    sites: Sequence[str] = SURGERY_SITES,
+    shapley_samples: int = 8,
+    curve_ks: Sequence[int] | None = None,
+    return_delta: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Remove the units that carry a ShapesNet trojan; measure attack success and clean accuracy.
+
+    Selection uses its own data (seeded `seed`): `n_select` scenes of the trojan's source
+    classes, clean and with the trigger (exact pairs), plus `n_ref` clean scenes of all
+    classes for the units' mean values and the clean-accuracy budget (`value="mean"` replaces a unit by its clean mean, which is folded into the
+    BatchNorm that writes it; "zero" zeroes it). `site=None` picks, on the selection data
+    only, the site (from `sites`) and, when `n_units` is None, the smallest count in
+    `SURGERY_KS` whose removal cuts the selection-set attack success most while costing
+    at most `clean_budget` of selection-set clean accuracy. Measurement uses fresh scenes
+    (seed + 1000): `n_eval` triggered scenes, `n_clean` clean ones, the same scenes before and
+    after. The control removes the same number of random units at the same site in
+    `n_random_draws` seeded draws (mean reported). `curve_ks` adds attack success vs units
+    removed, treatment and random, to the result. The result is JSON-serializable; with
+    `return_delta=True` it also holds the fitted WeightDelta under "delta".
+    """
+    from workbench.unit_selection import random_units, select_units, site_units, unit_activations
+    from workbench.zoo.shapesnet import world_of
+
+    world = world_of(handle)
+    ti = world.trojans.index(trojan_name)
+    trojan = world.trojans[ti]
+    target = world.class_index(trojan.target)
+    pool = [c for c in range(len(world.classes)) if c != target] if trojan.source is None else [world.class_index(trojan.source)]
+    if n_units is not None and n_units < 1:
+        raise WorkbenchError(f"n_units must be a positive number of units; got {n_units}")
+    if n_random_draws < 1:
+        raise WorkbenchError(f"n_random_draws must be at least 1; got {n_random_draws}")
+    model = handle.model
+    was_training = model.training
+    model.eval()
+    try:
+        g = torch.Generator().manual_seed(seed)
+        sel = world.sample(n_select, generator=g, classes=pool)
+        x_sel = _render(world, sel)
+        x_sel_trig = _render(world, world.implant(sel, ti, generator=g))
+        ref = world.sample(max(n_select, n_ref), generator=g)
+        x_ref, y_ref = _render(world, ref), ref.labels
+        ge = torch.Generator().manual_seed(seed + 1000)
+        ev = world.sample(n_eval, generator=ge, classes=pool)
+        x_ev_trig = _render(world, world.implant(ev, ti, generator=ge))
+        clean = world.sample(n_clean, generator=ge)
+        x_clean, y_clean = _render(world, clean), clean.labels
+
+        def rank(s: str) -> list[tuple[str, list[int]]]:
+            """Candidate orderings of the site's units (activation difference tries both scalings)."""
+            if method == "activation_difference":
+                return [(f"activation_difference(normalize={norm})",
+                         select_units(handle, s, method=method, positive=x_sel_trig, negative=x_sel, normalize=norm,
+                                      progress=False).units) for norm in (True, False)]
+            if method == "attribution":
+                r = select_units(handle, s, method=method, inputs=x_sel_trig, target=target, baselines=x_sel, steps=8, progress=False)
+            elif method == "shapley":
+                r = select_units(handle, s, method=method, inputs=x_sel_trig, target=target, negative=x_sel,
+                                 n_candidates=16, n_samples=shapley_samples, seed=seed, progress=progress)
+            elif method == "dissection":
+                masks = world.concept_masks(world.implant(sel, ti, generator=torch.Generator().manual_seed(seed)))
+                concept = {"natural": "trigger", "patch": "patch"}.get(trojan.kind, f"texture:{trojan.trigger.texture}")
+                r = select_units(handle, s, method=method, images=x_sel_trig, masks=masks, concept=concept)
+            else:
+                raise WorkbenchError(f"unknown selection method {method!r}; choose activation_difference, attribution, shapley or dissection")
+            return [(method, r.units)]
+
+        means_cache: dict[str, torch.Tensor] = {}
+
+        def means(s: str) -> torch.Tensor:
+            if s not in means_cache:
+                means_cache[s] = unit_activations(handle, s, x_ref).mean(0)
+            return means_cache[s]
+
+        def removed(s: str, units: list[int]) -> Any:
+            vals = means(s)[units] if value == "mean" else None
+            return ablation_hook(handle, s, units, values=vals)
+
+        def asr(x: torch.Tensor) -> float:
+            return float((_predict(model, x) == target).float().mean())
+
+        def acc(x: torch.Tensor, y: torch.Tensor) -> float:
+            return float((_predict(model, x) == y).float().mean())
+
+        base_sel_asr, base_sel_acc = asr(x_sel_trig), acc(x_ref, y_ref)
+        choice: list[dict[str, Any]] = []
+        candidates = [site] if site is not None else list(sites)
+        ks = [n_units] if n_units is not None else list(SURGERY_KS)
+        best: tuple[float, float, int, str, list[int], str] | None = None
+        rankings: dict[tuple[str, str], list[int]] = {}
+        skipped: dict[str, str] = {}
+        for s in candidates:
+            try:  # only sites where this removal folds into weights exactly
+                unit_delta(handle, UnitRequest(s, (0,), (1.0,) if value == "mean" else None), verify=False)
+            except NotFoldableError as exc:
+                if site is not None:
+                    raise
+                skipped[s] = str(exc)
+                continue
+            for how, order in rank(s):
+                rankings[(s, how)] = order
+                for k in ks:
+                    if k > len(order):
+                        continue
+                    units = order[:k]
+                    with removed(s, units):
+                        a, c = asr(x_sel_trig), acc(x_ref, y_ref)
+                    choice.append({"site": s, "ranking": how, "k": k, "asr": round(a, 4), "clean": round(c, 4)})
+                    ok = base_sel_acc - c <= clean_budget + 1e-9
+                    # lowest attack success within the clean budget; then the smaller clean cost, then fewer units
+                    key = (a if ok else 2.0 + a, base_sel_acc - c, k, s, units, how)
+                    if best is None or key[:3] < best[:3]:
+                        best = key
+        if best is None:
+            raise WorkbenchError(f"no candidate site allows an exact weight edit for {value} ablation: {skipped}")
+        _, _, k, s, units, how = best
+        vals = tuple(float(v) for v in means(s)[units]) if value == "mean" else None
+        delta = unit_delta(handle, UnitRequest(s, tuple(units), vals), factor=0.0, method="ablate",
+                           extra={"trojan": trojan_name, "selection": method})
+        asr_before, clean_before = asr(x_ev_trig), acc(x_clean, y_clean)
+        with delta.applied(model):
+            asr_after, clean_after = asr(x_ev_trig), acc(x_clean, y_clean)
+        n_site = site_units(handle, s)
+        rand_asr, rand_clean = [], []
+        for d in range(n_random_draws):
+            ru = random_units(n_site, k, seed=seed * 1000 + d, exclude=units)
+            with removed(s, ru):
+                rand_asr.append(asr(x_ev_trig))
+                rand_clean.append(acc(x_clean, y_clean))
+        result: dict[str, Any] = {
+            "trojan": trojan_name, "kind": trojan.kind, "target": trojan.target, "source": trojan.source,
+            "site": s, "units": units, "n_units": k, "method": method, "ranking": how, "value": value, "seed": seed,
+            "asr_before": round(asr_before, 4), "asr_after": round(asr_after, 4),
+            "clean_before": round(clean_before, 4), "clean_after": round(clean_after, 4),
+            "asr_relative_cut": round(1 - asr_after / asr_before, 4) if asr_before > 0 else None,
+            "clean_drop": round(clean_before - clean_after, 4),
+            "random_asr_after": round(sum(rand_asr) / len(rand_asr), 4),
+            "random_asr_draws": [round(v, 4) for v in rand_asr],
+            "random_clean_after": round(sum(rand_clean) / len(rand_clean), 4),
+            "n_random_draws": n_random_draws, "n_eval": n_eval, "n_clean": n_clean,
+            "selection": {"n_select": n_select, "asr": round(base_sel_asr, 4), "clean": round(base_sel_acc, 4), "grid": choice,
+                          "skipped_sites": skipped},
+        }
+        if return_delta:
+            result["delta"] = delta
+        result["target_met"] = bool(result["asr_relative_cut"] is not None and result["asr_relative_cut"] >= 0.9
+                                    and result["clean_drop"] <= 0.01 + 1e-9)
+        if curve_ks:
+            curve = []
+            for kk in curve_ks:
+                if kk > n_site:
+                    continue
+                tu = rankings[(s, how)]
+                with removed(s, tu[:kk]):
+                    t_asr, t_acc = asr(x_ev_trig), acc(x_clean, y_clean)
+                r_asr, r_acc = [], []
+                for d in range(n_random_draws):
+                    with removed(s, random_units(n_site, kk, seed=seed * 1000 + 500 + d)):
+                        r_asr.append(asr(x_ev_trig))
+                        r_acc.append(acc(x_clean, y_clean))
+                curve.append({"k": kk, "asr": round(t_asr, 4), "clean": round(t_acc, 4),
+                              "random_asr": round(sum(r_asr) / len(r_asr), 4), "random_clean": round(sum(r_acc) / len(r_acc), 4)})
+            result["curve"] = curve
+        return result
+    finally:
+        model.train(was_training)
+
+
+def _render(world: Any, sample: Any) -> torch.Tensor:
+    from workbench.zoo.shapesnet import _threads
+
+    with _threads(1):
+        x = world.render(sample)
+    assert isinstance(x, torch.Tensor)
+    return x
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    return torch.cat([model(x[i:i + batch_size].to(dev)).argmax(-1).cpu() for i in range(0, x.shape[0], batch_size)])
+
+
+def plot_surgery_curve(results: Sequence[Mapping[str, Any]], path: Any) -> Any:
+    """Attack success (left) and clean accuracy (right) vs number of units removed, treatment
+    (solid) vs random units at the same site (dashed, mean of draws), one colour per trojan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from workbench.storage import atomic_write
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for i, r in enumerate(results):
+        curve = r.get("curve") or []
+        if not curve:
+            continue
+        color = plt.cm.tab10(i % 10)
+        ks = [c["k"] for c in curve]
+        ax.plot(ks, [c["asr"] for c in curve], "-o", color=color, label=f"{r['trojan']} ({r['site']})")
+        ax.plot(ks, [c["random_asr"] for c in curve], "--", color=color, alpha=0.6)
+        bx.plot(ks, [c["clean"] for c in curve], "-o", color=color)
+        bx.plot(ks, [c["random_clean"] for c in curve], "--", color=color, alpha=0.6)
+    for a in (ax, bx):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("units removed (mean ablation)")
+    ax.set_ylabel("attack success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("attack success: selected (solid) vs random units (dashed)")
+    ax.legend(fontsize=7, loc="lower left")
+    bx.set_ylabel("clean accuracy")
+    bx.set_title("clean accuracy, same edits")
+    fig.tight_layout()
+
+    def write(tmp: Any) -> None:
+        fig.savefig(tmp, format="png", dpi=100)
+
+    try:
+        return atomic_write(path, write)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,165 @@
+"""`workbench reproduce`: run case studies into one folder, then calibrate, rank and report.
+
+    run_dir/
+      run.json               what was asked last (studies, quick, seeds, device)
+      <study>/               one RunStore per study (config, prediction.json + sha256, cases/, results.json,
+                             metrics.csv, cases.csv, fig_*.png)
+      results.json           every study's results + calibration + leaderboard
+      predictions.csv, metrics.csv, leaderboard.csv, calibration.json, leaderboard.json
+      report.html            one self-contained page
+
+Each study resumes on its own: rerunning the same command after an interruption computes
+only the missing cases. `render(run_dir)` rebuilds the run-level files and the report from
+what is stored, without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.casestudy import RESULTS_FILE, CaseStudy, StudyContext
+from workbench.errors import WorkbenchError
+from workbench.storage import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def run_studies(
+    studies: Sequence[CaseStudy],
+    out: str | Path,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    threads: int | None = 1,
+) -> dict[str, Any]:
+    """Reproduce each study into `out/<name>` (sharing loaded models), then `render(out)`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    atomic_write_json(out / "run.json", {"studies": [s.name for s in studies], "quick": [s.quick for s in studies],
+                                         "seeds": [list(s.seeds) for s in studies], "device": device,
+                                         "threads": threads, "started": time.time()})
+    ctx = StudyContext(device=device, progress=progress)
+    timings = {}
+    for study in studies:
+        t0 = time.perf_counter()
+        log.info("study %s: starting", study.name)
+        study.reproduce(out / study.name, ctx=ctx, progress=progress)
+        timings[study.name] = round(time.perf_counter() - t0, 2)
+        log.info("study %s: done in %.1f s", study.name, timings[study.name])
+    summary = render(out)
+    summary["wall_seconds"] = timings
+    return summary
+
+
+def collect(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every study result stored under `run_dir`, in study-number order."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise WorkbenchError(f"{run_dir} is not a folder; give the --out folder of a `workbench reproduce` run")
+    found = []
+    for path in sorted(run_dir.glob(f"*/{RESULTS_FILE}")):
+        try:
+            found.append(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as exc:
+            raise WorkbenchError(f"{path} is not valid JSON ({exc}); rerun `workbench reproduce` with this --out "
+                                 "to recompute it") from exc
+    found.sort(key=lambda r: (r.get("number") or 99, r["study"]))
+    return found
+
+
+def render(run_dir: str | Path) -> dict[str, Any]:
+    """Calibration, leaderboard, CSVs and report.html from the stored study results."""
+    from workbench import study_plots
+    from workbench.calibration import calibration, leaderboard
+    from workbench.report import Section, Table, badge, calibration_sections, fmt, leaderboard_sections, study_section, write_report
+
+    run_dir = Path(run_dir)
+    results = collect(run_dir)
+    if not results:
+        raise WorkbenchError(f"{run_dir} holds no study results (*/results.json); run `workbench reproduce --out {run_dir}`")
+    calib = calibration(results)
+    board = leaderboard(results)
+    atomic_write_json(run_dir / "calibration.json", calib)
+    atomic_write_json(run_dir / "leaderboard.json", board)
+    atomic_write_text(run_dir / "predictions.csv", _csv(calib["predictions"]))
+    atomic_write_text(run_dir / "leaderboard.csv", _csv(board["details"]))
+    parts = []
+    for r in results:
+        path = run_dir / r["study"] / "metrics.csv"
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            parts.append(text if not parts else text.split("\n", 1)[1])
+    atomic_write_text(run_dir / "metrics.csv", "".join(parts))
+    overview = {"studies": [{"study": r["study"], "number": r.get("number"), "verdict": r["verdict"],
+                             "verdicts": {v["id"]: v["verdict"] for v in r["verdicts"]}} for r in results],
+                "calibration": calib["overall"], "leaderboard": board["methods"]}
+    atomic_write_json(run_dir / RESULTS_FILE, {**overview, "results": results})
+
+    from case_studies import PLANNED, available
+
+    ran = {r["study"] for r in results}
+    missing = [(num, name, text) for num, name, text in PLANNED if name not in ran]
+    sections: list[Section] = []
+    top = Section("Overview", anchor="overview")
+    top.blocks.append(
+        "Each study stated its predictions as data (metric, direction, size, verdict rule) and froze them, hashed, "
+        "before any action ran; the action and its controls ran with the same code over several seeds; every "
+        "number below carries a 95% bootstrap confidence interval, and every case is kept (see each study's "
+        "distributions and case table).")
+    rows = []
+    for r in results:
+        counts = {k: sum(v["verdict"] == k for v in r["verdicts"]) for k in ("held", "failed", "inconclusive")}
+        rows.append([r.get("number") or "–", r["title"], badge(r["verdict"]), counts["held"], counts["failed"],
+                     counts["inconclusive"], r["cases"]["n"], ", ".join(map(str, r["seeds"])),
+                     "quick" if r.get("quick") else "full", fmt(r["timing"].get("sum_case_s"), 3)])
+    top.blocks.append(Table(["#", "study", "verdict", "held", "failed", "inconclusive", "cases", "seeds", "mode",
+                             "case seconds"], rows))
+    if missing:
+        names = available()
+        top.blocks.append(Table(["#", "study not in this run", "status"],
+                                [[num, text, "module present; not run here" if name in names else
+                                  "not written yet (its capability lands with another issue)"]
+                                 for num, name, text in missing]))
+    sections.append(top)
+    sections += calibration_sections(calib, study_plots.calibration_chart(calib["predictions"]))
+    sections += leaderboard_sections(board, study_plots.leaderboard_chart(board["methods"]))
+    for r in results:
+        sections += study_section(r, run_dir / r["study"])
+    files = Section("Files", anchor="files")
+    files.blocks.append("results.json (everything), calibration.json, leaderboard.json, predictions.csv, metrics.csv, "
+                        "leaderboard.csv; per study: prediction.json (+ prediction.sha256), config.json, cases/*.json, "
+                        "results.json, metrics.csv, cases.csv, fig_*.png. Re-render with "
+                        "<span class='mono'>workbench report RUN_DIR</span>.")
+    sections.append(files)
+    env = results[0].get("environment", {})
+    modes = sorted({"quick" if r.get("quick") else "full" for r in results})
+    write_report(run_dir / "report.html", "Interpretability workbench: case studies", sections, nav=True,
+                 subtitle=f"{len(results)} studies ({'/'.join(modes)} mode); torch {env.get('torch')}, "
+                          f"python {env.get('python')}, {env.get('threads')} thread(s); rendered "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return {"out": str(run_dir), "report": str(run_dir / "report.html"),
+            "studies": overview["studies"], "calibration": calib["overall"],
+            "leaderboard": [{k: m[k] for k in ("method", "n", "win_rate", "win_rate_ci", "rank")} for m in board["methods"]],
+            "not_run": [name for _, name, _ in missing]}
+
+
+def _csv(rows: Sequence[dict[str, Any]]) -> str:
+    from workbench.casestudy import rows_csv
+
+    if not rows:
+        return ""
+    return rows_csv(rows)
+
+
+__all__ = ["collect", "render", "run_studies"]
