@@ -17,7 +17,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from workbench.bootstrap import Metric, correlation, harmonic, mean_of, paired_difference, share_of
+from workbench.bootstrap import Metric, correlation, harmonic, mean_of, paired_difference, share_of, spearman
 from workbench.casestudy import (
     Anchor,
     CaseStudy,
@@ -33,29 +33,6 @@ from workbench.casestudy import (
 )
 
 MODEL = "zoo:factgpt"
-
-
-def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    def ranks(v: Sequence[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    vx = sum((a - mx) ** 2 for a in rx)
-    vy = sum((b - my) ** 2 for b in ry)
-    if vx <= 0 or vy <= 0:
-        return None
-    return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / math.sqrt(vx * vy)
 
 
 class Study(CaseStudy):
@@ -188,7 +165,7 @@ class Study(CaseStudy):
             "traced_layer": traced, "fact_token": record["peak"]["fact_token"], "best_layer": best,
             "S_traced_case": s[traced], "S_other_case": sum(others) / len(others) if others else None,
             "S_best_case": s[best], "best_match": s[traced] >= s[best] - 0.01,
-            "rank_corr": _spearman(ie, s),
+            "rank_corr": spearman(ie, s),
             "m_x": sum(x for x, _ in pairs) / n, "m_y": sum(y for _, y in pairs) / n,
             "m_xx": sum(x * x for x, _ in pairs) / n, "m_yy": sum(y * y for _, y in pairs) / n,
             "m_xy": sum(x * y for x, y in pairs) / n,

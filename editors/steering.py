@@ -36,6 +36,7 @@ from torch import nn
 
 from editors.registry import register
 from editors.unit_ablation import NotFoldableError, _canonical_kind, _is_conv1d_hf
+from workbench.bootstrap import spearman
 from workbench.delta import WeightDelta, assert_unchanged
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
@@ -173,13 +174,9 @@ class DoseResponse:
                 "spearman": round(self.spearman, 6), "monotonic": self.monotonic, "details": self.details}
 
     def plot(self, path: str | Path, *, ylabel: str = "measured quantity") -> Path:
-        import matplotlib
+        from workbench.plotting import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from workbench.storage import atomic_write
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         ax.plot(self.strengths, self.values, "-o")
         ax.axvline(0, color="grey", lw=0.5)
@@ -188,27 +185,7 @@ class DoseResponse:
         ax.set_title(f"dose-response at {self.site} (Spearman {self.spearman:.3f})")
         fig.tight_layout()
 
-        def write(tmp: Path) -> None:
-            fig.savefig(tmp, format="png", dpi=100)
-
-        try:
-            return atomic_write(path, write)
-        finally:
-            plt.close(fig)
-
-
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    def ranks(v: Sequence[float]) -> torch.Tensor:
-        t = torch.tensor(v, dtype=torch.float64)
-        order = torch.argsort(t, stable=True)
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / den if den > 0 else 0.0
+        return save_figure(fig, path, dpi=100)
 
 
 def dose_response(handle: ModelHandle, site: str | Site, direction: torch.Tensor, strengths: Sequence[float],
@@ -230,5 +207,5 @@ def dose_response(handle: ModelHandle, site: str | Site, direction: torch.Tensor
             values.append(float(measure(handle)))
     diffs = [b - a for a, b in zip(values, values[1:])]
     mono = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    return DoseResponse(xs, values, _spearman(xs, values), mono, resolve_site(handle, site).name,
+    return DoseResponse(xs, values, spearman(xs, values) or 0.0, mono, resolve_site(handle, site).name,
                         {"direction_norm": float(direction.norm())})

@@ -764,13 +764,9 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.
 def plot_surgery_curve(results: Sequence[Mapping[str, Any]], path: Any) -> Any:
     """Attack success (left) and clean accuracy (right) vs number of units removed, treatment
     (solid) vs random units at the same site (dashed, mean of draws), one colour per trojan."""
-    import matplotlib
+    from workbench.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from workbench.storage import atomic_write
-
+    plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
     for i, r in enumerate(results):
         curve = r.get("curve") or []
@@ -793,10 +789,4 @@ def plot_surgery_curve(results: Sequence[Mapping[str, Any]], path: Any) -> Any:
     bx.set_title("clean accuracy, same edits")
     fig.tight_layout()
 
-    def write(tmp: Any) -> None:
-        fig.savefig(tmp, format="png", dpi=100)
-
-    try:
-        return atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, dpi=100)

@@ -10,19 +10,24 @@ tests exercise the same path a user's checkpoint takes.
     tiny_lm           parametrized over the four families: a fresh ModelHandle
     small_cnn         a small residual-free CNN (nn.Module), seeded
     cnn_handle        that CNN as an image-classifier ModelHandle (16x16 RGB in [0, 1])
+    quick_run         session: one `workbench reproduce --quick --seeds 2` of every case study,
+                      shared by the study tests (tests/test_studies*.py)
     gray_cnn_handle   another input size, channel count, range and normalization: a seeded
                       CNN on 1x20x28 images in [-1, 1] with its normalization inside (4 classes)
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from study_runs import reproduce
 from workbench.handle import Architecture, ImagePreprocess, ModelHandle
 
 FAMILIES = ("gpt2", "gpt_neox", "llama", "bert")
@@ -172,3 +177,12 @@ def gray_cnn_handle() -> ModelHandle:
                           class_names=("w", "x", "y", "z"))
     return ModelHandle(spec="test:gray-cnn", model=model, kind="image_classifier",
                        arch=Architecture(family="cnn", n_layers=2), preprocess=pre)
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every case study in quick mode, run once per session and shared (the studies cost minutes)."""
+    out = tmp_path_factory.mktemp("reproduce") / "run"
+    proc = reproduce(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "summary": json.loads(proc.stdout)}

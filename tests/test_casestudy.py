@@ -236,3 +236,12 @@ def test_report_on_a_missing_run_is_a_user_error(tmp_path: Path) -> None:
 
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert main(["reproduce", "no_such_study", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_spearman_handles_ties_and_constants():
+    from workbench.bootstrap import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254, abs=1e-6)  # tied ranks averaged
+    assert spearman([5, 5, 5], [1, 2, 3]) is None

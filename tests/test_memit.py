@@ -13,6 +13,7 @@ from workbench.delta import LowRank
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_fingerprint
 from workbench.requests import Rewrite
+from workbench.storage import cache_dir
 
 from conftest import WORDS
 
@@ -102,15 +103,23 @@ def test_memit_bad_input(load_tiny) -> None:
         MEMIT(storage="sparse")  # type: ignore[arg-type]
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not yet verified on the final FactGPT: failed or never ran in the session that wrote it (see the closing note)")
-def test_memit_factgpt_50() -> None:
-    from workbench.models import load
+# The shared zoo cache, taken at import before the autouse fixture redirects WORKBENCH_CACHE.
+SHARED_CACHE = cache_dir()
 
-    h = load("zoo:factgpt", device="cpu", progress=False)
+
+@pytest.mark.slow
+def test_memit_factgpt_50() -> None:
+    """FactGPT v1 level with the prompt-last configuration (measured: ES 100, PS 62, NS 91, S 81 on these 50).
+
+    The issue-3 target (S >= 90 with 500 edits) is not met by v1 (S 71.9, benchmarks/RESULTS.md).
+    """
+    from workbench import zoo
+
+    h = zoo.load("factgpt", device="cpu", progress=False, cache=SHARED_CACHE)
     rws = [Rewrite.from_counterfact(r) for r in h.info["world"].counterfact_records(50, seed=5)]
     delta = MEMIT(layers=(0, 1), fact_token="prompt_last", n_prefixes=0, clamp_norm_factor=1.25, v_steps=40).fit(h, rws)
     with delta.applied(h.model):
         agg = evaluate_rewrites(h, rws, fluency=False, bootstrap=0).aggregate
-    assert agg["ES"] >= 90
-    assert agg["S"] >= 70
+    assert agg["ES"] >= 95
+    assert agg["NS"] >= 80
+    assert agg["S"] >= 75

@@ -13,6 +13,7 @@ from workbench.delta import LowRank
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_fingerprint
 from workbench.requests import Rewrite
+from workbench.storage import cache_dir
 
 from conftest import WORDS
 
@@ -135,12 +136,22 @@ def test_bad_requests(load_tiny) -> None:
         ROME(on_degenerate="ignore")  # type: ignore[arg-type]
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not yet verified on the final FactGPT: failed or never ran in the session that wrote it (see the closing note)")
-def test_rome_factgpt_quality() -> None:
-    from workbench.models import load
+# The zoo model lives in the user's cache (trained once, shared by every test); the autouse
+# fixture above points WORKBENCH_CACHE at a private folder only for key statistics, so the
+# shared path is taken here, at import, before any fixture runs.
+SHARED_CACHE = cache_dir()
 
-    h = load("zoo:factgpt", device="cpu", progress=False)
+
+@pytest.mark.slow
+def test_rome_factgpt_quality() -> None:
+    """FactGPT v1 levels with the prompt-last configuration (benchmarks/RESULTS.md: S 89.1 on 100 rewrites).
+
+    These guard what v1 reaches (10 rewrites measured: ES 100, PS 83, NS 81, S 87); the issue-3 targets
+    (S >= 95, PS >= 90, NS within 3 points of unedited) are not met by v1 and are not asserted.
+    """
+    from workbench import zoo
+
+    h = zoo.load("factgpt", device="cpu", progress=False, cache=SHARED_CACHE)
     world = h.info["world"]
     rewrites = [Rewrite.from_counterfact(r) for r in world.counterfact_records(10, seed=11)]
     base = evaluate_rewrites(h, rewrites, fluency=False, bootstrap=0).aggregate
@@ -151,9 +162,11 @@ def test_rome_factgpt_quality() -> None:
         with delta.applied(h.model):
             cases += evaluate_rewrites(h, [rw], fluency=False, bootstrap=0).per_case
     edited = aggregate_cases(cases)
-    assert base["ES"] <= 20
-    assert edited["ES"] >= 90
+    assert base["ES"] <= 20 and base["NS"] >= 95
+    assert edited["ES"] >= 99
+    assert edited["PS"] >= 70
     assert edited["NS"] >= base["NS"] - 30
+    assert edited["S"] >= 80
 
 
 FACTGPT_ROME = dict(layer=0, fact_token="prompt_last", n_prefixes=0)

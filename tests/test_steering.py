@@ -8,13 +8,13 @@ import torch
 from editors.steering import (
     ContrastPairs,
     Steering,
-    _spearman,
     bias_target,
     dose_response,
     steering_direction,
     steering_hook,
 )
 from editors.unit_ablation import NotFoldableError
+from workbench.bootstrap import spearman
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_fingerprint
 from workbench.hooks import capture
@@ -78,4 +78,4 @@ def test_dose_response_is_monotonic_for_a_linear_readout(load_tiny) -> None:
 
     r = dose_response(h, site, d, [2, -1, 0, 1, -2], measure)
     assert r.strengths == [-2, -1, 0, 1, 2] and r.monotonic and r.spearman == pytest.approx(1.0)
-    assert _spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)

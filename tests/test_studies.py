@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,18 +14,6 @@ from workbench.storage import sha256_file
 
 STUDIES = case_studies.available()
 REQUIRED = ("study", "prediction", "prediction_sha256", "seeds", "cases", "metrics", "controls", "verdict", "verdicts")
-
-
-@pytest.fixture(scope="session")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """`workbench reproduce --quick --seeds 2` of every available study, once per session."""
-    out = tmp_path_factory.mktemp("reproduce") / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "reproduce", "--quick", "--seeds", "2",
-                           "--out", str(out), "--json", "--device", "cpu"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"out": out, "summary": json.loads(proc.stdout)}
 
 
 def test_the_first_four_studies_exist() -> None:

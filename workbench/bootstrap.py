@@ -227,3 +227,23 @@ def wilson_interval(successes: int, n: int, *, level: float = 0.95) -> tuple[flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation (ties get their average rank); None when either side is constant."""
+    if len(x) != len(y):
+        raise WorkbenchError(f"spearman needs paired values; got {len(x)} and {len(y)}")
+
+    def ranks(v: Sequence[float]) -> np.ndarray:
+        a = np.asarray(v, dtype=np.float64)
+        order = np.argsort(a, kind="stable")
+        r = np.empty_like(a)
+        r[order] = np.arange(len(a), dtype=np.float64)
+        for value in np.unique(a):  # average rank over ties
+            tied = a == value
+            r[tied] = r[tied].mean()
+        return r - r.mean()
+
+    rx, ry = ranks(x), ranks(y)
+    den = math.sqrt(float((rx * rx).sum()) * float((ry * ry).sum()))
+    return float((rx * ry).sum()) / den if den > 0 else None

@@ -180,15 +180,12 @@ def save_grid(handle: Any, ae: Any, path: Path, *, k: int = 8) -> Path | None:
     import torch
 
     from adversaries.classifier import class_name, to_unit
-    from workbench.storage import atomic_write
 
     if not isinstance(ae.inputs, torch.Tensor) or ae.inputs.ndim != 4 or len(ae) == 0:
         return None
-    import matplotlib
+    from workbench.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pre = handle.preprocess
     k = min(k, len(ae))
     rows = [("original", to_unit(pre, ae.inputs[:k]), ae.original_pred), ("adversarial", to_unit(pre, ae.adversarial[:k]), ae.adversarial_pred)]
@@ -224,13 +221,7 @@ def save_grid(handle: Any, ae: Any, path: Path, *, k: int = 8) -> Path | None:
     fig.suptitle(f"{ae.method}: success {ae.success_rate:.2f}" + (f" | {desc}" if desc else ""), fontsize=7)
     fig.tight_layout(pad=0.3)
 
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=110)
-
-    try:
-        atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 

@@ -89,13 +89,9 @@ class UnitRanking:
 
     def plot(self, path: str | Path, *, k: int = 8) -> Path:
         """Write a PNG: the top-k scores as bars and, for image sites, their activation maps."""
-        import matplotlib
+        from workbench.plotting import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from workbench.storage import atomic_write
-
+        plt = pyplot()
         k = min(k, len(self.units))
         images, maps = self.evidence.get("images"), self.evidence.get("maps")
         n_img = 0 if images is None or maps is None else min(int(images.shape[0]), 6)
@@ -124,13 +120,7 @@ class UnitRanking:
                         sub.set_ylabel(f"unit {self.units[r]}")
         fig.tight_layout()
 
-        def write(tmp: Path) -> None:
-            fig.savefig(tmp, format="png", dpi=90)
-
-        try:
-            return atomic_write(path, write)
-        finally:
-            plt.close(fig)
+        return save_figure(fig, path, dpi=90)
 
 
 def _round(x: float) -> float | None:

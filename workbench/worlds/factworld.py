@@ -151,6 +151,35 @@ def _paired_names(rng: random.Random, n: int, n_words: int, taken: set[str]) -> 
     return names[:n]
 
 
+def _syllable_names(rng: random.Random, n: int, n_syllables: int, length: int, orders: int,
+                    taken: set[str]) -> list[str]:
+    """`n` names of `length` one-token syllables ("Ka Lo Mi") from a pool of `n_syllables`.
+
+    Names come in groups of `orders` orderings of the same syllable set ("Ka Lo Mi", "Mi Ka
+    Lo", "Lo Mi Ka"), each group with its own facts: the unordered bag of a name's tokens
+    (all that one attention layer's weighted sum of values keeps) then does not identify the
+    subject; only the tokens in order do.
+    """
+    from itertools import combinations, permutations
+
+    syllables: list[str] = []
+    while len(syllables) < n_syllables:
+        text = rng.choice(_ONSETS[:15]) + rng.choice(_INNER_VOWELS) + rng.choice(("", "", "n", "r", "l", "s"))
+        if text not in taken and text.lower() not in taken:
+            taken.add(text.lower())
+            syllables.append(text[:1].upper() + text[1:])
+    sets = list(combinations(range(n_syllables), length))
+    n_sets = -(-n // orders)
+    if len(sets) < n_sets:
+        raise WorkbenchError(f"name_syllables={n_syllables} gives only {len(sets)} syllable sets of {length}; "
+                             f"n_subjects={n} with orders_per_name={orders} needs {n_sets}")
+    names: list[str] = []
+    for chosen in rng.sample(sets, n_sets):
+        ordered = rng.sample(list(permutations(chosen)), orders)
+        names += [" ".join(syllables[i] for i in order) for order in ordered]
+    return names[:n]
+
+
 def _with_suffix(stem: str, suffix: str) -> str:
     if suffix[:1] in _VOWEL_LETTERS and stem[-1:] in _VOWEL_LETTERS:
         stem = stem.rstrip(_VOWEL_LETTERS) or stem
@@ -179,6 +208,14 @@ class FactWorldConfig:
     # n_subjects` each word is in exactly two names; fewer words mean more sharing; 0 draws
     # fresh words for every subject (no pairing).
     name_words: int = 0
+    # Subjects made of `name_length` one-token syllables from a pool of `name_syllables`
+    # ("Ka Lo Mi"), `orders_per_name` orderings of each syllable set ("Mi Ka Lo" is someone
+    # else): the bag of tokens then does not identify a subject, so attention at the answer
+    # position cannot look it up from raw token embeddings; the name must be composed in
+    # order at its own tokens (see _syllable_names). 0 = off. Wins over name_words.
+    name_syllables: int = 0
+    name_length: int = 3
+    orders_per_name: int = 3
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_relations <= len(RELATION_CATALOG):
@@ -253,7 +290,10 @@ class FactWorld:
                                       spec.generation_templates, tuple(objects)))
         subjects: list[str] = []
         seen_names: set[str] = set()
-        if config.name_words:
+        if config.name_syllables:
+            subjects = _syllable_names(rng, config.n_subjects, config.name_syllables, config.name_length,
+                                       config.orders_per_name, taken)
+        elif config.name_words:
             subjects = _paired_names(rng, config.n_subjects, config.name_words, taken)
         while len(subjects) < config.n_subjects:
             words = [_word(rng, rng.choice((1, 2))), _word(rng, rng.choice((1, 2, 2)))]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from workbench.storage import atomic_write
 
 
 def gallery_rows(*, n: int, seed: int) -> list[tuple[str, torch.Tensor, list[str]]]:
@@ -37,11 +36,9 @@ def gallery_rows(*, n: int, seed: int) -> list[tuple[str, torch.Tensor, list[str
 
 def render_gallery(out: Path, *, n: int, seed: int) -> Path:
     """Write the gallery PNG atomically and return its path."""
-    import matplotlib
+    from workbench.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = gallery_rows(n=n, seed=seed)
     fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.45 * len(rows)), squeeze=False)
     for r, (title, images, captions) in enumerate(rows):
@@ -54,10 +51,4 @@ def render_gallery(out: Path, *, n: int, seed: int) -> Path:
         axes[r][0].set_title(title, fontsize=7, loc="left")
     fig.tight_layout(pad=0.3)
 
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=110)
-
-    try:
-        return atomic_write(out, write)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, out, dpi=110)

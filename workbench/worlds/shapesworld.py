@@ -664,6 +664,10 @@ class WorldConfig:
     spurious: SpuriousRule | None = field(default_factory=SpuriousRule)
     context: tuple[ContextRule, ...] = field(default_factory=default_context_rules)
     softness: float = 0.6
+    sticker_prob: float = 0.0
+    sticker_size: tuple[float, float] = (0.12, 0.28)
+    sticker_offset: tuple[float, float] = (0.6, 1.2)
+    object_colors: tuple[str, ...] = tuple(PALETTE)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -679,6 +683,10 @@ class WorldConfig:
             "spurious": None if self.spurious is None else self.spurious.to_json(),
             "context": [c.to_json() for c in self.context],
             "softness": self.softness,
+            "sticker_prob": self.sticker_prob,
+            "sticker_size": list(self.sticker_size),
+            "sticker_offset": list(self.sticker_offset),
+            "object_colors": list(self.object_colors),
         }
 
     @staticmethod
@@ -700,6 +708,10 @@ class WorldConfig:
                 context=tuple(ContextRule(**{**c, "colors": None if c.get("colors") is None else tuple(c["colors"])})
                               for c in obj["context"]),
                 softness=float(obj["softness"]),
+                sticker_prob=float(obj.get("sticker_prob", 0.0)),
+                sticker_size=tuple(obj.get("sticker_size", (0.12, 0.28))),  # type: ignore[arg-type]
+                sticker_offset=tuple(obj.get("sticker_offset", (0.6, 1.2))),  # type: ignore[arg-type]
+                object_colors=tuple(obj.get("object_colors", tuple(PALETTE))),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WorkbenchError(f"invalid ShapesWorld config: {exc!r}; expected the 'config' of a ShapesWorld manifest") from None
@@ -868,11 +880,12 @@ class ShapesWorld:
         # main object
         obj_names = list(PALETTE)
         obj_rgb = torch.tensor([PALETTE[c] for c in obj_names])
-        color_ids = torch.randint(len(obj_names), (n,), generator=g)
+        allowed = torch.tensor([obj_names.index(c) for c in cfg.object_colors])  # palette indices clean objects may take
+        color_ids = allowed[torch.randint(len(allowed), (n,), generator=g)]
         sp = cfg.spurious
         if sp is not None and color_mode != "uniform":
             sp_cls, sp_col = self.class_index(sp.cls), obj_names.index(sp.color)
-            others = torch.tensor([i for i in range(len(obj_names)) if i != sp_col])
+            others = torch.tensor([i for i in allowed.tolist() if i != sp_col])
             alt = others[torch.randint(len(others), (n,), generator=g)]
             coin = torch.rand(n, generator=g)
             is_sp = labels == sp_cls
@@ -895,7 +908,7 @@ class ShapesWorld:
             sid = dist_shapes[torch.randint(len(dist_shapes), (n,), generator=g)] if dist_shapes is not None else torch.zeros(n, dtype=torch.long)
             pos = self.small_positions(main_center, main_size, generator=g)
             slots.append((sid, pos, _uniform(g, n, *cfg.small_size), _uniform(g, n, 0.0, 2 * math.pi),
-                          obj_rgb[torch.randint(len(obj_names), (n,), generator=g)], present.float(),
+                          obj_rgb[allowed[torch.randint(len(allowed), (n,), generator=g)]], present.float(),
                           torch.where(present, torch.tensor(ROLE_DISTRACTOR), torch.tensor(ROLE_NONE))))
         # context objects
         for r, rule in enumerate(cfg.context):
@@ -918,7 +931,51 @@ class ShapesWorld:
             opacity=torch.stack([s[5] for s in slots], 1),
             role=torch.stack([s[6].long() for s in slots], 1),
         )
+        if cfg.sticker_prob > 0 and distractors:
+            scene = self._stickers(scene, main_center, main_size, generator=g)
         return Sample(scene, labels, color_ids, ctx, torch.full((n,), -1), labels.clone())
+
+    def _stickers(self, scene: Scene, main_center: torch.Tensor, main_size: torch.Tensor, *, generator: torch.Generator) -> Scene:
+        """Natural patches ("stickers": a random pattern in two random colours) on some scenes.
+
+        They make square patches ordinary, so a patch trojan's trigger is one specific
+        pattern-and-colours among many, and a pasted patch is not evidence by itself. Placed
+        beside the main object (overlapping at most part of it); never a patch trojan's design.
+        """
+        cfg, g, n = self.config, generator, scene.n
+        present = torch.rand(n, generator=g) < cfg.sticker_prob
+        half = _uniform(g, n, *cfg.sticker_size)
+        ang = _uniform(g, n, 0.0, 2 * math.pi)
+        dist = (main_size + half) * _uniform(g, n, *cfg.sticker_offset)
+        center = main_center + dist[:, None] * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+        lim = (0.98 - half)[:, None]
+        center = torch.where(center > lim, 2 * lim - center, center)
+        center = torch.where(center < -lim, -2 * lim - center, center)
+        center = torch.maximum(torch.minimum(center, lim), -lim)
+        names = list(PALETTE) + list(BACKGROUND_PALETTE)
+        rgb = torch.tensor([color_rgb(c) for c in names])
+        ca = torch.randint(len(names), (n,), generator=g)
+        cb = (ca + torch.randint(1, len(names), (n,), generator=g)) % len(names)
+        pattern = torch.randint(len(PATCH_PATTERNS), (n,), generator=g)
+        for _ in range(len(PATCH_PATTERNS)):  # move off every patch trigger's (pattern, colours)
+            clash = torch.zeros(n, dtype=torch.bool)
+            for t in self.trojans:
+                if t.kind != "patch" or not t.trigger.colors:
+                    continue
+                a, b = (names.index(c) for c in t.trigger.colors)
+                same = ((ca == a) & (cb == b)) | ((ca == b) & (cb == a))
+                clash |= same & (pattern == pattern_index(t.trigger.pattern or ""))
+            if not bool(clash.any()):
+                break
+            pattern = torch.where(clash, (pattern + 1) % len(PATCH_PATTERNS), pattern)
+        on = present.float()
+        return scene.replace(
+            patch_center=torch.where(present[:, None], center, scene.patch_center),
+            patch_size=torch.where(present, half, scene.patch_size),
+            patch_pattern=torch.where(present, pattern, scene.patch_pattern),
+            patch_colors=torch.where(present.view(n, 1, 1), torch.stack([rgb[ca], rgb[cb]], 1), scene.patch_colors),
+            patch_opacity=on,
+        )
 
     def small_positions(self, main_center: torch.Tensor, main_size: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
         """Positions for small objects, pushed off the main object so they rarely hide it."""

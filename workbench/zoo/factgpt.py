@@ -70,12 +70,14 @@ class FactGPTConfig:
 # ---- tokenizer -----------------------------------------------------------------------
 
 
-def build_tokenizer(world: FactWorld, *, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+def build_tokenizer(world: FactWorld, *, vocab_size: int = 2048,
+                    extra_texts: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the world's text, with every object a single token (" Quenn").
 
     Objects that the trainer did not make whole (small vocabularies) get extra merges
     appended at the lowest priority, so each object becomes one token while other text
-    keeps its tokenization except where it contains the same letter pairs.
+    keeps its tokenization except where it contains the same letter pairs. `extra_texts`
+    (e.g. the interjected clauses of training) join the tokenizer's training text.
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -86,7 +88,7 @@ def build_tokenizer(world: FactWorld, *, vocab_size: int = 2048) -> PreTrainedTo
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(world.training_texts(), trainer=trainer)
+    tok.train_from_iterator([*world.training_texts(), *extra_texts], trainer=trainer)
     tok = _merge_whole(tok, [world.object_token_text(o) for o in world.objects])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
