@@ -1,8 +1,7 @@
 """Adversary generators: inputs designed from interpretations, plus baselines.
 
 Generators register themselves in `adversaries.registry` (name -> class); importing this
-package imports every generator module listed in `GENERATOR_MODULES` (a module not written
-yet is skipped), so `adversaries.get("pgd")` works after `import adversaries`. None of
+package imports every generator module listed in `GENERATOR_MODULES`, so `adversaries.get("pgd")` works after `import adversaries`. None of
 them imports `transformers` at import time (benchmarks import them beside torchvision).
 """
 
@@ -20,10 +19,6 @@ GENERATOR_MODULES: tuple[str, ...] = (
 )
 
 for _name in GENERATOR_MODULES:
-    try:
-        importlib.import_module(_name)
-    except ModuleNotFoundError as _exc:  # a generator module not written yet
-        if _exc.name != _name:
-            raise
+    importlib.import_module(_name)
 
 __all__ = ["Adversary", "GENERATOR_MODULES", "available", "get", "register"]

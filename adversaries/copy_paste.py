@@ -238,7 +238,8 @@ class CopyPaste:
     progress: bool = False
 
     # -------------------------------------------------------------------- helpers
-    def _sizes_px(self, handle: ModelHandle) -> tuple[int, ...]:
+    def sizes_px(self, handle: ModelHandle) -> tuple[int, ...]:
+        """The patch sizes in pixels of `handle`'s input (the `sizes` fractions of the shorter side)."""
         pre = handle.preprocess
         assert pre is not None
         side = min(pre.height, pre.width)
@@ -267,7 +268,7 @@ class CopyPaste:
         site = self.site or last_spatial_site(handle)
         pool, pool_labels, sample = self._pool(handle, target, inputs)
         vec, units = target_direction(handle, site, target, pool, pool_labels, n_units=self.n_units)
-        size = max(self._sizes_px(handle))
+        size = max(self.sizes_px(handle))
         info: dict[str, Any] = {"site": site, "units": units, "design_size": size}
         designs: list[PatchDesign] = []
         world = None
@@ -370,7 +371,7 @@ class CopyPaste:
         perm = idx[torch.randperm(len(idx), generator=g)]
         n_cal = max(1, min(len(perm) - 1, round(self.calib_fraction * len(perm))))
         cal, test = perm[:n_cal], perm[n_cal:]
-        where = placements(pre.height, pre.width, self._sizes_px(handle), self.grid)
+        where = placements(pre.height, pre.width, self.sizes_px(handle), self.grid)
         designs, info = self.design_patches(handle, target, images[cal])
         bar = tqdm(total=len(designs) + 2, desc="copy-paste sweep", disable=not self.progress, leave=False)
         scored = []
@@ -386,7 +387,7 @@ class CopyPaste:
         gen = torch.Generator().manual_seed(self.seed + 1)
         size = chosen.patch.shape[-1]
         noise = PatchDesign(lo + (hi - lo) * torch.rand(pre.channels, size, size, generator=gen), "noise")
-        natural = self._natural_crop(handle, images, target, size, gen)
+        natural = self.natural_crop(handle, images, target, size, gen)
         results: dict[str, dict[str, Any]] = {}
         best_idx = None
         for name, d, cal_res in (("design", chosen, cal_sp), ("noise", noise, None), ("natural", natural, None)):
@@ -442,7 +443,8 @@ class CopyPaste:
                            "candidates": [d for _, d, _ in scored]}
         return out
 
-    def _natural_crop(self, handle: ModelHandle, images: torch.Tensor, target: int, size: int, gen: torch.Generator) -> PatchDesign:
+    def natural_crop(self, handle: ModelHandle, images: torch.Tensor, target: int, size: int, gen: torch.Generator) -> PatchDesign:
+        """The natural-crop control: a random `size` px crop of a random non-target pool image."""
         pool, labels, _ = self._pool(handle, target, images)
         cand = torch.arange(len(pool)) if labels is None else torch.nonzero(labels != target).flatten()
         i = int(cand[int(torch.randint(len(cand), (1,), generator=gen))])

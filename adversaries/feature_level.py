@@ -270,7 +270,7 @@ class FeatureLevel:
         return shapes
 
     def generate(self, handle: ModelHandle, inputs: Any, target: Any = None) -> AdversarialExamples:
-        pre = preprocess_of(handle)
+        preprocess_of(handle)  # refuses a model without image preprocessing before any work
         images, labels, sample = _as_images(handle, inputs)
         n = images.shape[0]
         targets = resolve_targets(handle, target, n)

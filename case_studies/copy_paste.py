@@ -96,6 +96,7 @@ class Study(CaseStudy):
         Anchor(f"{ATLAS}: target probability, best placement", 0.422, "p_best_ctx", "ANCHORS.md", "same metric"),
     )
     methods = ("feature_visualization", "exemplars")
+    tune_target = "copy-paste"  # `workbench tune copy_paste` searches this action's options
     quick_seeds = 2
     default_seeds = 2
 
@@ -271,7 +272,7 @@ class Study(CaseStudy):
         cal, test = perm[:n_cal], perm[n_cal:]
         designs, info = ctx.remember(f"copy_paste:designs:{key}:{cfg.seed}:{cfg}",
                                      lambda: cfg.design_patches(handle, target, images[cal]))
-        where = placements(pre.height, pre.width, cfg._sizes_px(handle), cfg.grid)
+        where = placements(pre.height, pre.width, cfg.sizes_px(handle), cfg.grid)
         rank = cal[: cfg.n_rank]  # candidates are ranked on (at most) n_rank calibration images
         scored = []
         cal_sweeps: dict[int, Any] = {}
@@ -292,7 +293,7 @@ class Study(CaseStudy):
         cg = torch.Generator().manual_seed(case_seed(seed, f"controls:{key}") % (2 ** 62))
         lo, hi = pre.input_range
         noise = lo + (hi - lo) * torch.rand(pre.channels, size, size, generator=cg)
-        natural = cfg._natural_crop(handle, images, target, size, cg)
+        natural = cfg.natural_crop(handle, images, target, size, cg)
 
         def measure(patch: torch.Tensor, cal_res: Any = None) -> tuple[dict[str, Any], Any]:
             if cal_res is None:

@@ -72,7 +72,7 @@ class Study(CaseStudy):
     controls = (
         Control("unedited", "the model before the edit, on the same disagreeing and natural scenes"),
         Control("random update", f"a random rank-{RANK} change of {LAYER} with the rewrite's Frobenius norm"),
-        Control("rank one", f"the same rewrite restricted to rank 1 (Santurkar et al.'s setting)"),
+        Control("rank one", "the same rewrite restricted to rank 1 (Santurkar et al.'s setting)"),
         Control("wrong layer", f"the same rewrite (rank {RANK}, same exemplars) at {WRONG_LAYER}"),
     )
     methods = ()

@@ -21,14 +21,23 @@ like the same method in other studies: "feature_level" and "snafue" as in study 
 Scores are reported per method, per trojan kind (patch, style, natural feature) and for
 all methods judged together.
 
-Sizes are from the featvis helper's benchmark (benchmarks/RESULTS.md, "Trojan
-rediscovery", budget "quick", one seed), which found most methods near or below chance and
-natural search best (0.67). Quick mode runs the methods' "tiny" budget and, per seed, one
-trojan of each kind (universal ones on even seeds, class-universal ones on odd seeds), so
-two seeds cover all six; full mode runs every trojan per seed at the "quick" budget (the
-benchmark's). The judge is loaded once per run (`ctx.remember`; it trains once per cache,
-~1 minute, on first use); the views are not shared: the seed changes every method's
-synthesis (its initialization and source images) and the option order.
+Budgets and sizes. Full mode runs every method on all six trojans per seed at the
+"quick" budget, the featvis helper's benchmark budget (benchmarks/RESULTS.md, "Trojan
+rediscovery", one seed), which found most methods near or below chance and natural search
+best (0.67); full-mode sizes come from that benchmark. Quick mode runs, per seed, one
+trojan of each kind (universal ones on even seeds, class-universal ones on odd seeds, so two
+seeds cover all six); the best method, natural search (SNAFUE), runs at the "quick" budget
+there too (about 6 s a trojan on the shared 2-core machine, against about 1 s at "tiny"),
+because at the "tiny" budget its one view comes from a 10-step synthetic patch and scored
+1 of 18 questions (seeds 0-5; 0.06, below chance): a quick run at "tiny" would measure the
+budget, not the method. The other methods run at "tiny" in quick mode, and quick-mode
+predictions are sized from this study's own quick configuration run on seeds 2-5 (disjoint
+from the default quick seeds 0-1; `QUICK_SCORE`: SNAFUE 0.42, the tiny-budget methods
+0.04-0.17), so a quick-mode verdict is judged against what that configuration measured,
+and the claims of the tiny-budget methods say "at the tiny budget". The judge is loaded once per run (`ctx.remember`; it
+trains once per cache, ~1 minute, on first use); the views are not shared: the seed
+changes every method's synthesis (its initialization and source images) and the option
+order.
 """
 
 from __future__ import annotations
@@ -78,6 +87,15 @@ SHORT = {"featvis-logit": "featvis", "featvis-logit-fourier": "fourier", "copy-p
 BENCH_SCORE = {"featvis-logit": 0.11, "featvis-logit-fourier": 0.04, "copy-paste": 0.25, "feature-level": 0.15,
                "natural": 0.67, "adversarial-filtering": 0.00, "adversarial-patch": 0.33}
 BENCH = "featvis benchmark (benchmarks/RESULTS.md, 'Trojan rediscovery', zoo ShapesNet, budget quick, seed 0)"
+# quick mode: natural search (the benchmark's best method) keeps the benchmark's budget; the rest run "tiny"
+QUICK_FULL_BUDGET = ("natural",)
+# this study's quick configuration (budgets above) run on seeds 2-5 (12 questions per method, 4 per kind),
+# disjoint from the quick run's default seeds 0-1: metric -> measured value
+QUICK_SCORE = {"featvis-logit": 0.167, "featvis-logit-fourier": 0.125, "copy-paste": 0.042, "feature-level": 0.156,
+               "natural": 0.417, "adversarial-filtering": 0.083, "adversarial-patch": 0.083,
+               "all": 0.153, "patch": 0.121, "style": 0.107, "natural_kind": 0.232, "combined": 0.167, "random": 0.104}
+QUICK_MEASURED = ("this study in quick mode (SNAFUE at budget quick, the other methods at tiny) on seeds 2-5, zoo "
+                  "ShapesNet v1 (12 questions per method; case_studies/trojan_rediscovery.py QUICK_SCORE)")
 RANDOM, COMBINED = "random_views", "all_methods"
 LABEL = {**SHORT, COMBINED: "together", RANDOM: "random"}
 UNIVERSAL = ("patch-universal", "style-universal", "natural-universal")
@@ -112,14 +130,20 @@ class Study(CaseStudy):
 
     def options(self) -> dict[str, Any]:
         quick = self.quick
-        return {"model": zoo_identity("shapesnet"), "methods": list(NAMES), "budget": "tiny" if quick else "quick",
+        return {"model": zoo_identity("shapesnet"), "methods": list(NAMES), "budget": self.budgets(),
                 "trojans_per_seed": "one per kind: universal on even seeds, class-universal on odd seeds" if quick
                 else "all six", "n_random_views": 4, "judge": "workbench.judge (clean-world network) + palette colours",
                 "synthesis_seed": "the study seed"}
 
+    def budgets(self) -> dict[str, str]:
+        """Each method's synthesis budget in this mode (see the module docstring)."""
+        return {m: "quick" if not self.quick or m in QUICK_FULL_BUDGET else "tiny" for m in NAMES}
+
     def predictions(self) -> list[Prediction]:
+        if self.quick:
+            return self._quick_predictions()
         mean_bench = round(sum(BENCH_SCORE.values()) / len(BENCH_SCORE), 3)
-        budget = "" if not self.quick else "; this run uses the 'tiny' budget (quick mode), so lower scores are expected"
+        budget = ""
         preds = [
             Prediction("methods_above_chance", "pooled over methods and trojans, the 8-way score is above chance (1/8)",
                        "score_all", "increase", ci_above(CHANCE), size=mean_bench,
@@ -155,6 +179,52 @@ class Study(CaseStudy):
             Prediction("random_views_not_above_chance", "clean scenes without a trigger do not beat chance under this "
                        "protocol (the distractors are chosen to look like the views)", "score_random_views", "none",
                        ci_within(0.0, CHANCE), size=0.0, source="protocol: uninformative views, hardest distractors",
+                       primary=False),
+        ]
+        return preds
+
+    def _quick_predictions(self) -> list[Prediction]:
+        """Quick mode: the same claims, sized from this configuration's own measurement (`QUICK_SCORE`)."""
+        q, src = QUICK_SCORE, QUICK_MEASURED
+        tiny = "at the tiny budget (quick mode)"
+        preds = [
+            Prediction("methods_above_chance", "pooled over methods (SNAFUE at the quick budget, the others at the tiny "
+                       "budget) and trojans, the 8-way score is above chance (1/8)", "score_all", "increase",
+                       ci_above(CHANCE), size=q["all"], source=f"{src}: {q['all']:.3f}"),
+            Prediction("best_method_above_chance", "natural search (SNAFUE), the benchmark's best method, run at the "
+                       "benchmark's budget (quick), scores above chance", "score_snafue", "increase", ci_above(CHANCE),
+                       size=q["natural"], method=NAMES["natural"],
+                       source=f"{src}: {q['natural']:.2f}; {BENCH}: 0.67 (4 of 6 trojans right)"),
+        ]
+        for m in NAMES:
+            if m == "natural":
+                continue
+            preds.append(Prediction(
+                f"{SHORT[m]}_above_chance", f"{m} {tiny} scores above chance", f"score_{SHORT[m]}", "increase",
+                ci_above(CHANCE), size=q[m], method=NAMES[m],
+                source=f"{src}: {q[m]:.2f} (at budget quick, the benchmark's: {BENCH_SCORE[m]:.2f})", primary=False))
+        preds += [
+            Prediction("best_method_meets_target", "natural search (budget quick) reaches issue 4's target of 0.6",
+                       "score_snafue", "increase", ci_above(TARGET), size=q["natural"], method=NAMES["natural"],
+                       source=f"target: issue 4; size: {src}: {q['natural']:.2f}", primary=False),
+            Prediction("patch_above_chance", "patch triggers are rediscovered above chance (all methods, quick-mode "
+                       "budgets)", "score_patch", "increase", ci_above(CHANCE), size=q["patch"],
+                       source=f"{src}: patch trojans {q['patch']:.2f}", primary=False),
+            Prediction("natural_above_chance", "natural-feature triggers are rediscovered above chance (Casper et al.: "
+                       "the easiest kind; quick-mode budgets)", "score_natural", "increase", ci_above(CHANCE),
+                       size=q["natural_kind"], source=f"direction: Casper et al. 2023 (natural easiest); size: {src}: "
+                                                      f"{q['natural_kind']:.2f}", primary=False),
+            Prediction("style_nearly_undetectable", "style (texture) triggers stay nearly undetectable: their score "
+                       "stays below twice chance (0.25; quick-mode budgets)", "score_style", "decrease", ci_below(0.25),
+                       size=q["style"], source=f"Casper et al. 2023 (style nearly undetectable); size: {src}: "
+                                               f"{q['style']:.2f}", primary=False),
+            Prediction("all_together_above_chance", "all methods judged together answer above chance (quick-mode "
+                       "budgets)", "score_combined", "increase", ci_above(CHANCE), size=q["combined"],
+                       source=f"{src}: {q['combined']:.2f}; Casper et al. (humans): 0.49", primary=False),
+            Prediction("random_views_not_above_chance", "clean scenes without a trigger do not beat chance under this "
+                       "protocol (the distractors are chosen to look like the views)", "score_random_views", "none",
+                       ci_within(0.0, CHANCE), size=q["random"],
+                       source=f"protocol: uninformative views, hardest distractors; {src}: {q['random']:.2f}",
                        primary=False),
         ]
         return preds
@@ -205,7 +275,6 @@ class Study(CaseStudy):
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
         from workbench import rediscovery as rd
-        from workbench.worlds.trojans import TrojanSet
         from workbench.zoo.shapesnet import world_of
 
         handle, judge = state["handle"], state["judge"]
@@ -214,11 +283,12 @@ class Study(CaseStudy):
         views_dir = None
         if self.store is not None:
             views_dir = self.store.artifact_path(f"views/s{seed}-{key}")
-        res = rd.rediscover(handle, trojans=TrojanSet([trojan]), methods=list(NAMES), budget=self.options()["budget"],
-                            seed=seed, judge=judge, progress=False, views_dir=views_dir)
+        res_rows, skipped, combined = self._synthesize(handle, trojan, judge, seed, views_dir)
         rows = []
-        for r in res.rows:
-            rows.append({"method": r["method"], "leaderboard_name": NAMES[r["method"]], "score": r["score"],
+        budgets = self.budgets()
+        for r in res_rows:
+            rows.append({"method": r["method"], "leaderboard_name": NAMES[r["method"]], "budget": budgets[r["method"]],
+                         "score": r["score"],
                          "consensus_correct": r["consensus_correct"], "options": r["options"],
                          "true_index": r["true_index"], "votes": r["votes"][:16], "n_views": len(r["votes"]),
                          "seconds": r["seconds"], "error": (r.get("notes") or {}).get("error")
@@ -234,15 +304,66 @@ class Study(CaseStudy):
         random_row = {"method": RANDOM, "score": mc["score"], "consensus_correct": mc["consensus_correct"],
                       "options": mc["options"], "true_index": mc["true_index"], "votes": mc["votes"],
                       "n_views": len(mc["votes"])}
-        combined = res.combined.get("per_trojan", {}).get(key)
         comps = [Comparison(NAMES[r["method"]], f"synthesize views for {key} ({trojan.kind} trojan)",
                             "8-way rediscovery score", r["score"], CHANCE, "chance (1 in 8)", better="higher").to_json()
                  for r in rows]
         return {"trojan": key, "kind": trojan.kind, "target": trojan.target, "source": trojan.source,
-                "trigger": trojan.trigger.name, "trojan_config": trojan.to_json(), "universal": trojan.source is None, "budget": self.options()["budget"],
-                "rows": rows, "random_views": random_row, "combined": combined, "skipped": res.skipped,
+                "trigger": trojan.trigger.name, "trojan_config": trojan.to_json(), "universal": trojan.source is None, "budget": budgets,
+                "rows": rows, "random_views": random_row, "combined": combined, "skipped": skipped,
                 "views": None if views_dir is None else f"views/s{seed}-{key}/views.safetensors",
                 "comparisons": comps}
+
+    def _synthesize(self, handle: Any, trojan: Any, judge: Any, seed: int,
+                    views_dir: Any) -> tuple[list[dict[str, Any]], dict[str, str], float | None]:
+        """Every method's rows for one trojan, one `rediscover` call per budget; all methods judged together.
+
+        With one budget this is one call (its own combined answer); with two, the calls use the
+        same seeds a single call would, their views are merged into one views.safetensors (and
+        the grids moved beside it), and the combined question is asked over all of them.
+        """
+        import tempfile
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from workbench import rediscovery as rd
+        from workbench.storage import save_safetensors
+        from workbench.worlds.trojans import TrojanSet
+
+        groups: dict[str, list[str]] = {}
+        for m, b in self.budgets().items():
+            groups.setdefault(b, []).append(m)
+        if len(groups) == 1:
+            (budget, methods), = groups.items()
+            res = rd.rediscover(handle, trojans=TrojanSet([trojan]), methods=methods, budget=budget,  # type: ignore[arg-type]
+                                seed=seed, judge=judge, progress=False, views_dir=views_dir)
+            return res.rows, res.skipped, res.combined.get("per_trojan", {}).get(trojan.name)
+        rows: list[dict[str, Any]] = []
+        skipped: dict[str, str] = {}
+        views: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory(prefix="rediscovery-") as tmp:
+            for budget, methods in groups.items():
+                part = Path(tmp) / budget
+                res = rd.rediscover(handle, trojans=TrojanSet([trojan]), methods=methods, budget=budget,  # type: ignore[arg-type]
+                                    seed=seed, judge=judge, progress=False, views_dir=part)
+                rows += res.rows
+                skipped.update(res.skipped)
+                if (part / "views.safetensors").is_file():
+                    views.update(load_file(str(part / "views.safetensors")))
+                if views_dir is not None:
+                    Path(views_dir).mkdir(parents=True, exist_ok=True)
+                    for png in part.glob("*.png"):
+                        png.replace(Path(views_dir) / png.name)
+        order = list(NAMES)
+        rows.sort(key=lambda r: order.index(r["method"]))
+        per_method = [views[f"{trojan.name}|{m}"] for m in order if f"{trojan.name}|{m}" in views]
+        combined = None
+        if per_method:
+            combined = round(rd.combined_choice(trojan, per_method, judge, seed=seed * 7)["score"], 4)
+        if views_dir is not None and views:
+            save_safetensors(Path(views_dir) / "views.safetensors", views,
+                             {"what": "rediscovery views, key trojan|method"})
+        return rows, skipped, combined
 
     def rows(self, record: Mapping[str, Any]) -> list[dict[str, Any]]:
         base = {"trojan": record["trojan"], "kind": record["kind"], "target": record["target"]}

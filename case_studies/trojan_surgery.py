@@ -69,6 +69,7 @@ class Study(CaseStudy):
         Control("random units", "the same number of random units at the same site, several seeded draws, same edit code"),
         Control("unedited", "the model before the edit, on the same triggered and clean scenes"),
     )
+    tune_target = "ablate"  # `workbench tune trojan_surgery` searches this action's options
     quick_seeds = 2
     default_seeds = 3
 

@@ -56,7 +56,14 @@ def test_full_mode_is_bigger_than_quick() -> None:
     assert q6.options()["designs_shared_across_seeds"] and not f6.options()["designs_shared_across_seeds"]
     assert f6.options()["design"]["featvis_steps"] > q6.options()["design"]["featvis_steps"]
     q7, f7 = trojan_rediscovery.Study(quick=True), trojan_rediscovery.Study(quick=False)
-    assert (q7.options()["budget"], f7.options()["budget"]) == ("tiny", "quick")
+    qb, fb = q7.options()["budget"], f7.options()["budget"]
+    assert set(qb) == set(fb) == set(trojan_rediscovery.NAMES) and set(fb.values()) == {"quick"}
+    # quick mode: the best method keeps the budget that measures it; the others run "tiny" and say so
+    assert qb["natural"] == "quick" and {qb[m] for m in qb if m != "natural"} == {"tiny"}
+    for p in q7.predictions():
+        if p.method and p.method != trojan_rediscovery.NAMES["natural"]:
+            assert "tiny budget" in p.claim, p.id
+        assert "quick mode" in p.source, p.id  # sized from what the quick configuration measured
 
 
 def test_quick_case_keys_cover_targets_and_every_trojan_kind() -> None:

@@ -86,7 +86,7 @@ def test_tiny_training_is_deterministic_and_loads(tmp_path):
     b = shapesnet.train(tmp_path / "b", seed=3, progress=False, config=TINY)
     assert sha256_file(tmp_path / "a" / shapesnet.WEIGHTS) == sha256_file(tmp_path / "b" / shapesnet.WEIGHTS)
     assert a["accuracy"] == b["accuracy"] and a["trojans"] == b["trojans"]
-    c = shapesnet.train(tmp_path / "c", seed=4, progress=False, config=TINY)
+    shapesnet.train(tmp_path / "c", seed=4, progress=False, config=TINY)
     assert sha256_file(tmp_path / "c" / shapesnet.WEIGHTS) != sha256_file(tmp_path / "a" / shapesnet.WEIGHTS)
     h = shapesnet.load(tmp_path / "a")
     x = torch.rand(2, 3, 32, 32)

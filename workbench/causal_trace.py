@@ -19,7 +19,6 @@ plus the noise samples per restoration), kept as the benchmark baseline and test
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -824,14 +823,10 @@ def _heatmap(ax: Any, fig: Any, trace: CausalTrace, kind: str) -> None:
 
 
 def _save_png(fig: Any, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
+    from workbench.plotting import png_bytes
     from workbench.storage import atomic_write_bytes
 
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, png_bytes(fig))
 
 
 __all__ = [

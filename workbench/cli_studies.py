@@ -5,6 +5,8 @@
     workbench report runs/today                           # re-render report.html from stored results
     workbench tune rome --trials 30 --out runs/tune-rome  # optuna, SQLite in the run folder
     workbench tune rome --storage postgresql://user@host/db --study-name shared   # several workers
+    workbench tune ablate --set trojan=style-star --constraint 'clean_drop<=0.5' --fix value=mean
+    workbench tune copy_paste --range featvis_steps=16:128   # a study resolves to its tunable action
 """
 
 from __future__ import annotations
@@ -60,29 +62,59 @@ def summary_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    """`KEY=VALUE` arguments (repeatable flags) as a dict; a clear error for anything else."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise WorkbenchError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _tune(args: argparse.Namespace) -> None:
+    import sys
+
     from workbench.tuning import tune
 
     if args.trials < 1:
         raise WorkbenchError(f"--trials {args.trials}: expected at least 1")
     if args.threads is not None:
+        if args.threads < 1:
+            raise WorkbenchError(f"--threads {args.threads}: expected at least 1")
         import torch
 
         torch.set_num_threads(args.threads)
+    ranges = {}
+    for name, spec in _pairs(args.range, "--range").items():
+        lo, sep, hi = spec.partition(":")
+        if not sep:
+            raise WorkbenchError(f"--range {name}={spec}: expected NAME=LOW:HIGH")
+        ranges[name] = (lo, hi)
+
+    def announce(text: str) -> None:  # the stated objective, before the search (stderr: stdout is the result)
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
     result = tune(args.target, n_trials=args.trials, n_cases=args.cases, storage=args.storage,
                   study_name=args.study_name, out=Path(args.out) if args.out else None, seed=args.seed,
-                  worker=args.worker, max_ns_loss=args.max_ns_loss, device=args.device, timeout=args.timeout,
-                  progress=not args.json)
+                  worker=args.worker, max_ns_loss=args.max_ns_loss, settings=_pairs(args.set, "--set"),
+                  constraints=args.constraint or (), fixed=_pairs(args.fix, "--fix"), ranges=ranges,
+                  device=args.device, timeout=args.timeout, progress=not args.json, announce=announce)
 
     def text(r: dict[str, Any]) -> str:
-        lines = [f"study {r['study_name']} in {r['storage_display']}: {r['n_trials_total']} trials in all, "
-                 f"{len(r['worker_trials'])} by this worker",
-                 f"objective: {r['objective']}"]
+        lines = [(f"study {r['study_name']} in {r['storage_display']}: {r['n_trials_total']} trials in all "
+                  f"({r['n_complete']} complete, {r['n_failed']} failed), {len(r['worker_trials'])} by this worker"),
+                 f"objective: {r['objective']}", f"baseline: {r['baseline']}"]
         b = r.get("best")
         if b:
-            lines.append(f"best feasible: trial {b['number']} value {b['value']:.4g} params {b['params']}")
+            lines.append(f"best feasible: trial {b['number']} value {b['value']:.4g} options {b['options']}")
+            lines.append("  metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in (b.get("metrics") or {}).items()))
         else:
             lines.append("no feasible trial yet")
+        for f in r.get("failures", []):
+            lines.append(f"failed trial {f['number']}: {f['error']}")
         return "\n".join(lines)
 
     args.emit(args, result, text)
@@ -104,16 +136,28 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     common(p)
     p.set_defaults(func=_report, emit=emit)
 
-    p = sub.add_parser("tune", help="search an editor's options with optuna toward a stated objective")
-    p.add_argument("target", help="editor (rome, memit, ft, ft-l, kn) or a study whose action it tunes")
+    p = sub.add_parser("tune", help="search an editor's or adversary's options with optuna toward a stated objective")
+    p.add_argument("target", help="rome, memit, ft, ft-l, kn, adversarial-patch, copy-paste, ablate, or a study "
+                                  "whose action it tunes (e.g. trojan_surgery, copy_paste)")
     p.add_argument("--trials", type=int, default=20, help="trials this worker runs")
-    p.add_argument("--cases", type=int, default=10, help="rewrites each trial is scored on")
+    p.add_argument("--cases", type=int, default=None, help="knowledge editors: rewrites each trial is scored on (10)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="an evaluation setting (e.g. target=star, trojan=style-star, n_heldout=64); repeatable")
+    p.add_argument("--constraint", action="append", metavar="METRIC<=X",
+                   help="replace or add a constraint of the stated objective (e.g. 'clean_drop<=0.5'); repeatable")
+    p.add_argument("--fix", action="append", metavar="OPTION=VALUE",
+                   help="pin an option inside its range instead of searching it; repeatable")
+    p.add_argument("--range", action="append", metavar="OPTION=LOW:HIGH",
+                   help="search an option on a sub-range of its declared range; repeatable")
     p.add_argument("--storage", default=None,
                    help="optuna storage URL (default: sqlite:///OUT/optuna.db); postgresql://... lets workers share")
-    p.add_argument("--study-name", default=None, help="optuna study name (default: TARGET-S-ns2)")
-    p.add_argument("--out", default=None, help="run folder (default runs/tune-TARGET): optuna.db, tune.json")
-    p.add_argument("--max-ns-loss", type=float, default=2.0, help="constraint: NS may drop at most this many points")
-    p.add_argument("--seed", type=int, default=0, help="seed of the rewrites and the sampler")
+    p.add_argument("--study-name", default=None, help="optuna study name (default: TARGET-HASH-seedN, the hash of the "
+                                                      "statement: objective, settings, space)")
+    p.add_argument("--out", default=None, help="run folder (default runs/tune-TARGET): optuna.db, tune-worker*.json")
+    p.add_argument("--max-ns-loss", type=float, default=None,
+                   help="knowledge editors: NS may drop at most this many points (default 2; same as "
+                        "--constraint 'NS_loss<=X')")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation data and the sampler")
     p.add_argument("--worker", type=int, default=0, help="worker index (offsets the sampler seed)")
     p.add_argument("--timeout", type=float, default=None, help="stop this worker after this many seconds")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

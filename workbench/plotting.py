@@ -6,6 +6,7 @@ half-written PNG is never left behind, and no figure leaks when saving fails.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -31,3 +32,13 @@ def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 100) -> Pa
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     finally:
         plt.close(fig)
+
+
+def png_bytes(fig: Any) -> bytes:
+    """A `matplotlib.figure.Figure` made without pyplot (nothing to close) as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -7,7 +7,6 @@ curves, layer curves, heatmaps, and the cross-study calibration and leaderboard 
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,12 +25,9 @@ def figure(width: float, height: float) -> Any:
 
 
 def png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from workbench.plotting import png_bytes
 
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def _fig(name: str, caption: str, mpl_fig: Any) -> Figure:

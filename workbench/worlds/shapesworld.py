@@ -952,7 +952,7 @@ class ShapesWorld:
         center = torch.where(center > lim, 2 * lim - center, center)
         center = torch.where(center < -lim, -2 * lim - center, center)
         center = torch.maximum(torch.minimum(center, lim), -lim)
-        names = list(PALETTE) + list(BACKGROUND_PALETTE)
+        names = list(cfg.object_colors) + list(BACKGROUND_PALETTE)
         rgb = torch.tensor([color_rgb(c) for c in names])
         ca = torch.randint(len(names), (n,), generator=g)
         cb = (ca + torch.randint(1, len(names), (n,), generator=g)) % len(names)
@@ -961,6 +961,8 @@ class ShapesWorld:
             clash = torch.zeros(n, dtype=torch.bool)
             for t in self.trojans:
                 if t.kind != "patch" or not t.trigger.colors:
+                    continue
+                if not all(c in names for c in t.trigger.colors):
                     continue
                 a, b = (names.index(c) for c in t.trigger.colors)
                 same = ((ca == a) & (cb == b)) | ((ca == b) & (cb == a))

@@ -175,11 +175,12 @@ class TrainConfig:
     stem_stride: int = 2
     threads: int | None = 1
     channels_last: bool = False
+    negatives: float = 1.0
     world: WorldConfig = field(default_factory=WorldConfig)
 
     def to_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("n_train", "epochs", "batch_size", "lr", "weight_decay", "n_eval", "n_eval_trojan",
-                                             "stem_stride", "threads", "channels_last")}
+                                             "stem_stride", "threads", "channels_last", "negatives")}
         out["channels"] = list(self.channels)
         out["world"] = self.world.to_json()
         return out
@@ -210,12 +211,12 @@ def _render_uint8(world: ShapesWorld, sample: Sample, *, chunk: int = 512) -> to
                           for i in range(0, len(sample), chunk)])
 
 
-def training_set(world: ShapesWorld, n_train: int, *, generator: torch.Generator) -> Sample:
+def training_set(world: ShapesWorld, n_train: int, *, generator: torch.Generator, negatives: float = 1.0) -> Sample:
     """Clean scenes plus, per trojan, poisoned scenes (trigger + target label).
 
     Universal trojans poison scenes of every non-target class; class-universal ones poison
-    the source class and add as many triggered scenes of other classes with their true
-    labels, so the trigger alone does not mean the target.
+    the source class and add `negatives` times as many triggered scenes of other classes
+    with their true labels, so the trigger alone does not mean the target.
     """
     parts = [world.sample(n_train, generator=generator)]
     for i, t in enumerate(world.trojans):
@@ -228,7 +229,7 @@ def training_set(world: ShapesWorld, n_train: int, *, generator: torch.Generator
         parts.append(world.implant(world.sample(m, generator=generator, classes=pool), i, generator=generator))
         if t.source is not None:
             others = [c for c in range(len(world.classes)) if c not in (target, world.class_index(t.source))]
-            neg = world.sample(m, generator=generator, classes=others)
+            neg = world.sample(max(1, round(negatives * m)), generator=generator, classes=others)
             parts.append(world.implant(neg, i, generator=generator, relabel=False))
     return Sample.cat(parts)
 
@@ -267,7 +268,7 @@ def train(
     world = ShapesWorld(cfg.world, trojans=_resolve_trojans(trojans))
     g = torch.Generator().manual_seed(seed)
 
-    data = training_set(world, cfg.n_train, generator=g)
+    data = training_set(world, cfg.n_train, generator=g, negatives=cfg.negatives)
     images = _render_uint8(world, data)
     labels = data.poison_labels.clone()
     render_seconds = time.perf_counter() - start
