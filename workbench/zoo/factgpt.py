@@ -413,6 +413,10 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         raise WorkbenchError(f"{path} holds no model.safetensors; train it with workbench.zoo.ensure_trained('factgpt')")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     model = GPT2LMHeadModel.from_pretrained(path, use_safetensors=True).to(torch.device(device)).eval()
+    # FactGPT's BOS is also its pad id and starts every prompt, so transformers would warn on
+    # each unmasked forward that it cannot tell padding apart. GPT-2 never derives a mask from
+    # the pad id (padded batches here pass attention masks), so the runtime config drops it.
+    model.config.pad_token_id = None
     handle = wrap_hf_model(model, tokenizer, spec="zoo:factgpt", path=path, kind="causal_lm")
     handle.info["world"] = FactWorld.load(path / WORLD_FILE)
     return handle
