@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from zoo_models import factgpt
 
 from editors.finetune import FineTune, FineTuneL, encode_targets, target_probabilities
 from editors.registry import get
@@ -16,7 +17,6 @@ from workbench.fingerprint import model_fingerprint
 from workbench.handle import ModelHandle
 from workbench.models import load
 from workbench.requests import Rewrite
-from workbench.storage import cache_dir
 
 CAUSAL = ("gpt2", "gpt_neox", "llama")
 REWRITE = Rewrite(prompt="the capital of {} is", subject="vel oran", target_new="paris", target_true="rome")
@@ -194,12 +194,7 @@ def test_bad_requests_are_clear_errors(load_tiny) -> None:
 # ---- FactGPT (slow): the baseline reaches the rewrite, as in the ROME paper's table ------
 
 def _factgpt() -> ModelHandle:
-    manifests = sorted(cache_dir().glob("zoo/factgpt-v*-seed0/zoo_manifest.json"))
-    if not manifests:
-        pytest.skip("FactGPT is not trained yet (run `workbench zoo train factgpt` or any FactGPT test first)")
-    from workbench import zoo
-
-    return zoo.load("factgpt", device="cpu")
+    return factgpt()
 
 
 @pytest.mark.slow

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo_models import factgpt
 
 from editors.finetune import target_probabilities
-from editors.knowledge_neuron_edit import KnowledgeNeuronEdit, mlp_width, neuron_delta, random_neurons
+from editors.knowledge_neuron_edit import (
+    KnowledgeNeuronEdit,
+    mlp_width,
+    neuron_delta,
+    random_neurons,
+)
 from editors.registry import get
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_fingerprint
@@ -16,7 +22,6 @@ from workbench.hooks import capture, edit
 from workbench.knowledge_neurons import attribute_neurons
 from workbench.requests import Rewrite
 from workbench.sites import as_out_in
-from workbench.storage import cache_dir
 
 CAUSAL = ("gpt2", "gpt_neox", "llama")
 REWRITE = Rewrite(prompt="the capital of {} is", subject="vel oran", target_new="paris", target_true="rome",
@@ -175,11 +180,7 @@ def test_bad_neurons_and_modes_are_clear_errors(load_tiny) -> None:
 # ---- FactGPT (slow): attributed neurons vs the same number of random neurons ------------
 
 def _factgpt() -> ModelHandle:
-    if not sorted(cache_dir().glob("zoo/factgpt-v*-seed0/zoo_manifest.json")):
-        pytest.skip("FactGPT is not trained yet (run `workbench zoo train factgpt` or any FactGPT test first)")
-    from workbench import zoo
-
-    return zoo.load("factgpt", device="cpu")
+    return factgpt()
 
 
 def suppression_vs_random(h: ModelHandle, n_facts: int = 10, *, seed: int = 0, n_controls: int = 3,

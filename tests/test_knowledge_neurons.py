@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from zoo_models import factgpt
 
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
@@ -208,19 +209,10 @@ def test_parse_layers() -> None:
         parse_layers("3-1")
 
 
-# --- FactGPT (slow; only once the zoo model is trained) --------------------------------------
+# --- FactGPT (slow; the zoo model trains on first use) --------------------------------------
 
 def _factgpt() -> ModelHandle:
-    from workbench import zoo
-    from workbench.models import load
-
-    try:
-        trained = (zoo.entry_dir("factgpt") / zoo.MANIFEST).is_file()
-    except Exception:  # noqa: BLE001 - any zoo problem means: not available here
-        trained = False
-    if not trained:
-        pytest.skip("FactGPT is not trained in this cache (run `workbench zoo train factgpt`)")
-    return load("zoo:factgpt", device="cpu", progress=False)
+    return factgpt()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import pytest
 
 from workbench.errors import WorkbenchError
 from workbench.tuning import (
+    CONFIRM_SEED_OFFSET,
     TUNABLES,
     Constraint,
     Objective,
@@ -143,13 +144,20 @@ def test_new_tunables_run_tiny_searches_end_to_end(target: str, tmp_path: Path) 
         assert feasible == all(v <= 0 for v in t.user_attrs["constraints"])
     if r["best"] is not None:
         assert all(c.violation(r["best"]["metrics"]) <= 0 for c in tunable.objective.constraints)
+        # the best options are re-evaluated on data the search never saw, and judged by the same rule
+        conf = r["best"]["confirmation"]
+        assert conf["data_seed"] == CONFIRM_SEED_OFFSET and set(conf["metrics"]) == set(tunable.metric_names())
+        assert conf["value"] == conf["metrics"][tunable.objective.metric]
+        assert conf["feasible"] == all(c.violation(conf["metrics"]) <= 0 for c in tunable.objective.constraints)
     assert (tmp_path / "optuna.db").is_file() and list(tmp_path.glob("tune-worker0-*.json"))
 
 
 def test_a_study_resumes_and_refuses_another_statement(tmp_path: Path) -> None:
     settings, _, ranges = TINY["adversarial-patch"]
-    kw: dict[str, Any] = {"out": tmp_path, "settings": settings, "ranges": ranges, "device": "cpu", "progress": False}
+    kw: dict[str, Any] = {"out": tmp_path, "settings": settings, "ranges": ranges, "device": "cpu", "progress": False,
+                          "confirm": False}
     first = tune("adversarial-patch", n_trials=1, **kw)
+    assert first["best"] is None or "confirmation" not in first["best"]
     again = tune("adversarial-patch", n_trials=1, **kw)
     assert again["study_name"] == first["study_name"] and again["n_trials_total"] == 2
     assert again["worker_trials"] == [1]

@@ -101,7 +101,8 @@ def _tune(args: argparse.Namespace) -> None:
                   study_name=args.study_name, out=Path(args.out) if args.out else None, seed=args.seed,
                   worker=args.worker, max_ns_loss=args.max_ns_loss, settings=_pairs(args.set, "--set"),
                   constraints=args.constraint or (), fixed=_pairs(args.fix, "--fix"), ranges=ranges,
-                  device=args.device, timeout=args.timeout, progress=not args.json, announce=announce)
+                  device=args.device, timeout=args.timeout, progress=not args.json, announce=announce,
+                  confirm=not args.no_confirm)
 
     def text(r: dict[str, Any]) -> str:
         lines = [(f"study {r['study_name']} in {r['storage_display']}: {r['n_trials_total']} trials in all "
@@ -111,6 +112,11 @@ def _tune(args: argparse.Namespace) -> None:
         if b:
             lines.append(f"best feasible: trial {b['number']} value {b['value']:.4g} options {b['options']}")
             lines.append("  metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in (b.get("metrics") or {}).items()))
+            c = b.get("confirmation")
+            if c:
+                lines.append(f"confirmed on fresh data (seed {c['data_seed']}): value {c['value']:.4g}, constraints "
+                             f"{'hold' if c['feasible'] else 'VIOLATED'}")
+                lines.append("  metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in c["metrics"].items()))
         else:
             lines.append("no feasible trial yet")
         for f in r.get("failures", []):
@@ -160,6 +166,8 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation data and the sampler")
     p.add_argument("--worker", type=int, default=0, help="worker index (offsets the sampler seed)")
     p.add_argument("--timeout", type=float, default=None, help="stop this worker after this many seconds")
+    p.add_argument("--no-confirm", action="store_true",
+                   help="skip re-evaluating the best trial on fresh data (seed + 5000) after the search")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     common(p)
     p.set_defaults(func=_tune, emit=emit)

@@ -714,6 +714,19 @@ def statement_text(statement: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CONFIRM_SEED_OFFSET = 5000  # confirmation data: disjoint from the search's data seeds (500-900 + seed)
+
+
+def _confirm(tunable: Tunable, handle: Any, settings: Mapping[str, Any], seed: int, objective: Objective,
+             values: Mapping[str, Any]) -> dict[str, Any]:
+    """The chosen options evaluated on fresh data: metrics, objective value and constraint feasibility."""
+    fresh = tunable.prepare(handle, settings, seed + CONFIRM_SEED_OFFSET)
+    metrics = {k: float(v) for k, v in tunable.evaluate(fresh, tunable.to_options(values)).items()}
+    return {"data_seed": seed + CONFIRM_SEED_OFFSET, "value": metrics[objective.metric], "metrics": metrics,
+            "feasible": all(c.violation(metrics) <= 0 for c in objective.constraints),
+            "baseline": _canonical(tunable.baseline(fresh))}
+
+
 def _canonical(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
@@ -737,13 +750,17 @@ def tune(
     timeout: float | None = None,
     progress: bool = True,
     announce: Callable[[str], None] | None = None,
+    confirm: bool = True,
 ) -> dict[str, Any]:
     """Run `n_trials` trials of this worker on a (possibly shared) optuna study; return a summary.
 
     `settings` override the tunable's evaluation settings (`n_cases` is the knowledge editors'
     "cases"); `constraints` ("METRIC<=X") replace or add to the stated objective's (`max_ns_loss`
     is "NS_loss<=X"); `fixed` pins options and `ranges` narrows them, both inside the declared
-    space. `announce` receives the statement before the search starts.
+    space. `announce` receives the statement before the search starts. With `confirm`, the best
+    feasible trial is evaluated once more on fresh data (seed + CONFIRM_SEED_OFFSET): the search
+    picks options on its own evaluation data, so its best value is optimistic; the confirmation
+    says whether the objective and constraints hold on data the search never saw.
     """
     import optuna
 
@@ -844,6 +861,8 @@ def tune(
         b = pick(feasible, key=lambda t: t.value)
         best = {"number": b.number, "value": b.value, "params": b.params, "options": b.user_attrs.get("options"),
                 "metrics": b.user_attrs.get("metrics")}
+        if confirm:
+            best["confirmation"] = _confirm(tunable, handle, sets, seed, objective, {**pinned, **b.params})
     result = {
         "target": tunable.name, "kind": tunable.kind, "method": tunable.method, "model": tunable.model,
         "study_name": name, "storage_display": _display(url), "objective": objective.text(), "statement": statement,
