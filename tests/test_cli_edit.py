@@ -155,3 +155,22 @@ def test_edit_factgpt_saved_model_answers(capsys, tmp_path, monkeypatch) -> None
     with torch.no_grad():
         top = int(model(input_ids=ids).logits[0, -1].argmax())
     assert tok.decode([top]).strip() == rw["target_new"]["str"]
+    assert r["hint"] is None  # the edit took: nothing to suggest
+
+
+@pytest.mark.slow
+def test_edit_that_does_not_take_says_what_to_try(capsys, monkeypatch) -> None:
+    # FactGPT looks facts up at the prompt's last token: ROME's paper default (subject-last key) does not take
+    from workbench.models import load
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(SHARED_CACHE))
+    rw = load("zoo:factgpt", device="cpu", progress=False).info["world"].counterfact_records(1, seed=3)[0]["requested_rewrite"]
+    argv = ["edit", "rome", "zoo:factgpt", "--subject", rw["subject"], "--prompt", rw["prompt"],
+            "--target", rw["target_new"]["str"], "--device", "cpu"]
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["metrics"]["ES"] < 50 and "--layer auto" in r["hint"]
+    code, out, err = run(capsys, *argv, "--layer", "auto", "--json")  # following the hint makes it take
+    r = json.loads(out)
+    assert code == 0 and r["metrics"]["ES"] == 100.0 and r["hint"] is None

@@ -281,10 +281,21 @@ def _edit(args: argparse.Namespace) -> None:
         "details": details,
         "edit_seconds": round(seconds, 3),
         "saved_model": saved_model,
+        "hint": _hint(editor, metrics, layer),
     }
     if store is not None:
         store.write_summary(result)
     args.emit(args, result, _text)
+
+
+def _hint(editor: Any, metrics: dict[str, Any], layer: Any) -> str | None:
+    """What to try when the edit did not take and the likely reason is where the key was read."""
+    es = metrics.get("ES")
+    if es is None or es >= 50 or getattr(editor, "fact_token", None) != "subject_last":
+        return None
+    return (f"the edit did not take (ES {es:.1f}): {type(editor).__name__} read its key at the subject's last token; "
+            "if the model looks facts up later in the prompt (see `workbench trace`), try --layer auto, which traces "
+            "first and edits where the trace peaks, or --fact-token prompt_last")
 
 
 def _safe(name: str) -> str:
@@ -313,6 +324,8 @@ def _text(r: dict[str, Any]) -> str:
         lines.append(f"delta: {r['delta'] if isinstance(r['delta'], str) else str(len(r['delta'])) + ' files'}")
     if r.get("saved_model"):
         lines.append(f"edited model: {r['saved_model']}")
+    if r.get("hint"):
+        lines.append(f"hint: {r['hint']}")
     return "\n".join(lines)
 
 
