@@ -14,7 +14,9 @@ values go to optuna's constrained TPE sampler and the best *feasible* trial is r
 Trials live in optuna's own storage: SQLite in the run folder by default, or any optuna
 storage URL (PostgreSQL), so several worker processes or machines share one study; optuna
 assigns trial numbers in the database, so every trial is recorded exactly once. A trial
-whose options the method rejects is recorded as failed (with the reason), not scored.
+whose options the method rejects is recorded as failed (with the reason), not scored. The
+best feasible trial is then evaluated once more on fresh data (`confirm`): a search's best
+value is optimistic, since it was picked on the search's own data.
 
 Tunables (`TUNABLES`):
 - knowledge editors on FactGPT rewrites: rome, memit, ft, ft-l, kn (CounterFact S, NS loss);
