@@ -113,3 +113,47 @@ def test_trojan_surgery_style_trojan() -> None:
     assert r["clean_before"] - r["clean_after"] <= 0.01 + 1e-9   # <= 1 point on 1000 fresh scenes
     assert r["random_asr_after"] > 0.5                           # the same number of random units does not
     assert set(r) >= {"asr_before", "asr_after", "clean_before", "clean_after", "random_asr_after"}
+
+
+
+@pytest.mark.slow
+def test_greedy_surgery_spans_sites_and_beats_random_units() -> None:
+    import workbench as wb
+    from editors.unit_ablation import trojan_surgery
+    from workbench.fingerprint import model_fingerprint
+
+    torch.set_num_threads(1)
+    h = wb.load("zoo:shapesnet", device="cpu", progress=False)
+    before = model_fingerprint(h.model)
+    r = trojan_surgery(h, "patch-universal", method="greedy", n_units=4, greedy_candidates=4, n_select=48, n_ref=160,
+                       n_eval=128, n_clean=200, n_random_draws=2, curve_ks=(1, 4), progress=False)
+    assert model_fingerprint(h.model) == before  # selecting and measuring leave the model as it was
+    pairs = [tuple(p) for p in r["units"]]
+    assert 1 <= len(pairs) <= 4 and r["site"] == "+".join(r["units_by_site"])
+    assert [s["unit"] for s in r["selection"]["grid"]] == [u for _, u in pairs]  # one record per greedy step
+    assert r["asr_after"] < 0.5 * r["asr_before"] and r["random_asr_after"] > 0.8  # selected units cut, random do not
+    assert r["curve"][0]["k"] == 1 and r["curve"][-1]["asr"] <= r["curve"][0]["asr"]
+
+
+def test_multi_site_delta_equals_runtime_removal_and_reverts(resnet_handle: ModelHandle) -> None:
+    # units at several sites of one network, folded together (each fitted with the earlier ones applied)
+    from editors.unit_ablation import _removed_pairs, multi_site_delta
+    from workbench.fingerprint import model_fingerprint
+    from workbench.unit_selection import unit_activations
+
+    h = resnet_handle
+    sites = ("stem.relu", "layer1.relu1", "layer2.relu2", "layer3.relu1")
+    x = torch.rand((6, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    values = {s: unit_activations(h, s, x).mean(0) for s in sites}
+    pairs = [("layer3.relu1", 1), ("stem.relu", 0), ("layer2.relu2", 2), ("layer1.relu1", 3), ("stem.relu", 2)]
+    before = model_fingerprint(h.model)
+    delta = multi_site_delta(h, pairs, values)
+    assert model_fingerprint(h.model) == before
+    with torch.no_grad():
+        with _removed_pairs(h, pairs, values):
+            want = h.model(x)
+        with delta.applied(h.model):
+            got = h.model(x)
+    assert model_fingerprint(h.model) == before  # revert is bit-exact
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, h.model(x), atol=1e-4)  # and it did change something

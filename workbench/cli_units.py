@@ -2,6 +2,7 @@
 
     workbench units zoo:shapesnet --site layer2.relu2 --trojan style-universal --method activation_difference
     workbench ablate zoo:shapesnet --trojan patch-square --json          # trojan surgery + random control
+    workbench ablate zoo:shapesnet --trojan patch-universal --method greedy   # units across sites
     workbench ablate ./my-gpt2 --site blocks.3.mlp.hook_post --units 12,40 --out d.delta
     workbench erase minilm --site blocks.3.mlp.hook_out --concept sentiment --json
     workbench steer minilm --site blocks.3.mlp.hook_out --concept sentiment --strengths -2,-1,0,1,2
@@ -400,7 +401,9 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--side", default="auto", choices=("auto", "write", "read"))
     p.add_argument("--n-units", type=int, default=None, help="with --trojan: how many units (default: chosen on selection data)")
     p.add_argument("--method", default="activation_difference",
-                   choices=("activation_difference", "attribution", "shapley", "dissection"))
+                   choices=("activation_difference", "attribution", "shapley", "dissection", "greedy"),
+                   help="with --trojan: how units are selected; greedy adds units across sites one at a time, "
+                        "by attack probability plus clean KL (slower: minutes)")
     p.add_argument("--draws", type=int, default=5, help="random-unit control draws")
     p.add_argument("--n-eval", type=int, default=500, help="triggered scenes for attack success")
     p.add_argument("--n-clean", type=int, default=1000, help="clean scenes for accuracy")
