@@ -1,4 +1,5 @@
-"""Every written case study, end to end in quick mode (one shared run), and its report in Chromium."""
+"""Every case study: its declarations (fast), end to end in quick mode (one shared run), and the
+report in Chromium. Study-specific checks live in test_studies_b.py / test_studies_c.py."""
 
 from __future__ import annotations
 
@@ -9,15 +10,54 @@ import pytest
 
 import case_studies
 from chromium_check import check_images, chromium_path
-from workbench.casestudy import VERDICTS
+from workbench.casestudy import VERDICTS, CaseStudy
 from workbench.storage import sha256_file
 
 STUDIES = case_studies.available()
+NUMBERS = {name: str(num) for num, name, _ in case_studies.PLANNED}
 REQUIRED = ("study", "prediction", "prediction_sha256", "seeds", "cases", "metrics", "controls", "verdict", "verdicts")
+# studies that reproduce a published protocol show its numbers beside ours
+PUBLISHED = {"fact_localization", "editor_comparison", "mass_editing", "knowledge_neurons", "copy_paste",
+             "trojan_rediscovery"}
+# studies whose cases are fixed by the declaration alone (the others' cases come from the model's facts)
+KEYS_WITHOUT_MODEL = {"mass_editing", "trojan_surgery", "copy_paste", "trojan_rediscovery", "natural_adversaries",
+                      "concept_erasure", "rule_rewrite"}
+FIGURES = {"trojan_surgery": {"fig_surgery_curve.png", "fig_attack_success.png", "fig_clean_accuracy.png"},
+           "copy_paste": {"fig_copy_paste_success.png", "fig_adversarial_examples.png", "fig_designed_patches.png"},
+           "trojan_rediscovery": {"fig_rediscovery_scores.png", "fig_rediscovery_table.png", "fig_rediscovery_views.png"},
+           "natural_adversaries": {"fig_fooling_predicted_vs_measured.png", "fig_fooling_rates.png"},
+           "concept_erasure": {"fig_probe_accuracy.png"},
+           "rule_rewrite": {"fig_rewrite_accuracy.png"}}
 
 
-def test_the_first_four_studies_exist() -> None:
-    assert STUDIES[:4] == ["fact_localization", "editor_comparison", "mass_editing", "knowledge_neurons"]
+def test_all_ten_studies_exist_in_order() -> None:
+    assert STUDIES == [name for _, name, _ in case_studies.PLANNED] and len(STUDIES) == 10
+
+
+# --- declarations (no model) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_studies_are_registered_by_name_and_number(name: str) -> None:
+    cls = case_studies.resolve(NUMBERS[name])
+    assert cls is case_studies.resolve(name) and cls.name == name and str(cls.number) == NUMBERS[name]
+
+
+@pytest.mark.parametrize("quick", [True, False])
+@pytest.mark.parametrize("name", STUDIES)
+def test_registration_is_valid_and_stable(name: str, quick: bool) -> None:
+    study: CaseStudy = case_studies.make(name, quick=quick, seeds=2)
+    reg = study.registration()  # raises on unknown metrics or repeated ids
+    assert reg == case_studies.make(name, quick=quick, seeds=2).registration()
+    assert any(p["primary"] for p in reg["predictions"])
+    assert all(p["source"] for p in reg["predictions"]), "every predicted size names its source"
+    assert reg["controls"]
+    assert bool(study.anchors) or name not in PUBLISHED
+    known = {m.name for m in study.metrics()}
+    assert all(a.ours in known for a in study.anchors if a.ours)
+    json.dumps(study.config())
+
+
+# --- the shared quick run ---------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -31,17 +71,19 @@ def test_study_runs_end_to_end_in_quick_mode(quick_run: dict[str, Any], name: st
     assert res["prediction_sha256"] == sha256_file(folder / "prediction.json")
     study = case_studies.make(name, quick=True, seeds=2)
     assert res["cases"]["n"] == len(list((folder / "cases").glob("*.json"))) > 0
+    if name in KEYS_WITHOUT_MODEL:
+        assert res["cases"]["n"] == len(study.case_keys(None, 0)) + len(study.case_keys(None, 1))
     assert {v["id"] for v in res["verdicts"]} == {p.id for p in study.predictions()}
     for v in res["verdicts"]:
         assert v["verdict"] in VERDICTS
-    named = {v["metric"] for v in res["verdicts"]}
-    for m in named:
-        assert res["metrics"][m]["value"] is not None, m
-        assert len(res["metrics"][m]["ci"]) == 2
+        m = res["metrics"][v["metric"]]
+        assert m["value"] is not None and len(m["ci"]) == 2, v["metric"]
     assert res["verdict"] in VERDICTS
-    for fig in res["figures"]:
-        assert (folder / fig["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(res["figures"]) >= 3 and "figure_error" not in res
+    assert all(a["ours"] is not None for a in res["anchors"])
+    files = {f["file"] for f in res["figures"]}
+    assert FIGURES.get(name, set()) <= files and len(files) >= 3 and "figure_error" not in res
+    for f in files:
+        assert (folder / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (folder / "cases.csv").read_text().count("\n") >= res["cases"]["n"]
 
 
