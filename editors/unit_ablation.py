@@ -604,7 +604,7 @@ def trojan_surgery(
     removed, treatment and random, to the result. The result is JSON-serializable; with
     `return_delta=True` it also holds the fitted WeightDelta under "delta".
     """
-    from workbench.unit_selection import random_units, select_units, site_units, unit_activations
+    from workbench.unit_selection import select_units, unit_activations
     from workbench.zoo.shapesnet import world_of
 
     world = world_of(handle)
@@ -651,16 +651,12 @@ def trojan_surgery(
                 raise WorkbenchError(f"unknown selection method {method!r}; choose activation_difference, attribution, shapley or dissection")
             return [(method, r.units)]
 
-        means_cache: dict[str, torch.Tensor] = {}
-
-        def means(s: str) -> torch.Tensor:
-            if s not in means_cache:
-                means_cache[s] = unit_activations(handle, s, x_ref).mean(0)
-            return means_cache[s]
+        # each site's clean unit means (mean ablation's constants), computed when a site is first used
+        means = _OnDemand(lambda s: unit_activations(handle, s, x_ref).mean(0))
+        values = None if value == "zero" else means
 
         def removed(s: str, units: list[int]) -> Any:
-            vals = means(s)[units] if value == "mean" else None
-            return ablation_hook(handle, s, units, values=vals)
+            return _removed_pairs(handle, [(s, u) for u in units], values)
 
         def asr(x: torch.Tensor) -> float:
             return float((_predict(model, x) == target).float().mean())
@@ -669,126 +665,87 @@ def trojan_surgery(
             return float((_predict(model, x) == y).float().mean())
 
         base_sel_asr, base_sel_acc = asr(x_sel_trig), acc(x_ref, y_ref)
+        candidates = [site] if site is not None else list(sites)
+        foldable, skipped = _foldable_sites(handle, candidates, value, strict=site is not None)
+        selection: dict[str, Any] = {"n_select": n_select, "asr": round(base_sel_asr, 4), "clean": round(base_sel_acc, 4)}
         if method == "greedy":
-            foldable, skipped_g = _foldable_sites(handle, [site] if site is not None else list(sites), value)
-            candidates_g: list[tuple[str, int]] = []
+            pool_g: list[tuple[str, int]] = []
             for s_ in foldable:
                 order_ = select_units(handle, s_, method="activation_difference", positive=x_sel_trig, negative=x_sel,
                                       normalize=True, progress=False).units
-                candidates_g += [(s_, u) for u in order_[:greedy_candidates]]
-            values_g = {s_: means(s_) if value == "mean" else torch.zeros_like(means(s_)) for s_ in foldable}
-            order_g, steps_g = greedy_units(handle, candidates_g, triggered=x_sel_trig, clean=x_ref, clean_labels=y_ref,
-                                            target=target, values=values_g, kl_weight=greedy_kl_weight,
-                                            clean_budget=clean_budget / 2, max_units=n_units or 16, progress=progress)
-            if not order_g:
+                pool_g += [(s_, u) for u in order_[:greedy_candidates]]
+            pairs, steps = greedy_units(handle, pool_g, triggered=x_sel_trig, clean=x_ref, clean_labels=y_ref,
+                                        target=target, values=values, kl_weight=greedy_kl_weight,
+                                        clean_budget=clean_budget / 2, max_units=n_units or 16, progress=progress)
+            if not pairs:
                 raise WorkbenchError(f"greedy selection found no unit whose removal lowers {trojan_name}'s attack "
                                      f"success within half the clean budget ({clean_budget / 2:g}) on the selection data")
-            pairs = order_g
-            delta = multi_site_delta(handle, pairs, values_g if value == "mean" else None,
-                                     extra={"trojan": trojan_name, "selection": "greedy"})
-            asr_before, clean_before = asr(x_ev_trig), acc(x_clean, y_clean)
-            with delta.applied(model):
-                asr_after, clean_after = asr(x_ev_trig), acc(x_clean, y_clean)
-            rand_asr, rand_clean = [], []
-            for d in range(n_random_draws):
-                with _removed_pairs(handle, _random_pairs(handle, pairs, seed=seed * 1000 + d), values_g):
-                    rand_asr.append(asr(x_ev_trig))
-                    rand_clean.append(acc(x_clean, y_clean))
-            by_site: dict[str, list[int]] = {}
-            for s_, u in pairs:
-                by_site.setdefault(s_, []).append(u)
-            result = _surgery_result(
-                trojan_name, trojan, "+".join(by_site), [[s_, u] for s_, u in pairs], len(pairs), method,
-                "greedy(activation_difference candidates)", value, seed, asr_before, asr_after, clean_before,
-                clean_after, rand_asr, rand_clean, n_random_draws, n_eval, n_clean,
-                {"n_select": n_select, "asr": round(base_sel_asr, 4), "clean": round(base_sel_acc, 4), "grid": steps_g,
-                 "skipped_sites": skipped_g, "candidates": len(candidates_g)})
-            result["units_by_site"] = by_site
-            if curve_ks:
-                curve = []
-                for kk in curve_ks:
-                    if kk > len(pairs):
-                        continue
-                    with _removed_pairs(handle, pairs[:kk], values_g):
-                        t_asr, t_acc = asr(x_ev_trig), acc(x_clean, y_clean)
-                    r_asr, r_acc = [], []
-                    for d in range(n_random_draws):
-                        with _removed_pairs(handle, _random_pairs(handle, pairs[:kk], seed=seed * 1000 + 500 + d), values_g):
-                            r_asr.append(asr(x_ev_trig))
-                            r_acc.append(acc(x_clean, y_clean))
-                    curve.append({"k": kk, "asr": round(t_asr, 4), "clean": round(t_acc, 4),
-                                  "random_asr": round(sum(r_asr) / len(r_asr), 4),
-                                  "random_clean": round(sum(r_acc) / len(r_acc), 4)})
-                result["curve"] = curve
-            if return_delta:
-                result["delta"] = delta
-            return result
-        choice: list[dict[str, Any]] = []
-        candidates = [site] if site is not None else list(sites)
-        ks = [n_units] if n_units is not None else list(SURGERY_KS)
-        best: tuple[float, float, int, str, list[int], str] | None = None
-        rankings: dict[tuple[str, str], list[int]] = {}
-        skipped: dict[str, str] = {}
-        for s in candidates:
-            try:  # only sites where this removal folds into weights exactly
-                unit_delta(handle, UnitRequest(s, (0,), (1.0,) if value == "mean" else None), verify=False)
-            except NotFoldableError as exc:
-                if site is not None:
-                    raise
-                skipped[s] = str(exc)
-                continue
-            for how, order in rank(s):
-                rankings[(s, how)] = order
-                for k in ks:
-                    if k > len(order):
-                        continue
-                    units = order[:k]
-                    with removed(s, units):
-                        a, c = asr(x_sel_trig), acc(x_ref, y_ref)
-                    choice.append({"site": s, "ranking": how, "k": k, "asr": round(a, 4), "clean": round(c, 4)})
-                    ok = base_sel_acc - c <= clean_budget + 1e-9
-                    # lowest attack success within the clean budget; then the smaller clean cost, then fewer units
-                    key = (a if ok else 2.0 + a, base_sel_acc - c, k, s, units, how)
-                    if best is None or key[:3] < best[:3]:
-                        best = key
-        if best is None:
-            raise WorkbenchError(f"no candidate site allows an exact weight edit for {value} ablation: {skipped}")
-        _, _, k, s, units, how = best
-        vals = tuple(float(v) for v in means(s)[units]) if value == "mean" else None
-        delta = unit_delta(handle, UnitRequest(s, tuple(units), vals), factor=0.0, method="ablate",
-                           extra={"trojan": trojan_name, "selection": method})
+            how, curve_order, units_out = "greedy(activation_difference candidates)", pairs, [[s_, u] for s_, u in pairs]
+            selection.update(grid=steps, candidates=len(pool_g))
+            delta = multi_site_delta(handle, pairs, values, extra={"trojan": trojan_name, "selection": method})
+        else:
+            choice: list[dict[str, Any]] = []
+            ks = [n_units] if n_units is not None else list(SURGERY_KS)
+            best: tuple[float, float, int, str, list[int], str] | None = None
+            rankings: dict[tuple[str, str], list[int]] = {}
+            for s in foldable:
+                for how, order in rank(s):
+                    rankings[(s, how)] = order
+                    for k in ks:
+                        if k > len(order):
+                            continue
+                        units = order[:k]
+                        with removed(s, units):
+                            a, c = asr(x_sel_trig), acc(x_ref, y_ref)
+                        choice.append({"site": s, "ranking": how, "k": k, "asr": round(a, 4), "clean": round(c, 4)})
+                        ok = base_sel_acc - c <= clean_budget + 1e-9
+                        # lowest attack success within the clean budget; then the smaller clean cost, then fewer units
+                        key = (a if ok else 2.0 + a, base_sel_acc - c, k, s, units, how)
+                        if best is None or key[:3] < best[:3]:
+                            best = key
+            assert best is not None
+            _, _, k, s, units, how = best
+            pairs, curve_order, units_out = [(s, u) for u in units], [(s, u) for u in rankings[(s, how)]], units
+            selection["grid"] = choice
+            vals = tuple(float(v) for v in means[s][units]) if value == "mean" else None
+            delta = unit_delta(handle, UnitRequest(s, tuple(units), vals), factor=0.0, method="ablate",
+                               extra={"trojan": trojan_name, "selection": method})
+        selection["skipped_sites"] = skipped
+
+        # measurement, on fresh scenes: the edit, and as many random units per site (disjoint, several draws)
         asr_before, clean_before = asr(x_ev_trig), acc(x_clean, y_clean)
         with delta.applied(model):
             asr_after, clean_after = asr(x_ev_trig), acc(x_clean, y_clean)
-        n_site = site_units(handle, s)
         rand_asr, rand_clean = [], []
         for d in range(n_random_draws):
-            ru = random_units(n_site, k, seed=seed * 1000 + d, exclude=units)
-            with removed(s, ru):
+            with _removed_pairs(handle, _random_pairs(handle, pairs, seed=seed * 1000 + d), values):
                 rand_asr.append(asr(x_ev_trig))
                 rand_clean.append(acc(x_clean, y_clean))
+        by_site: dict[str, list[int]] = {}
+        for s_, u in pairs:
+            by_site.setdefault(s_, []).append(u)
         result = _surgery_result(
-            trojan_name, trojan, s, units, k, method, how, value, seed, asr_before, asr_after, clean_before, clean_after,
-            rand_asr, rand_clean, n_random_draws, n_eval, n_clean,
-            {"n_select": n_select, "asr": round(base_sel_asr, 4), "clean": round(base_sel_acc, 4), "grid": choice,
-             "skipped_sites": skipped})
+            trojan_name, trojan, "+".join(by_site), units_out, len(pairs), method, how, value, seed, asr_before,
+            asr_after, clean_before, clean_after, rand_asr, rand_clean, n_random_draws, n_eval, n_clean, selection)
+        result["units_by_site"] = by_site
         if return_delta:
             result["delta"] = delta
-        if curve_ks:
+        if curve_ks:  # attack success vs units removed along the selection's order, and random units (not disjoint)
             curve = []
             for kk in curve_ks:
-                if kk > n_site:
+                if kk > len(curve_order):
                     continue
-                tu = rankings[(s, how)]
-                with removed(s, tu[:kk]):
+                with _removed_pairs(handle, curve_order[:kk], values):
                     t_asr, t_acc = asr(x_ev_trig), acc(x_clean, y_clean)
                 r_asr, r_acc = [], []
                 for d in range(n_random_draws):
-                    with removed(s, random_units(n_site, kk, seed=seed * 1000 + 500 + d)):
+                    rp = _random_pairs(handle, curve_order[:kk], seed=seed * 1000 + 500 + d, disjoint=False)
+                    with _removed_pairs(handle, rp, values):
                         r_asr.append(asr(x_ev_trig))
                         r_acc.append(acc(x_clean, y_clean))
                 curve.append({"k": kk, "asr": round(t_asr, 4), "clean": round(t_acc, 4),
-                              "random_asr": round(sum(r_asr) / len(r_asr), 4), "random_clean": round(sum(r_acc) / len(r_acc), 4)})
+                              "random_asr": round(sum(r_asr) / len(r_asr), 4),
+                              "random_clean": round(sum(r_acc) / len(r_acc), 4)})
             result["curve"] = curve
         return result
     finally:
@@ -817,14 +774,30 @@ def _surgery_result(trojan_name: str, trojan: Any, site: str, units: Any, k: int
     }
 
 
-def _foldable_sites(handle: ModelHandle, candidates: Sequence[str], value: str) -> tuple[list[str], dict[str, str]]:
-    """The sites where this kind of removal folds into weights exactly, and why the others do not."""
+class _OnDemand(dict):  # type: ignore[type-arg]
+    """A dict that computes a missing key's value with `fn(key)` once, then keeps it."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def __missing__(self, key: Any) -> Any:
+        self[key] = value = self.fn(key)
+        return value
+
+
+def _foldable_sites(handle: ModelHandle, candidates: Sequence[str], value: str, *,
+                    strict: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The sites where this kind of removal folds into weights exactly, and why the others do not
+    (`strict`: a site that does not fold is an error, e.g. the one site the user asked for)."""
     ok, skipped = [], {}
     for s in candidates:
         try:
             unit_delta(handle, UnitRequest(s, (0,), (1.0,) if value == "mean" else None), verify=False)
             ok.append(s)
         except NotFoldableError as exc:
+            if strict:
+                raise
             skipped[s] = str(exc)
     if not ok:
         raise WorkbenchError(f"no candidate site allows an exact weight edit for {value} ablation: {skipped}")
@@ -847,8 +820,9 @@ def _removed_pairs(handle: ModelHandle, pairs: Sequence[tuple[str, int]],
         yield
 
 
-def _random_pairs(handle: ModelHandle, pairs: Sequence[tuple[str, int]], *, seed: int) -> list[tuple[str, int]]:
-    """As many random units per site as `pairs` has there, disjoint from them (the control)."""
+def _random_pairs(handle: ModelHandle, pairs: Sequence[tuple[str, int]], *, seed: int,
+                  disjoint: bool = True) -> list[tuple[str, int]]:
+    """As many random units per site as `pairs` has there (the control), disjoint from them unless told."""
     from workbench.unit_selection import random_units, site_units
 
     by_site: dict[str, list[int]] = {}
@@ -856,7 +830,8 @@ def _random_pairs(handle: ModelHandle, pairs: Sequence[tuple[str, int]], *, seed
         by_site.setdefault(s, []).append(u)
     out = []
     for i, (s, us) in enumerate(by_site.items()):
-        out += [(s, u) for u in random_units(site_units(handle, s), len(us), seed=seed + 7919 * i, exclude=us)]
+        out += [(s, u) for u in random_units(site_units(handle, s), len(us), seed=seed + 7919 * i,
+                                             exclude=us if disjoint else ())]
     return out
 
 
@@ -869,7 +844,6 @@ def multi_site_delta(handle: ModelHandle, pairs: Sequence[tuple[str, int]],
     parameter; `compose_on` checks that order.
     """
     from workbench.delta import compose_on
-    from workbench.sites import resolve_site as _resolve
 
     by_site: dict[str, list[int]] = {}
     for s, u in pairs:
@@ -877,7 +851,7 @@ def multi_site_delta(handle: ModelHandle, pairs: Sequence[tuple[str, int]],
     order = {name: i for i, (name, _) in enumerate(handle.model.named_modules())}
     model = handle.model
     total: WeightDelta | None = None
-    for s in sorted(by_site, key=lambda name: order.get(_resolve(handle, name).module_path, 0)):
+    for s in sorted(by_site, key=lambda name: order.get(resolve_site(handle, name).module_path, 0)):
         us = by_site[s]
         vals = None if values is None else tuple(float(v) for v in values[s][us])
         if total is None:
@@ -892,7 +866,8 @@ def multi_site_delta(handle: ModelHandle, pairs: Sequence[tuple[str, int]],
 
 @torch.no_grad()
 def greedy_units(handle: ModelHandle, candidates: Sequence[tuple[str, int]], *, triggered: torch.Tensor,
-                 clean: torch.Tensor, clean_labels: torch.Tensor, target: int, values: Mapping[str, torch.Tensor],
+                 clean: torch.Tensor, clean_labels: torch.Tensor, target: int,
+                 values: Mapping[str, torch.Tensor] | None,
                  kl_weight: float = 5.0, clean_budget: float = 0.005, max_units: int = 16,
                  progress: bool = False) -> tuple[list[tuple[str, int]], list[dict[str, Any]]]:
     """Forward selection of units (across sites) that remove a behaviour at the least clean cost.
