@@ -1,6 +1,8 @@
 """Trojan surgery with greedy multi-site selection vs the single-site default, on ShapesNet.
 
     .venv/bin/python benchmarks/bench_greedy_surgery.py --seeds 1 --out benchmarks/out/greedy_surgery/seed1.json
+    .venv/bin/python benchmarks/bench_greedy_surgery.py --seeds 1 --methods mask --n-select 256 \
+        --out benchmarks/out/mask_surgery/seed1.json                # learned unit gates (scale mode)
 
 For each trojan and seed: `trojan_surgery(method="greedy")` and the default
 `method="activation_difference"` on the same selection and evaluation scenes (the seed
@@ -26,27 +28,45 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
     ap.add_argument("--methods", default="greedy,activation_difference")
     ap.add_argument("--out", default="benchmarks/out/greedy_surgery/results.json")
+    ap.add_argument("--n-select", type=int, default=128, help="selection scenes per set (triggered and clean twins)")
+    ap.add_argument("--mask-steps", type=int, default=None, help="method mask: gate optimization steps (GateConfig.steps)")
+    ap.add_argument("--mask-modes", default="scale",
+                    help="method mask: comma-separated, scale and/or hard (each relearns the gates; every mask row "
+                         "also reports the other hardening of the same gates under 'alternative')")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     import workbench as wb
-    from editors.unit_ablation import trojan_surgery
+    from editors.unit_ablation import GateConfig, trojan_surgery
     from workbench.storage import atomic_write_json
 
     handle = wb.load("zoo:shapesnet", device="cpu", progress=False)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for trojan in args.trojans.split(","):
+            runs = []
             for method in args.methods.split(","):
+                if method == "mask":
+                    cfg = GateConfig() if args.mask_steps is None else GateConfig(steps=args.mask_steps)
+                    runs += [(f"mask-{mode}", {"method": "mask", "mask_mode": mode, "mask_config": cfg})
+                             for mode in args.mask_modes.split(",")]
+                else:
+                    runs.append((method, {"method": method}))
+            for name, kw in runs:
                 t0 = time.perf_counter()
-                r = trojan_surgery(handle, trojan, method=method, seed=seed, n_select=128, n_ref=1000, n_eval=500,
-                                   n_clean=1000, n_random_draws=2, progress=False)
-                row = {"trojan": trojan, "seed": seed, "method": method, "seconds": round(time.perf_counter() - t0, 1),
-                       **{k: r[k] for k in KEYS}}
+                r = trojan_surgery(handle, trojan, seed=seed, n_select=args.n_select, n_ref=1000, n_eval=500,
+                                   n_clean=1000, n_random_draws=2, progress=False, **kw)
+                row = {"trojan": trojan, "seed": seed, "method": name, "seconds": round(time.perf_counter() - t0, 1),
+                       **{k: r[k] for k in KEYS}, "factors": r.get("factors"), "selection_grid": r["selection"].get("grid"),
+                       "alternative": r.get("alternative")}
                 rows.append(row)
-                print(f"{trojan:18} seed {seed} {method:22} cut {row['asr_relative_cut']:.3f} clean drop "
+                print(f"{trojan:18} seed {seed} {name:22} cut {row['asr_relative_cut']:.3f} clean drop "
                       f"{100 * row['clean_drop']:.1f} pt  random ASR {row['random_asr_after']:.3f}  "
                       f"met {row['target_met']}  {row['n_units']} units at {row['site']}  {row['seconds']} s", flush=True)
+                alt = row["alternative"]
+                if alt:
+                    print(f"{'':18}        {'  same gates, ' + alt['mode']:22} cut {alt['asr_relative_cut']:.3f} clean drop "
+                          f"{100 * alt['clean_drop']:.1f} pt  met {alt['target_met']}  {alt['n_units']} units", flush=True)
                 atomic_write_json(Path(args.out), {"rows": rows})
 
 

@@ -22,15 +22,20 @@ projection (rows and bias). The residual stream (`hook_resid_*`, embeddings) is 
 weightless skip connections and LayerNorm, so a unit there cannot be folded into weights;
 `ablation_hook` does it at run time instead.
 
+Unit gates (CNNs): a gate f in [0, 1] moves a unit's pre-activation toward its constant,
+`relu(f*z + (1-f)*c)`, which the BatchNorm before the ReLU writes exactly for any f
+(`gate_site`, `gated_units`, `multi_site_delta(..., factors=...)`). `learn_unit_gates`
+trains one gate per unit of every site at once (trojan surgery's `method="mask"`).
+
 Every fitted delta is checked: on the handle's dummy input, the weight-edited model must
-match the run-time hook (`unit_selection.units_removed`) numerically.
+match the run-time hook (`unit_selection.units_removed`, `gated_units`) numerically.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
@@ -582,6 +587,9 @@ def trojan_surgery(
     curve_ks: Sequence[int] | None = None,
     greedy_candidates: int = 12,
     greedy_kl_weight: float = 5.0,
+    mask_config: GateConfig | None = None,
+    mask_mode: Literal["scale", "hard"] = "scale",
+    mask_clean_margin: float = 0.75,
     return_delta: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -590,6 +598,13 @@ def trojan_surgery(
     `method="greedy"` selects across sites instead of within one (see `greedy_units`): the
     candidates are each site's `greedy_candidates` best units by activation difference, the
     edit may touch several sites, and "site" in the result names them joined by "+".
+    `method="mask"` learns a gate for every unit of every foldable site at once
+    (`learn_unit_gates`, budget `mask_config.steps`), then keeps the k most-closed units
+    (`choose_gates`: k chosen on the selection data, within `mask_clean_margin` of the clean
+    budget; the gates themselves are fitted on as many scenes again, drawn after those);
+    `mask_mode="scale"` keeps their learned factors (each unit scaled toward its clean mean),
+    "hard" mean-ablates them. The result then lists one factor per unit under "factors", and
+    the random control gates as many random units per site with the same factors.
 
     Selection uses its own data (seeded `seed`): `n_select` scenes of the trojan's source
     classes, clean and with the trigger (exact pairs), plus `n_ref` clean scenes of all
@@ -668,7 +683,37 @@ def trojan_surgery(
         candidates = [site] if site is not None else list(sites)
         foldable, skipped = _foldable_sites(handle, candidates, value, strict=site is not None)
         selection: dict[str, Any] = {"n_select": n_select, "asr": round(base_sel_asr, 4), "clean": round(base_sel_acc, 4)}
-        if method == "greedy":
+        factors: list[float] | None = None
+        if method == "mask":
+            if mask_mode not in ("scale", "hard"):
+                raise WorkbenchError(f"mask_mode must be 'scale' or 'hard'; got {mask_mode!r}")
+            # the gates are learned on scenes of their own (drawn after the selection scenes), so that choosing k
+            # on the selection scenes is not judged on the data the gates were fitted to (clean accuracy overfits)
+            fit_sel = world.sample(n_select, generator=g, classes=pool)
+            x_fit_trig = _render(world, world.implant(fit_sel, ti, generator=g))
+            x_fit_ref = _render(world, world.sample(max(n_select, n_ref), generator=g))
+            gates, trace = learn_unit_gates(handle, foldable, triggered=x_fit_trig, clean=x_fit_ref, target=target,
+                                            values=values, config=mask_config, seed=seed, progress=progress)
+
+            def sel_score(ps: Sequence[tuple[str, int]], fs: Sequence[float]) -> tuple[float, float]:
+                with gated_units(handle, ps, fs, values):
+                    return asr(x_sel_trig), acc(x_ref, y_ref)
+
+            # k is chosen on scenes the gates were not fitted to, among a few nested options: a smaller
+            # winner's curse than greedy's (which keeps half the budget in reserve), so a quarter is kept
+            margin = mask_clean_margin * clean_budget
+            pairs, factors, grid = choose_gates(gates, sel_score, base_acc=base_sel_acc, clean_budget=margin,
+                                                mode=mask_mode, max_units=n_units)
+            other_mode: Literal["scale", "hard"] = "hard" if mask_mode == "scale" else "scale"
+            other = choose_gates(gates, sel_score, base_acc=base_sel_acc, clean_budget=margin,
+                                 mode=other_mode, max_units=n_units)
+            how, units_out = f"mask({mask_mode})", [[s_, u] for s_, u in pairs]
+            curve_order = gate_order(gates)
+            selection.update(grid=grid, trace=trace, config=asdict(mask_config or GateConfig()), clean_margin=margin,
+                             gates={s_: [round(float(v), 4) for v in g_] for s_, g_ in gates.items()})
+            delta = multi_site_delta(handle, pairs, values, factors=factors,
+                                     extra={"trojan": trojan_name, "selection": method, "mode": mask_mode})
+        elif method == "greedy":
             pool_g: list[tuple[str, int]] = []
             for s_ in foldable:
                 order_ = select_units(handle, s_, method="activation_difference", positive=x_sel_trig, negative=x_sel,
@@ -718,7 +763,7 @@ def trojan_surgery(
             asr_after, clean_after = asr(x_ev_trig), acc(x_clean, y_clean)
         rand_asr, rand_clean = [], []
         for d in range(n_random_draws):
-            with _removed_pairs(handle, _random_pairs(handle, pairs, seed=seed * 1000 + d), values):
+            with _control(handle, pairs, factors, values, seed=seed * 1000 + d):
                 rand_asr.append(asr(x_ev_trig))
                 rand_clean.append(acc(x_clean, y_clean))
         by_site: dict[str, list[int]] = {}
@@ -728,6 +773,19 @@ def trojan_surgery(
             trojan_name, trojan, "+".join(by_site), units_out, len(pairs), method, how, value, seed, asr_before,
             asr_after, clean_before, clean_after, rand_asr, rand_clean, n_random_draws, n_eval, n_clean, selection)
         result["units_by_site"] = by_site
+        if factors is not None:
+            result["factors"] = [round(f, 6) for f in factors]
+            result["unit_values"] = [None if values is None else float(values[s_][u]) for s_, u in pairs]
+            # the other hardening of the same gates (its own k, chosen the same way), measured on the same fresh scenes
+            o_pairs, o_factors, o_grid = other
+            with gated_units(handle, o_pairs, o_factors, values):
+                o_asr, o_clean = asr(x_ev_trig), acc(x_clean, y_clean)
+            o_cut = round(1 - o_asr / asr_before, 4) if asr_before > 0 else None
+            result["alternative"] = {
+                "mode": other_mode, "n_units": len(o_pairs), "units": [[s_, u] for s_, u in o_pairs],
+                "factors": [round(f, 6) for f in o_factors], "asr_after": round(o_asr, 4), "clean_after": round(o_clean, 4),
+                "asr_relative_cut": o_cut, "clean_drop": round(clean_before - o_clean, 4), "grid": o_grid,
+                "target_met": bool(o_cut is not None and o_cut >= 0.9 and clean_before - o_clean <= 0.01 + 1e-9)}
         if return_delta:
             result["delta"] = delta
         if curve_ks:  # attack success vs units removed along the selection's order, and random units (not disjoint)
@@ -735,12 +793,12 @@ def trojan_surgery(
             for kk in curve_ks:
                 if kk > len(curve_order):
                     continue
-                with _removed_pairs(handle, curve_order[:kk], values):
+                cf = None if factors is None else _curve_factors(gates, curve_order[:kk], mask_mode)
+                with _treated(handle, curve_order[:kk], cf, values):
                     t_asr, t_acc = asr(x_ev_trig), acc(x_clean, y_clean)
                 r_asr, r_acc = [], []
                 for d in range(n_random_draws):
-                    rp = _random_pairs(handle, curve_order[:kk], seed=seed * 1000 + 500 + d, disjoint=False)
-                    with _removed_pairs(handle, rp, values):
+                    with _control(handle, curve_order[:kk], cf, values, seed=seed * 1000 + 500 + d, disjoint=False):
                         r_asr.append(asr(x_ev_trig))
                         r_acc.append(acc(x_clean, y_clean))
                 curve.append({"k": kk, "asr": round(t_asr, 4), "clean": round(t_acc, 4),
@@ -750,6 +808,83 @@ def trojan_surgery(
         return result
     finally:
         model.train(was_training)
+
+
+def gate_order(gates: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """All (site, unit) pairs, most-closed gate first (ties: site order, then unit index)."""
+    sites = list(gates)
+    pairs = [(s, u) for s in sites for u in range(len(gates[s]))]
+    return sorted(pairs, key=lambda p: (float(gates[p[0]][p[1]]), sites.index(p[0]), p[1]))
+
+
+def _curve_factors(gates: Mapping[str, torch.Tensor], pairs: Sequence[tuple[str, int]], mode: str) -> list[float]:
+    return [0.0 if mode == "hard" else float(gates[s][u]) for s, u in pairs]
+
+
+MASK_KS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48)
+
+
+def choose_gates(gates: Mapping[str, torch.Tensor],
+                 score: Callable[[Sequence[tuple[str, int]], Sequence[float]], tuple[float, float]], *, base_acc: float, clean_budget: float,
+                 mode: Literal["scale", "hard"] = "scale", max_units: int | None = None, min_closure: float = 0.05,
+                 ks: Sequence[int] = MASK_KS) -> tuple[list[tuple[str, int]], list[float], list[dict[str, Any]]]:
+    """Harden learned gates: keep the k most-closed units (scaled by their gates, or removed).
+
+    `score(pairs, factors) -> (attack success, clean accuracy)` on selection data. k runs over
+    `ks` (or exactly `max_units`), among units closed by at least `min_closure` and at most
+    half of each site's units (so that a disjoint random control of the same size exists);
+    the choice is the lowest attack success whose clean accuracy is within `clean_budget` of
+    `base_acc` (then fewer units), or the smallest clean cost when no option is within it.
+    Returns the pairs, their factors (0 for "hard") and the grid.
+    """
+    order: list[tuple[str, int]] = []
+    per_site: dict[str, int] = {}
+    for p in gate_order(gates):
+        if 1 - float(gates[p[0]][p[1]]) >= min_closure and per_site.get(p[0], 0) < len(gates[p[0]]) // 2:
+            order.append(p)
+            per_site[p[0]] = per_site.get(p[0], 0) + 1
+    if not order:
+        raise WorkbenchError(f"no unit's gate closed by {min_closure} or more: the learned gates leave the model as it "
+                             "was (raise GateConfig.steps or lower GateConfig.sparsity)")
+    options = [max_units] if max_units is not None else [k for k in ks if k < len(order)] + [min(len(order), max(ks))]
+    grid: list[dict[str, Any]] = []
+    best: tuple[float, float, int] | None = None
+    for k in sorted(set(min(k, len(order)) for k in options)):
+        fs = _curve_factors(gates, order[:k], mode)
+        a, c = score(order[:k], fs)
+        grid.append({"k": k, "asr": round(a, 4), "clean": round(c, 4)})
+        drop = base_acc - c  # within the budget: lowest attack success; if none is, the cheapest option
+        key = (a, drop, k) if drop <= clean_budget + 1e-9 else (2.0 + drop, a, k)
+        if best is None or key < best:
+            best = key
+    assert best is not None
+    k = best[2]
+    return order[:k], _curve_factors(gates, order[:k], mode), grid
+
+
+@contextmanager
+def _treated(handle: ModelHandle, pairs: Sequence[tuple[str, int]], factors: Sequence[float] | None,
+             values: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+    """Run-time removal (factors None) or gating of the pairs."""
+    cm = _removed_pairs(handle, pairs, values) if factors is None else gated_units(handle, pairs, factors, values)
+    with cm:
+        yield
+
+
+def _control(handle: ModelHandle, pairs: Sequence[tuple[str, int]], factors: Sequence[float] | None,
+             values: Mapping[str, torch.Tensor] | None, *, seed: int, disjoint: bool = True) -> Any:
+    """The random control: as many random units per site as `pairs` has there, with the same
+    factors per site (in the order given) when the treatment gates instead of removing."""
+    rp = _random_pairs(handle, pairs, seed=seed, disjoint=disjoint)
+    if factors is None:
+        return _removed_pairs(handle, rp, values)
+    grouped = _group(pairs, factors)
+    rf = []
+    pos = {s: 0 for s in grouped}
+    for s, _ in rp:
+        rf.append(grouped[s][1][pos[s]])
+        pos[s] += 1
+    return gated_units(handle, rp, rf, values)
 
 
 def _surgery_result(trojan_name: str, trojan: Any, site: str, units: Any, k: int, method: str, ranking: str,
@@ -836,31 +971,41 @@ def _random_pairs(handle: ModelHandle, pairs: Sequence[tuple[str, int]], *, seed
 
 
 def multi_site_delta(handle: ModelHandle, pairs: Sequence[tuple[str, int]],
-                     values: Mapping[str, torch.Tensor] | None, *, extra: Mapping[str, Any] | None = None) -> WeightDelta:
+                     values: Mapping[str, torch.Tensor] | None, *, factors: Sequence[float] | None = None,
+                     extra: Mapping[str, Any] | None = None) -> WeightDelta:
     """One WeightDelta removing (site, unit) pairs at several sites (mean values, or zero with None).
 
-    Sites are folded in network order, each fitted with the previous ones applied, because
-    a read-side fold of one site and a write-side fold of the next can touch the same
-    parameter; `compose_on` checks that order.
+    With `factors` (one per pair) the units are gated instead (`gate_site`: pre-activation
+    z -> f*z + (1-f)*c; f = 0 is the same removal), and the result is checked against
+    `gated_units` on a random input. Sites are folded in network order, each fitted with the
+    previous ones applied, because a read-side fold of one site and a write-side fold of the
+    next can touch the same parameter; `compose_on` checks that order.
     """
     from workbench.delta import compose_on
 
-    by_site: dict[str, list[int]] = {}
-    for s, u in pairs:
-        by_site.setdefault(s, []).append(u)
+    grouped = _group(pairs, factors)
     order = {name: i for i, (name, _) in enumerate(handle.model.named_modules())}
     model = handle.model
-    total: WeightDelta | None = None
-    for s in sorted(by_site, key=lambda name: order.get(resolve_site(handle, name).module_path, 0)):
-        us = by_site[s]
+
+    def part(s: str) -> WeightDelta:
+        us, fs = grouped[s]
         vals = None if values is None else tuple(float(v) for v in values[s][us])
+        if factors is None:
+            return unit_delta(handle, UnitRequest(s, tuple(us), vals), factor=0.0, method="ablate", extra=extra)
+        return _gate_site_delta(handle, s, us, fs, vals, extra=extra)
+
+    total: WeightDelta | None = None
+    for s in sorted(grouped, key=lambda name: order.get(resolve_site(handle, name).module_path, 0)):
         if total is None:
-            total = unit_delta(handle, UnitRequest(s, tuple(us), vals), factor=0.0, method="ablate", extra=extra)
+            total = part(s)
         else:
             with total.applied(model):
-                part = unit_delta(handle, UnitRequest(s, tuple(us), vals), factor=0.0, method="ablate", extra=extra)
-            total = compose_on(model, total, part)
-    assert total is not None
+                nxt = part(s)
+            total = compose_on(model, total, nxt)
+    if total is None:
+        raise WorkbenchError("no units given; pass at least one (site, unit) pair")
+    if factors is not None:
+        _check_gates(handle, pairs, factors, values, total)
     return total
 
 
@@ -923,6 +1068,208 @@ def greedy_units(handle: ModelHandle, candidates: Sequence[tuple[str, int]], *, 
             break
     bar.close()
     return chosen, steps
+
+
+# --------------------------------------------------------------------------------------
+# Unit gates: a unit moved part of the way to its constant, before its ReLU (learned selection)
+# --------------------------------------------------------------------------------------
+
+
+def gate_site(handle: ModelHandle, site: str | Site) -> Site:
+    """Where a unit's gate acts: the input of the site's ReLU (its pre-activation) when the site
+    is a ReLU's output, else the site itself.
+
+    A gate f mixes the pre-activation z with the unit's constant c: f*z + (1-f)*c. The BatchNorm
+    behind it writes that exactly (gamma, beta -> f*gamma, f*beta + (1-f)*c; on a residual sum
+    both branches are scaled), for any f, whereas a gate after the ReLU could not be folded.
+    f = 0 with c >= 0 is mean ablation (relu(c) = c); f = 1 leaves the unit alone.
+    """
+    resolved = resolve_site(handle, site)
+    if resolved.side == "output" and isinstance(handle.model.get_submodule(resolved.module_path), nn.ReLU):
+        return resolve_site(handle, f"{resolved.name}:input")
+    return resolved
+
+
+def _group(pairs: Sequence[tuple[str, int]], factors: Sequence[float] | None = None) -> dict[str, tuple[list[int], list[float]]]:
+    """(site, unit) pairs (and one factor each, default 0) grouped by site, first appearance first."""
+    if factors is not None and len(factors) != len(pairs):
+        raise WorkbenchError(f"{len(factors)} gate factors for {len(pairs)} units; give one factor per unit")
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for i, (s, u) in enumerate(pairs):
+        us, fs = out.setdefault(s, ([], []))
+        if u in us:
+            raise WorkbenchError(f"unit {u} of {s} is listed twice; give each unit once")
+        us.append(int(u))
+        fs.append(0.0 if factors is None else float(factors[i]))
+    return out
+
+
+@contextmanager
+def gated_units(handle: ModelHandle, pairs: Sequence[tuple[str, int]], factors: Sequence[float] | None,
+                values: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+    """Run-time unit gates: each unit's pre-activation z becomes f*z + (1-f)*c (c = `values[site][unit]`,
+    or 0 with None; f from `factors`, default 0). The reference that `multi_site_delta(...,
+    factors=...)` is checked against."""
+    from workbench.hooks import edit
+    from workbench.unit_selection import unit_axis
+
+    fns = {}
+    for s, (us, fs) in _group(pairs, factors).items():
+        idx = torch.tensor(us, dtype=torch.long)
+        f = torch.tensor(fs, dtype=torch.float32)
+        c = torch.zeros(len(us)) if values is None else values[s][idx].float()
+
+        def fn(act: torch.Tensor, idx: torch.Tensor = idx, f: torch.Tensor = f, c: torch.Tensor = c) -> torch.Tensor:
+            axis = unit_axis(act, handle)
+            shape = [1] * act.ndim
+            shape[axis] = -1
+            sl: list[Any] = [slice(None)] * act.ndim
+            sl[axis] = idx.to(act.device)
+            act[tuple(sl)] = act[tuple(sl)] * f.to(act).reshape(shape) + ((1 - f) * c).to(act).reshape(shape)
+            return act
+
+        fns[gate_site(handle, s)] = fn
+    with edit(handle, fns):
+        yield
+
+
+def _gate_site_delta(handle: ModelHandle, site: str, units: Sequence[int], factors: Sequence[float],
+                     values: Sequence[float] | None, *, extra: Mapping[str, Any] | None = None) -> WeightDelta:
+    """Gates on one site's units folded into the layer(s) that write its pre-activation."""
+    model = handle.model
+    resolved = resolve_site(handle, site)
+    units = check_units(handle, resolved, units)
+    if handle.arch.site_map is not None:
+        raise NotFoldableError(f"unit gates fold into CNN layers (BatchNorm/conv before a ReLU); {site} is a transformer site: "
+                               "use unit_delta(handle, request, factor=f) for a scale, or the run-time gated_units")
+    if resolved.side != "output":
+        raise NotFoldableError(f"site {resolved.name} is a layer's input; a gate needs the layer that writes the units "
+                               "(give the output site, e.g. the ReLU's name)")
+    gm = _trace(model)
+    node = _site_node(gm, resolved)
+    through_relu = _is_relu(model, gm, node)
+    if through_relu:
+        node = node.args[0]
+    with assert_unchanged(model):
+        plan = _Plan(model)
+        for i, (u, f) in enumerate(zip(units, factors)):
+            c = 0.0 if values is None else float(values[i])
+            _write_node(plan, model, gm, node, torch.tensor([u]), float(f), torch.tensor([(1.0 - float(f)) * c]),
+                        is_site=not through_relu)
+        return WeightDelta.from_model(
+            model, plan.changes, method="gate", request={"site": resolved.name, "units": list(units), "factors": list(factors)},
+            extra={"site": resolved.name, "units": list(units), "factors": [float(f) for f in factors],
+                   "values": None if values is None else [float(v) for v in values], "side": "write",
+                   "params": sorted(plan.changes), **dict(extra or {})})
+
+
+def _check_gates(handle: ModelHandle, pairs: Sequence[tuple[str, int]], factors: Sequence[float],
+                 values: Mapping[str, torch.Tensor] | None, delta: WeightDelta) -> None:
+    """The folded gates must match the run-time gates on a random input (else: a bug, say so)."""
+    from workbench.models import dummy_input, run_model
+
+    x = dummy_input(handle, batch_size=2)
+    if isinstance(x, torch.Tensor) and handle.preprocess is not None:
+        lo, hi = handle.preprocess.input_range
+        x = (lo + (hi - lo) * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))).to(x.device)
+    model = handle.model
+    with torch.no_grad():
+        with gated_units(handle, pairs, factors, values):
+            want = _logits(run_model(model, x))
+        with delta.applied(model):
+            got = _logits(run_model(model, x))
+    err = float((want - got).abs().max())
+    if err > 1e-4 * float(want.abs().max().clamp(min=1.0)):
+        raise WorkbenchError(f"internal check failed: folded unit gates differ from the run-time gates by {err:.3g}; "
+                             "please report this. The run-time gated_units is exact.")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How `learn_unit_gates` trains one gate per unit (`steps` is the budget knob).
+
+    Loss per step: -log(1 - p(target | triggered)) + kl_weight * KL(unedited || edited) on clean
+    inputs + sparsity * sum(1 - gate), minibatches of `batch_triggered` / `batch_clean`
+    drawn with the seed. Gates are sigmoid(logit), starting at sigmoid(init_logit).
+    """
+
+    steps: int = 300
+    lr: float = 0.1
+    kl_weight: float = 5.0
+    sparsity: float = 0.005
+    init_logit: float = 3.0
+    batch_triggered: int = 128
+    batch_clean: int = 256
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_triggered < 1 or self.batch_clean < 1:
+            raise WorkbenchError(f"GateConfig needs steps and batch sizes >= 1; got {self}")
+        if self.lr <= 0 or self.kl_weight < 0 or self.sparsity < 0:
+            raise WorkbenchError(f"GateConfig needs lr > 0, kl_weight >= 0 and sparsity >= 0; got {self}")
+
+
+def learn_unit_gates(handle: ModelHandle, sites: Sequence[str], *, triggered: torch.Tensor, clean: torch.Tensor,
+                     target: int, values: Mapping[str, torch.Tensor] | None, config: GateConfig | None = None,
+                     seed: int = 0, progress: bool = False) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """A gate in [0, 1] for every unit of `sites`, trained (Adam) to stop `target` on `triggered`.
+
+    The relaxation scores all units of all sites jointly, with the clean-behaviour cost in the
+    loss (not a hard budget), so units that only matter together are found together and a unit
+    that would cost clean accuracy is closed only part of the way. Model weights are frozen;
+    the model is left unchanged. Returns {site: gates (1 = untouched)} and a loss trace (every
+    10th step). Same seed and inputs -> same gates.
+    """
+    from tqdm.auto import tqdm
+
+    from workbench.hooks import patch
+    from workbench.unit_selection import site_units
+
+    cfg = config or GateConfig()
+    model = handle.model
+    dev = next(model.parameters()).device
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    logits = {s: torch.full((site_units(handle, s),), cfg.init_logit, device=dev, requires_grad=True) for s in sites}
+    consts = {s: (torch.zeros(len(v)) if values is None else values[s].float()).to(dev) for s, v in logits.items()}
+    with torch.no_grad():
+        ref = torch.cat([model(clean[i:i + 500].to(dev)).float().log_softmax(-1) for i in range(0, len(clean), 500)])
+
+    def gate_fn(s: str) -> Any:
+        def fn(act: torch.Tensor) -> torch.Tensor:
+            shape = [1] * act.ndim
+            shape[1] = -1
+            g = torch.sigmoid(logits[s]).reshape(shape)
+            return g * act + (1 - g) * consts[s].reshape(shape)
+        return fn
+
+    patches = {gate_site(handle, s): gate_fn(s) for s in sites}
+    opt = torch.optim.Adam(list(logits.values()), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(seed)
+    trace: list[dict[str, float]] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for step in tqdm(range(cfg.steps), desc="learning unit gates", disable=not progress, leave=False):
+            ti = torch.randperm(len(triggered), generator=gen)[:cfg.batch_triggered]
+            ci = torch.randperm(len(clean), generator=gen)[:cfg.batch_clean]
+            with patch(handle, patches):
+                lt = model(triggered[ti].to(dev)).float().log_softmax(-1)
+                lc = model(clean[ci].to(dev)).float().log_softmax(-1)
+            attack = -torch.log1p(-lt[:, target].exp().clamp(max=1 - 1e-6)).mean()
+            r = ref[ci.to(dev)]
+            kl = (r.exp() * (r - lc)).sum(-1).mean()
+            closed = sum((1 - torch.sigmoid(v)).sum() for v in logits.values())
+            loss = attack + cfg.kl_weight * kl + cfg.sparsity * closed
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 10 == 0 or step == cfg.steps - 1:
+                trace.append({"step": step, "attack": round(float(attack.detach()), 5), "kl": round(float(kl.detach()), 6),
+                              "closed": round(float(closed.detach()), 3),
+                              "asr": round(float((lt.argmax(-1) == target).float().mean()), 4)})
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads[n])
+    return {s: torch.sigmoid(v.detach()).cpu() for s, v in logits.items()}, trace
 
 
 def _render(world: Any, sample: Any) -> torch.Tensor:

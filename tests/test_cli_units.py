@@ -35,6 +35,8 @@ def test_ablate_units_on_a_tiny_lm(tiny_model_dirs, tmp_path, capsys) -> None:
     (["steer", "{llama}", "--site", "blocks.0.mlp.hook_out"], "no bias"),
     (["rewrite", "{gpt2}"], "not a ShapesWorld model"),
     (["units", "{gpt2}", "--site", "blocks.0.nope"], "unknown site"),
+    (["ablate", "{gpt2}", "--trojan", "patch-universal", "--mask-steps", "5"], "--method mask only"),
+    (["ablate", "{gpt2}", "--trojan", "patch-universal", "--method", "mask", "--mask-steps", "0"], "steps and batch sizes >= 1"),
 ])
 def test_bad_input_exits_2(tiny_model_dirs, tmp_path, capsys, argv: list[str], message: str) -> None:
     single = tmp_path / "single.json"
@@ -65,3 +67,15 @@ def test_ablate_trojan_json(tmp_path, capsys) -> None:
     for key in ("asr_before", "asr_after", "clean_before", "clean_after", "random_asr_after"):
         assert isinstance(result[key], float)
     assert result["asr_after"] < result["random_asr_after"]
+
+
+@pytest.mark.slow
+def test_ablate_trojan_mask_json(tmp_path, capsys) -> None:
+    out = tmp_path / "m.delta"
+    code, result, _ = _run(capsys, ["ablate", "zoo:shapesnet", "--trojan", "style-star", "--method", "mask", "--mask-steps", "30", "--n-units", "4",
+                                    "--n-select", "64", "--n-eval", "128", "--n-clean", "200", "--draws", "2", "--out", str(out),
+                                    "--device", "cpu", "--threads", "1", "--json"])
+    assert code == 0 and result is not None
+    assert result["method"] == "mask" and len(result["factors"]) == result["n_units"] == len(result["units"])
+    assert result["asr_after"] < result["random_asr_after"] and result["alternative"]["mode"] == "hard"
+    assert WeightDelta.load(out).method.startswith("gate")

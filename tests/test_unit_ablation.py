@@ -157,3 +157,189 @@ def test_multi_site_delta_equals_runtime_removal_and_reverts(resnet_handle: Mode
     assert model_fingerprint(h.model) == before  # revert is bit-exact
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, h.model(x), atol=1e-4)  # and it did change something
+
+
+# --- unit gates (method="mask") ------------------------------------------------------------
+
+GATE_SITES = ("stem.relu", "layer1.relu1", "layer2.relu1", "layer2.relu2", "layer3.relu1", "layer3.relu2")
+
+
+def test_gate_delta_equals_runtime_gates_and_reverts(resnet_handle: ModelHandle) -> None:
+    from editors.unit_ablation import _removed_pairs, gated_units, multi_site_delta
+    from workbench.unit_selection import unit_activations
+
+    h = resnet_handle
+    x = torch.rand((6, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    values = {s: unit_activations(h, s, x).mean(0) for s in GATE_SITES}
+    pairs = [("layer3.relu2", 1), ("stem.relu", 0), ("layer2.relu2", 2), ("layer1.relu1", 3), ("stem.relu", 2), ("layer2.relu1", 5)]
+    factors = [0.3, 0.0, 0.55, 0.9, 0.25, 0.7]
+    before = model_fingerprint(h.model)
+    delta = multi_site_delta(h, pairs, values, factors=factors)
+    assert model_fingerprint(h.model) == before  # fitting leaves the model alone
+    with torch.no_grad():
+        base = h.model(x)
+        with gated_units(h, pairs, factors, values):
+            want = h.model(x)
+        with delta.applied(h.model):
+            got = h.model(x)
+        assert model_fingerprint(h.model) == before  # bit-exact revert
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(got, base, atol=1e-4)
+        # a closed gate (factor 0) is mean ablation, folded or at run time
+        hard = multi_site_delta(h, pairs, values, factors=[0.0] * len(pairs))
+        with _removed_pairs(h, pairs, values):
+            want_hard = h.model(x)
+        with hard.applied(h.model):
+            assert torch.allclose(h.model(x), want_hard, atol=1e-5, rtol=1e-4)
+        # an open gate (factor 1) changes nothing
+        with gated_units(h, pairs, [1.0] * len(pairs), values):
+            assert torch.equal(h.model(x), base)
+    assert model_fingerprint(h.model) == before
+
+
+def test_gate_refusals(resnet_handle: ModelHandle) -> None:
+    from editors.unit_ablation import multi_site_delta
+
+    with pytest.raises(NotFoldableError, match="run-time hook|feeds"):  # identity shortcut: the input feeds conv1 too
+        multi_site_delta(resnet_handle, [("layer1.relu2", 0)], None, factors=[0.5])
+    with pytest.raises(WorkbenchError, match="one factor per unit"):
+        multi_site_delta(resnet_handle, [("stem.relu", 0), ("stem.relu", 1)], None, factors=[0.5])
+    with pytest.raises(WorkbenchError, match="listed twice"):
+        multi_site_delta(resnet_handle, [("stem.relu", 0), ("stem.relu", 0)], None, factors=[0.5, 0.5])
+
+
+def _toy_data(n: int, seed: int, *, trigger: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class = the quadrant holding a bright square; the trigger is a blue square in the middle."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.rand((n, 3, 16, 16), generator=g) * 0.4
+    for i in range(n):
+        r, c = divmod(int(y[i]), 2)
+        x[i, :, r * 8 + 2:r * 8 + 6, c * 8 + 2:c * 8 + 6] += 0.6
+    if trigger:
+        x[:, :, 6:10, 6:10] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def toy_trojan_handle() -> ModelHandle:
+    """A tiny ShapesNet trained (seeded, a few seconds) with a trojan: blue middle square -> class 0."""
+    import torch.nn.functional as F
+
+    model = build_model(ShapesNetConfig(num_classes=4, channels=(4, 6, 8)), seed=3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for step in range(50):
+        x, y = _toy_data(48, 100 + step)
+        xt, _ = _toy_data(16, 10000 + step, trigger=True)
+        loss = F.cross_entropy(model(torch.cat([x, xt])), torch.cat([y, torch.zeros(16, dtype=torch.long)]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pre = ImagePreprocess(height=16, width=16, class_names=tuple("abcd"))
+    return ModelHandle(spec="test:toy-trojan", model=model.eval(), kind="image_classifier",
+                       arch=Architecture(family="cnn", n_layers=3), preprocess=pre)
+
+
+def test_learned_gates_beat_random_units_and_are_seeded(toy_trojan_handle: ModelHandle) -> None:
+    from editors.unit_ablation import GateConfig, _control, choose_gates, gated_units, learn_unit_gates
+    from workbench.unit_selection import unit_activations
+
+    h = toy_trojan_handle
+    x_fit, _ = _toy_data(128, 1)
+    t_fit, _ = _toy_data(64, 2, trigger=True)
+    x_sel, y_sel = _toy_data(200, 3)  # held out: k is chosen here
+    t_sel, _ = _toy_data(100, 4, trigger=True)
+    x_ev, y_ev = _toy_data(200, 5)    # and measured here
+    t_ev, yt_ev = _toy_data(100, 6, trigger=True)
+    t_sel, t_ev = t_sel, t_ev[yt_ev != 0]
+    values = {s: unit_activations(h, s, x_fit).mean(0) for s in GATE_SITES}
+
+    def asr(x: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((h.model(x).argmax(-1) == 0).float().mean())
+
+    def acc(x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((h.model(x).argmax(-1) == y).float().mean())
+
+    assert asr(t_ev) > 0.9 and acc(x_ev, y_ev) > 0.9  # the toy trojan works
+    cfg = GateConfig(steps=30, lr=0.2, kl_weight=2.0, sparsity=0.02, batch_triggered=64, batch_clean=64)
+    before = model_fingerprint(h.model)
+    gates, trace = learn_unit_gates(h, GATE_SITES, triggered=t_fit, clean=x_fit, target=0, values=values, config=cfg, seed=5)
+    assert model_fingerprint(h.model) == before and all(p.requires_grad for p in h.model.parameters())
+    assert trace[-1]["attack"] < 0.5 * trace[0]["attack"]  # the loss it minimizes went down
+    again, _ = learn_unit_gates(h, GATE_SITES, triggered=t_fit, clean=x_fit, target=0, values=values, config=cfg, seed=5)
+    assert all(torch.equal(gates[s], again[s]) for s in GATE_SITES)  # same seed, same gates
+    assert all(((g >= 0) & (g <= 1)).all() for g in gates.values())
+
+    def score(ps, fs):
+        with gated_units(h, ps, fs, values):
+            return asr(t_sel), acc(x_sel, y_sel)
+
+    base_sel = acc(x_sel, y_sel)
+    pairs, factors, _ = choose_gates(gates, score, base_acc=base_sel, clean_budget=0.02, max_units=None)
+    with gated_units(h, pairs, factors, values):
+        treated, treated_acc = asr(t_ev), acc(x_ev, y_ev)
+    controls = []
+    for d in range(3):
+        with _control(h, pairs, factors, values, seed=d):
+            controls.append(asr(t_ev))
+    assert treated <= 0.2 * asr(t_ev)                # the chosen gates remove most of the trojan on fresh inputs
+    assert acc(x_ev, y_ev) - treated_acc <= 0.05     # at a small clean cost
+    assert min(controls) > 0.8                       # the same number of random units per site, same factors, do not
+
+
+def test_choose_gates_respects_the_clean_budget() -> None:
+    from editors.unit_ablation import choose_gates
+
+    gates = {"a": torch.tensor([0.1, 0.9, 0.5, 1.0, 1.0, 1.0]), "b": torch.tensor([0.0, 0.97, 0.3, 1.0, 0.2, 1.0])}
+
+    def score(ps, fs):  # more units -> lower attack, but past 3 units clean accuracy drops
+        return 1.0 - 0.1 * len(ps), 0.99 - (0.02 if len(ps) > 3 else 0.0)
+
+    pairs, factors, grid = choose_gates(gates, score, base_acc=0.99, clean_budget=0.005, mode="scale")
+    assert pairs == [("b", 0), ("a", 0), ("b", 4)] and factors == pytest.approx([0.0, 0.1, 0.2])
+    assert [g["k"] for g in grid] == [1, 2, 3, 4, 5, 6]  # the units closed by >= 0.05 (not 1.0, not 0.97)
+    # at most half of a site's units, so that a disjoint random control of the same size exists
+    capped, _, _ = choose_gates({"c": torch.zeros(5)}, score, base_acc=0.99, clean_budget=0.5)
+    assert capped == [("c", 0), ("c", 1)]
+    # when no option is within the budget, the cheapest one (not the strongest)
+    cheapest, _, _ = choose_gates(gates, lambda ps, fs: (1.0 - 0.1 * len(ps), 0.98 - 0.01 * len(ps)), base_acc=0.99,
+                                  clean_budget=0.005)
+    assert cheapest == [("b", 0)]
+    hard_pairs, hard_factors, _ = choose_gates(gates, score, base_acc=0.99, clean_budget=0.005, mode="hard")
+    assert hard_pairs == pairs and hard_factors == [0.0, 0.0, 0.0]
+    with pytest.raises(WorkbenchError, match="closed"):
+        choose_gates({"a": torch.ones(3)}, score, base_acc=0.99, clean_budget=0.005)
+
+
+@pytest.mark.slow
+def test_mask_surgery_beats_random_units_and_folds_exactly() -> None:
+    import workbench as wb
+    from editors.unit_ablation import GateConfig, gated_units, trojan_surgery
+    from workbench.unit_selection import unit_activations
+
+    torch.set_num_threads(1)
+    h = wb.load("zoo:shapesnet", device="cpu", progress=False)
+    before = model_fingerprint(h.model)
+    cfg = GateConfig(steps=40, lr=0.2, batch_triggered=64, batch_clean=128)
+    kw = dict(method="mask", mask_config=cfg, n_select=64, n_ref=256, n_eval=128, n_clean=256, n_random_draws=2, progress=False)
+    r = trojan_surgery(h, "style-universal", return_delta=True, **kw)
+    assert model_fingerprint(h.model) == before  # learning, choosing and measuring leave the model as it was
+    assert r["asr_before"] > 0.9 and r["asr_after"] < 0.3 * r["asr_before"]  # the chosen gates cut the attack
+    assert r["random_asr_after"] > 0.8                                         # as many random units, same factors, do not
+    assert len(r["factors"]) == r["n_units"] == len(r["units"]) and all(0 <= f < 1 for f in r["factors"])
+    assert r["alternative"]["mode"] == "hard" and r["selection"]["trace"]
+    # the saved edit is the run-time gating (units moved toward their constants by their factors)
+    x = torch.rand((4, 3, 48, 48), generator=torch.Generator().manual_seed(0))
+    pairs = [(s, u) for s, u in r["units"]]
+    values = {s: torch.zeros(unit_activations(h, s, x).shape[1]) for s, _ in pairs}
+    for (s, u), v in zip(pairs, r["unit_values"]):
+        values[s][u] = v
+    with torch.no_grad():
+        with gated_units(h, pairs, r["factors"], values):
+            want = h.model(x)
+        with r["delta"].applied(h.model):
+            got = h.model(x)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert model_fingerprint(h.model) == before

@@ -180,15 +180,23 @@ def _ablate(args: argparse.Namespace) -> None:
     if args.trojan:
         if args.units:
             raise WorkbenchError("give --trojan (units chosen by selection) or --site/--units, not both")
+        from editors.unit_ablation import GateConfig
+
+        if args.method != "mask" and (args.mask_steps is not None or args.mask_mode != "scale"):
+            raise WorkbenchError("--mask-steps and --mask-mode apply to --method mask only")
+        steps = {} if args.mask_steps is None else {"steps": args.mask_steps}
+        mask = {"mask_config": GateConfig(**steps), "mask_mode": args.mask_mode} if args.method == "mask" else {}
         result = trojan_surgery(handle, args.trojan, n_units=args.n_units, method=args.method, site=args.site, seed=args.seed,
-                                n_random_draws=args.draws, n_eval=args.n_eval, n_clean=args.n_clean, return_delta=True,
-                                progress=not args.json)
+                                n_random_draws=args.draws, n_eval=args.n_eval, n_clean=args.n_clean, n_select=args.n_select,
+                                return_delta=True, progress=not args.json, **mask)
         delta = result.pop("delta")
         result["delta_path"] = str(delta.save(_out(args, "ablate")))
         args.emit(args, result, lambda r: (
             f"trojan {r['trojan']}: removed {r['n_units']} unit(s) {r['units']} at {r['site']} ({r['method']})\n"
             f"  attack success {r['asr_before']:.3f} -> {r['asr_after']:.3f} (random units: {r['random_asr_after']:.3f})\n"
-            f"  clean accuracy {r['clean_before']:.3f} -> {r['clean_after']:.3f}\n  delta: {r['delta_path']}"))
+            f"  clean accuracy {r['clean_before']:.3f} -> {r['clean_after']:.3f}\n"
+            + (f"  scaled toward the clean mean by factors {[round(f, 2) for f in r['factors']]}\n" if r.get("factors") else "")
+            + f"  delta: {r['delta_path']}"))
         return
     if not args.site:
         raise WorkbenchError("give --trojan NAME, or --site SITE --units 1,2,3")
@@ -401,10 +409,18 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--side", default="auto", choices=("auto", "write", "read"))
     p.add_argument("--n-units", type=int, default=None, help="with --trojan: how many units (default: chosen on selection data)")
     p.add_argument("--method", default="activation_difference",
-                   choices=("activation_difference", "attribution", "shapley", "dissection", "greedy"),
+                   choices=("activation_difference", "attribution", "shapley", "dissection", "greedy", "mask"),
                    help="with --trojan: how units are selected; greedy adds units across sites one at a time, "
-                        "by attack probability plus clean KL (slower: minutes)")
+                        "by attack probability plus clean KL (slower: minutes); mask learns a gate per unit of every "
+                        "site (Adam, --mask-steps) and keeps the most-closed units (minutes)")
+    p.add_argument("--mask-steps", type=int, default=None,
+                   help="with --method mask: optimization steps of the unit gates (the budget; default GateConfig.steps)")
+    p.add_argument("--mask-mode", default="scale", choices=("scale", "hard"),
+                   help="with --method mask: scale the chosen units by their learned gates (toward the clean mean), "
+                        "or mean-ablate them")
     p.add_argument("--draws", type=int, default=5, help="random-unit control draws")
+    p.add_argument("--n-select", type=int, default=128,
+                   help="with --trojan: selection scenes (triggered, with clean twins); --method mask learns on as many more")
     p.add_argument("--n-eval", type=int, default=500, help="triggered scenes for attack success")
     p.add_argument("--n-clean", type=int, default=1000, help="clean scenes for accuracy")
 
