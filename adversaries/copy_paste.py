@@ -6,11 +6,12 @@ site most associated with the target class (class-conditional mean difference on
 pool, or the target logit's gradient when no labelled pool exists), then (2) proposes
 patches from that interpretation: feature visualizations of that direction at patch size
 (for ShapesNet through the scene parameterization, so each design says which shape, colour
-and texture it shows), and natural exemplar crops that excite it. Candidates are ranked on a
+and texture it shows), on a grey canvas and pasted on the calibration images while they are
+optimized (where the patch will be used), and natural exemplar crops that excite it. Candidates are ranked on a
 calibration split of source images and the chosen one is measured on a disjoint test split.
 
 Protocol (Activation Atlas): only test images classified correctly before the patch count;
-the patch is swept over positions x sizes; *consistent* placement is the one placement
+the patch is swept over positions x sizes (default 6 x 6 x 6, Mu & Andreas); *consistent* placement is the one placement
 that works best on the calibration split, applied to every test image; *best* placement
 counts an image when any placement flips it. Controls get the same sweep: a uniform-noise
 patch and a random natural crop of the same size. Reported per source class, with the mean
@@ -75,6 +76,54 @@ def placements(height: int, width: int, sizes: tuple[int, ...], grid: int) -> li
         xs = torch.linspace(0, width - s, grid).round().long().unique().tolist()
         out += [(int(y), int(x), s) for y in ys for x in xs]
     return out
+
+
+def occlusion(masks: torch.Tensor, where: list[tuple[int, int, int]]) -> torch.Tensor:
+    """(P, N): the share of each image's object pixels (`masks` (N, H, W)) that a patch at each
+    placement would cover (0 for an image whose mask is empty)."""
+    m = (masks > 0.5).float() if masks.dtype != torch.bool else masks.float()
+    total = m.flatten(1).sum(1)
+    ii = F.pad(m.cumsum(1).cumsum(2), (1, 0, 1, 0))  # integral image: box sums in O(1)
+    out = torch.zeros(len(where), len(m))
+    for k, (t, l, z) in enumerate(where):
+        covered = ii[:, t + z, l + z] - ii[:, t, l + z] - ii[:, t + z, l] + ii[:, t, l]
+        out[k] = torch.where(total > 0, covered / total.clamp_min(1), torch.zeros_like(total))
+    return out
+
+
+def thin(where: list[tuple[int, int, int]], at_most: int) -> list[tuple[int, int, int]]:
+    """Every k-th placement (k the smallest step leaving at most `at_most`): a cheaper sweep
+    with the same spread of sizes and positions, for ranking many candidates."""
+    if at_most < 1:
+        raise WorkbenchError(f"at_most must be >= 1, got {at_most}")
+    step = -(-len(where) // at_most)
+    return where[::step]
+
+
+def paste_on_sources(bank: torch.Tensor, size: int, sizes: tuple[int, ...]) -> Any:
+    """A featvis transform: cut the centred `size` px patch out of each image and paste it,
+    resized to one of `sizes`, at a random place on a random image of `bank` (N, C, H, W in
+    [0, 1]). Differentiable in the patch; randomness only from the generator passed in."""
+    if len(bank) == 0:
+        raise WorkbenchError("paste_on_sources needs at least one source image")
+
+    def run(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        top, left = (h - size) // 2, (w - size) // 2
+        patch = x[..., top:top + size, left:left + size]
+        s = int(sizes[int(torch.randint(len(sizes), (1,), generator=g))])
+        if s != size:
+            patch = F.interpolate(patch, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        idx = torch.randint(len(bank), (x.shape[0],), generator=g)
+        ys = torch.randint(bank.shape[-2] - s + 1, (x.shape[0],), generator=g).tolist()
+        xs = torch.randint(bank.shape[-1] - s + 1, (x.shape[0],), generator=g).tolist()
+        out = bank[idx].to(x.device, x.dtype).clone()
+        for b in range(x.shape[0]):
+            out[b, :, ys[b]:ys[b] + s, xs[b]:xs[b] + s] = patch[b]
+        return out
+
+    run.__name__ = f"paste_on_sources({len(bank)} images, sizes {tuple(sizes)})"
+    return run
 
 
 def resize_patch(patch: torch.Tensor, size: int) -> torch.Tensor:
@@ -210,10 +259,19 @@ class CopyPaste:
     `site`: where units associated with the target are found (default: the last 4-D block);
     `n_units`: how many of them form the direction; `design`: "featvis", "exemplar" or
     "auto" (both kinds of candidates, the calibration split picks); `sizes`: patch sides as
-    fractions of the image side; `grid`: positions per axis; `n_featvis`/`n_exemplars`:
-    candidates of each kind; `calib_fraction`: share of the inputs used to pick the design
-    and the consistent placement (candidates are ranked on at most `n_rank` of them); `n_pool`: natural pool size (ShapesWorld) for units and
-    exemplars. `context_only` drops candidates that show another class's object (a class
+    fractions of the image side; `grid`: positions per axis (the default, 6 x 6 positions x
+    6 sizes, is Mu & Andreas's sweep; the largest size is the design size). Candidates:
+    `n_featvis` feature visualizations on a grey canvas; `n_featvis_context` feature
+    visualizations of the same direction pasted at random places and sizes on the
+    calibration images while they are optimized (the direction stays the objective, never
+    the target logit or the attack's success); `n_exemplars` exemplar crops.
+    `calib_fraction`: share of the inputs used to pick the design and the consistent
+    placement; candidates are ranked on at most `n_rank` of them over an evenly thinned
+    subset of at most `n_rank_placements` placements, and the chosen design's consistent
+    placement is then picked from the whole sweep. `n_pool`: natural pool size (ShapesWorld)
+    for units and exemplars. `max_occlusion`: with object masks
+    (`run_protocol(object_masks=...)`), the largest share of an image's own object a
+    placement may cover. `context_only` drops candidates that show another class's object (a class
     shape in a scene design, or an exemplar crop that is mostly a main object), leaving
     context features only (non-class objects, backgrounds).
     """
@@ -221,16 +279,19 @@ class CopyPaste:
     site: str | None = None
     n_units: int | None = 8
     design: Design = "auto"
-    sizes: tuple[float, ...] = (0.21, 0.27, 0.33)
-    grid: int = 4
+    sizes: tuple[float, ...] = (0.125, 0.167, 0.21, 0.25, 0.29, 0.33)
+    grid: int = 6
     n_featvis: int = 6
+    n_featvis_context: int = 6
     n_exemplars: int = 4
     featvis_steps: int = 160
     featvis_lr: float = 0.1
     calib_fraction: float = 0.4
     n_rank: int = 48
+    n_rank_placements: int = 54
     n_pool: int = 1024
     max_target_coverage: float = 0.02
+    max_occlusion: float = 0.5
     max_judge_target: float = 0.5
     context_only: bool = False
     seed: int = 0
@@ -276,32 +337,47 @@ class CopyPaste:
             from workbench.zoo.shapesnet import world_of
 
             world = world_of(handle)
-        if self.design in ("auto", "featvis") and self.n_featvis > 0:
+        if self.design in ("auto", "featvis") and (self.n_featvis > 0 or self.n_featvis_context > 0):
+            own = world.classes[target] if world is not None else None
             if world is not None and pre.channels == 3:
                 from workbench.worlds.shapesworld import SHAPES
 
-                own = world.classes[target]
                 inner: Any = fv.SceneParam(n_objects=1, shapes=tuple(s for s in SHAPES if s != own),
                                            size_range=(0.35, 0.95), center_range=0.4)
             else:
                 inner = fv.Pixels()  # patches are small: free pixels move faster than a 1/f spectrum
             param = Patch(inner, size, size)
             shift_y, shift_x = (pre.height - size) // 2, (pre.width - size) // 2
-            tf = T.translate(shift_y, shift_x)
-            res = fv.visualize(handle, fv.direction(site, vec), param=param, transforms=tf, steps=self.featvis_steps,
-                               lr=self.featvis_lr, batch=self.n_featvis, seed=self.seed, progress=self.progress)
-            imgs = res.snapped_images if res.snapped_images is not None else res.images
-            patches = param.patch_of(imgs)
-            scenes = res.scene or [{} for _ in range(len(patches))]
-            for i in range(len(patches)):
-                d = PatchDesign(patches[i].clone(), "featvis", {"scene": scenes[i], "featvis_status": res.status})
-                if world is not None and isinstance(inner, fv.SceneParam):
-                    d.target_coverage = _coverage_from_description(scenes[i], own)
-                    d.trojan = _matching_trojan(scenes[i], world, own)
-                    d.description["resembles_trigger_of"] = _resembles(scenes[i], world)
-                designs.append(d)
-            if world is not None and isinstance(inner, fv.SceneParam) and res.scenes is not None:
-                designs += _scene_variants(res.scenes, scenes, size, inner, world, own, pre.input_range)
+            lo, hi = pre.input_range
+            canvases = [("grey", T.translate(shift_y, shift_x), self.n_featvis, self.seed)]
+            if self.n_featvis_context > 0 and len(inputs):
+                # the same direction, visualized where the patch will be used: pasted at random
+                # places and sizes on the source images given (the calibration split), as a
+                # designer adds a feature to a whale picture rather than to a blank page
+                bank = ((inputs.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+                canvases.append(("source images", paste_on_sources(bank, size, self.sizes_px(handle)),
+                                 self.n_featvis_context, self.seed + 1))
+            for canvas, tf, n_vis, vis_seed in canvases:
+                if n_vis <= 0:
+                    continue
+                res = fv.visualize(handle, fv.direction(site, vec), param=param, transforms=tf, steps=self.featvis_steps,
+                                   lr=self.featvis_lr, batch=n_vis, seed=vis_seed, progress=self.progress)
+                imgs = res.snapped_images if res.snapped_images is not None else res.images
+                patches = param.patch_of(imgs)
+                scenes = res.scene or [{} for _ in range(len(patches))]
+                for i in range(len(patches)):
+                    d = PatchDesign(patches[i].clone(), "featvis", {"scene": scenes[i], "featvis_status": res.status,
+                                                                    "canvas": canvas})
+                    if world is not None and isinstance(inner, fv.SceneParam):
+                        d.target_coverage = _coverage_from_description(scenes[i], own)
+                        d.trojan = _matching_trojan(scenes[i], world, own)
+                        d.description["resembles_trigger_of"] = _resembles(scenes[i], world)
+                    designs.append(d)
+                if world is not None and isinstance(inner, fv.SceneParam) and res.scenes is not None:
+                    variants = _scene_variants(res.scenes, scenes, size, inner, world, own, pre.input_range)
+                    for v in variants:
+                        v.description["canvas"] = canvas
+                    designs += variants
         if self.design in ("auto", "exemplar") and self.n_exemplars > 0:
             from workbench.exemplars import top_exemplars
 
@@ -348,8 +424,22 @@ class CopyPaste:
 
     # -------------------------------------------------------------------- protocol
     def run_protocol(self, handle: ModelHandle, images: torch.Tensor, labels: torch.Tensor | None, target: int,
-                     *, class_names: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Design, choose on calibration images, measure on test images, with both controls."""
+                     *, class_names: tuple[str, ...] = (),
+                     designs: tuple[list[PatchDesign], dict[str, Any]] | None = None,
+                     object_masks: torch.Tensor | None = None) -> dict[str, Any]:
+        """Design, choose on calibration images, measure on test images, with both controls.
+
+        `designs`: candidates already made by `design_patches` for this target on this run's
+        calibration split (`calibration_split`), e.g. to measure a subset of them (the
+        context features only) without designing again; by default they are designed here.
+        `object_masks` (N, H, W): where each image's own object is (for ShapesWorld scenes,
+        `concept_masks(sample)["main"]`); a placement that would cover more than
+        `max_occlusion` of an image's object is not tried on that image (it stays unpatched:
+        no success, its own target probability), for the design and both controls alike. A
+        copy/paste patch adds a feature beside the object, as the baseball beside the whale;
+        a patch over the object's middle tests occlusion, which is what the noise patch
+        measures. Without masks every placement is tried.
+        """
         pre = handle.preprocess
         if pre is None:
             raise WorkbenchError(f"{handle.spec} is not an image model; copy/paste needs ImagePreprocess")
@@ -367,22 +457,38 @@ class CopyPaste:
         if len(idx) < 2:
             raise WorkbenchError(f"only {len(idx)} inputs are non-target images classified correctly before the patch; "
                                  "give more source-class images (only those count, as in the Activation Atlas protocol)")
-        g = torch.Generator().manual_seed(self.seed)
-        perm = idx[torch.randperm(len(idx), generator=g)]
-        n_cal = max(1, min(len(perm) - 1, round(self.calib_fraction * len(perm))))
-        cal, test = perm[:n_cal], perm[n_cal:]
+        cal, test = self._split(idx)
         where = placements(pre.height, pre.width, self.sizes_px(handle), self.grid)
-        designs, info = self.design_patches(handle, target, images[cal])
+        if designs is None:
+            designs = self.design_patches(handle, target, images[cal])
+        designs, info = list(designs[0]), dict(designs[1])
+        if self.context_only:
+            designs = [d for d in designs if d.description.get("content") != "another class's object"]
+        if not designs:
+            raise WorkbenchError("no candidate patch left to measure (all were another class's object, or none was given)")
+        if object_masks is not None and tuple(object_masks.shape) != (len(images), *images.shape[-2:]):
+            raise WorkbenchError(f"object_masks must be (N, H, W) = ({len(images)}, {images.shape[-2]}, {images.shape[-1]}), "
+                                 f"one mask of the source object per image; got {tuple(object_masks.shape)}")
+
+        def sweep(which: torch.Tensor, patch: torch.Tensor, at: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            succ, prob = sweep_success(handle, images[which], patch, at, target, batch_size=self.batch_size)
+            if object_masks is not None:  # a placement hiding too much of the object is not tried: the image stays as it was
+                hidden = occlusion(object_masks[which], at) > self.max_occlusion
+                succ = succ & ~hidden
+                prob = torch.where(hidden, probs0[which, target][None].expand_as(prob), prob)
+            return succ, prob
+
         bar = tqdm(total=len(designs) + 2, desc="copy-paste sweep", disable=not self.progress, leave=False)
         scored = []
         rank = cal[: self.n_rank]  # candidates are ranked on (at most) n_rank calibration images
+        rank_where = thin(where, self.n_rank_placements)
         for d in designs:
-            s, p = sweep_success(handle, images[rank], d.patch, where, target, batch_size=self.batch_size)
+            s, p = sweep(rank, d.patch, rank_where)
             scored.append((float(s.any(0).float().mean()) + 1e-3 * float(p.max(0).values.mean()), d, (s, p)))
             bar.update(1)
         scored.sort(key=lambda t: -t[0])
         chosen = scored[0][1]
-        cal_sp = scored[0][2] if len(rank) == len(cal) else None
+        cal_sp = scored[0][2] if len(rank) == len(cal) and len(rank_where) == len(where) else None
         lo, hi = pre.input_range
         gen = torch.Generator().manual_seed(self.seed + 1)
         size = chosen.patch.shape[-1]
@@ -392,8 +498,8 @@ class CopyPaste:
         best_idx = None
         for name, d, cal_res in (("design", chosen, cal_sp), ("noise", noise, None), ("natural", natural, None)):
             if cal_res is None:
-                cal_res = sweep_success(handle, images[cal], d.patch, where, target, batch_size=self.batch_size)
-            t_res = sweep_success(handle, images[test], d.patch, where, target, batch_size=self.batch_size)
+                cal_res = sweep(cal, d.patch, where)
+            t_res = sweep(test, d.patch, where)
             m = protocol_metrics(cal_res, t_res, where)
             if name == "design":
                 best_idx = m["best_placement_index"]
@@ -442,6 +548,22 @@ class CopyPaste:
         out["_tensors"] = {"patch": chosen.patch, "test_index": test, "best_index": best_idx, "where": where,
                            "candidates": [d for _, d, _ in scored]}
         return out
+
+    def _split(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        perm = idx[torch.randperm(len(idx), generator=g)]
+        n_cal = max(1, min(len(perm) - 1, round(self.calib_fraction * len(perm))))
+        return perm[:n_cal], perm[n_cal:]
+
+    def calibration_split(self, handle: ModelHandle, images: torch.Tensor, labels: torch.Tensor | None,
+                          target: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibration, test) indices into `images` that `run_protocol` uses: only non-target images
+        classified correctly before the patch, split by `calib_fraction` with `seed`."""
+        probs0 = predictions(handle, images, batch_size=self.batch_size)
+        pred0 = probs0.argmax(-1)
+        truth = labels if labels is not None else pred0
+        idx = torch.nonzero((pred0 == truth) & (truth != target)).flatten()
+        return self._split(idx)
 
     def natural_crop(self, handle: ModelHandle, images: torch.Tensor, target: int, size: int, gen: torch.Generator) -> PatchDesign:
         """The natural-crop control: a random `size` px crop of a random non-target pool image."""
@@ -582,7 +704,8 @@ def _scene_variants(scene: Any, descriptions: list[dict[str, Any]], size: int, p
                 desc["objects"] = []
             else:
                 desc["background"] = {"texture": "plain", "texture_weights": {"plain": 1.0}, "colors": ["grey", "grey"]}
-            out.append(PatchDesign(imgs[i].clone(), "featvis", {"scene": desc, "part": variant},
+            out.append(PatchDesign(imgs[i].clone(), "featvis",
+                                   {"scene": desc, "part": variant, "resembles_trigger_of": _resembles(desc, world)},
                                    target_coverage=_coverage_from_description(desc, own), trojan=_matching_trojan(desc, world, own)))
     return out
 

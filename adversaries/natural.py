@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -382,7 +382,11 @@ class SNAFUE:
     scenes. `site`: where embeddings are read (default: the input of the last linear
     layer). The `top_k` nearest natural patches (cosine) are measured at
     `eval_placements` random placements per image, beside `top_k` random pool patches
-    (control) and the unpatched baseline.
+    (control) and the unpatched baseline. `n_synthetic` > 1 trains that many synthetic
+    patches (restarts, seeds `seed + 7919 r`), each bringing its own `top_k`
+    neighbours: one synthetic patch is one local optimum, and its neighbours can miss a
+    feature the model responds to that another restart finds. `extra["top_patch_images"]`
+    holds the measured natural patches (first pair) in the order of `extra["top_patches"]`.
     """
 
     patch_frac: float = 0.3
@@ -397,11 +401,14 @@ class SNAFUE:
     n_confusion: int = 2000
     n_source: int = 48
     exclude_target_shape: bool = True
+    n_synthetic: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.pool_size < 2 * self.top_k or self.top_k < 1:
             raise WorkbenchError(f"pool_size {self.pool_size} must be at least 2 x top_k ({self.top_k}) and top_k >= 1")
+        if self.n_synthetic < 1:
+            raise WorkbenchError(f"n_synthetic {self.n_synthetic}: expected at least 1 synthetic patch")
 
     def generate(self, handle: ModelHandle, inputs: Any = None, target: Any = None) -> AdversarialExamples:
         tgt = resolve_class(handle, target)
@@ -434,6 +441,7 @@ class SNAFUE:
             extra["confusion_matrix"] = confusion.tolist()
         extra.update({k: v for k, v in first["metrics"].items() if k not in ("top_patches",)})
         extra["top_patches"] = first["metrics"]["top_patches"]
+        extra["top_patch_images"] = first["top_images"].cpu()
         return AdversarialExamples(
             method="snafue", inputs=first["images"].cpu(), adversarial=first["adversarial"].cpu(), success=first["success"],
             target=first["target"], patch=first["patch"].cpu(), loss_trace=first["trace"],
@@ -448,7 +456,14 @@ class SNAFUE:
         ref = torch.full((n,), tgt, dtype=torch.long, device=images.device)
         syn_cfg = AdversarialPatch(patch_frac=self.patch_frac, scale_range=(1.0, 1.0), rotation_max=0.0,
                                    steps=self.synthetic_steps, lr=self.synthetic_lr, seed=self.seed)
-        synthetic, trace, _ = train_patch(handle, images, ref, targeted=True, side=side, config=syn_cfg)
+        synthetics, trace = [], []
+        for r in range(self.n_synthetic):
+            cfg_r = syn_cfg if r == 0 else replace(syn_cfg, seed=self.seed + 7919 * r)
+            patch_r, trace_r, _ = train_patch(handle, images, ref, targeted=True, side=side, config=cfg_r)
+            synthetics.append(patch_r)
+            if r == 0:
+                trace = trace_r  # the loss trace reported is the first restart's
+        synthetic = synthetics[0]
         g = torch.Generator().manual_seed(self.seed + 17)
         m = min(self.n_embed_images, n)
         emb_imgs = images[:m]
@@ -467,10 +482,18 @@ class SNAFUE:
         name = class_name(handle, tgt)
         exclude = name if (self.exclude_target_shape and name in CLASS_SHAPES and isinstance(handle.info.get("world"), dict)) else None
         pool = natural_patch_pool(handle, side=side, n=self.pool_size, seed=self.seed + 101, exclude_shape=exclude)
-        target_emb = patch_embedding(synthetic[None])
+        target_emb = patch_embedding(torch.stack(synthetics))
         pool_emb = patch_embedding(pool.patches)
-        sim = torch.nn.functional.cosine_similarity(pool_emb, target_emb, dim=1)
-        top = sim.argsort(descending=True)[: self.top_k]
+        sims = torch.nn.functional.cosine_similarity(pool_emb[None], target_emb[:, None], dim=2)  # (restarts, pool)
+        sim = sims.max(0).values
+        picked: list[int] = []
+        restart_of: dict[int, int] = {}
+        for r, row in enumerate(sims):  # each restart's top_k, in order, without repeats
+            for i in row.argsort(descending=True)[: self.top_k].tolist():
+                if i not in restart_of:
+                    picked.append(i)
+                    restart_of[i] = r
+        top = torch.tensor(picked, dtype=torch.long)
         rand = torch.randperm(len(pool.patches), generator=g)[: self.top_k]
         pls = [sample_placements(n, height=pre.height, width=pre.width, patch_hw=(side, side), generator=g)
                for _ in range(self.eval_placements)]
@@ -496,6 +519,7 @@ class SNAFUE:
         for i in top.tolist():
             f, c, adv, pred, ok = measure(pool.patches[i])
             top_rows.append({"index": i, "similarity": round(float(sim[i]), 4), "fooling_rate": f, "target_confidence": c,
+                             "target_confidence_gain": c - base_conf, "restart": restart_of[i],
                              "description": pool.descriptions[i], "kind": pool.kinds[i]})
             if best is None or f > best[0]:
                 best = (f, i, adv, pred, ok)
@@ -515,7 +539,8 @@ class SNAFUE:
             "top_patches": top_rows,
         }
         return {"metrics": metrics, "images": images, "adversarial": best[2], "success": best[4], "target": tgt,
-                "patch": pool.patches[best[1]], "trace": trace, "clean_pred": clean_pred, "adv_pred": best[3]}
+                "patch": pool.patches[best[1]], "trace": trace, "clean_pred": clean_pred, "adv_pred": best[3],
+                "top_images": pool.patches[top]}
 
 
 def snafue_fooling_rates(handle: ModelHandle, *, source: int | str, target: int | str, n: int = 48,

@@ -4,14 +4,16 @@ For every target class: source images are fresh ShapesWorld scenes of all other 
 (no context objects, so the patch is the only context), only those classified correctly
 count; the patch is designed from the interpretation of the target (units at layer3 most
 associated with it -> feature visualizations at patch size through the scene parameters,
-and natural exemplar crops), chosen on a calibration split, then swept over 4x4 positions
-x 3 sizes (10, 13, 16 px of 48) on the test split. Controls: a uniform-noise patch and a
+feature visualizations of the same direction optimized while pasted on the calibration
+images, and natural exemplar crops), chosen on a calibration split (ranked over a thinned
+sweep), then swept over 6x6 positions x 6 sizes (6-16 px of 48; Mu & Andreas's sweep;
+`--sweep atlas-v1` for the first version's 4x4 x 10/13/16 px) on the test split. Controls: a uniform-noise patch and a
 random natural crop, same sizes and sweep. Headline targets are the classes with natural
 context features (star: yellow crescent, hexagon: orange half-disc, ring: navy/teal waves,
 triangle: sand/olive stripes); square (spurious red colour) and the trojan targets are
 reported separately, as is any design that turns out to be an implanted trigger.
 
-    .venv/bin/python benchmarks/bench_copy_paste.py [--quick] [--json]
+    .venv/bin/python benchmarks/bench_copy_paste.py [--quick] [--json] [--targets star,ring] [--seed 0] [--sweep atlas-v1]
 
 Published anchor (Carter et al. 2019, InceptionV1): 37.2% consistent, 57.5% best placement;
 target probability 5.3% -> 24.0% / 42.2%.
@@ -56,6 +58,8 @@ def main() -> None:
     ap.add_argument("--targets", default=None, help="comma-separated target classes (default: all groups)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-strict", action="store_true", help="skip the context-features-only pass")
+    ap.add_argument("--sweep", choices=("mu-andreas", "atlas-v1"), default="mu-andreas",
+                    help="placements: 6x6 positions x 6 sizes (default, Mu & Andreas) or the first version's 4x4 x 3 sizes")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import workbench
@@ -70,31 +74,50 @@ def main() -> None:
     groups = {t: "context" for t in context} | {t: "spurious colour" for t in spurious} | {t: "trojan target" for t in trojan_targets}
     targets = args.targets.split(",") if args.targets else list(groups)
     n = 160 if args.quick else 320
-    cfg = CopyPaste(seed=args.seed, n_featvis=4 if args.quick else 6, n_exemplars=3 if args.quick else 4,
-                    featvis_steps=112 if args.quick else 160, n_pool=512 if args.quick else 1024)
+    cfg = CopyPaste(seed=args.seed, n_featvis=4 if args.quick else 6, n_featvis_context=4 if args.quick else 6,
+                    n_exemplars=3 if args.quick else 4, featvis_steps=112 if args.quick else 160,
+                    n_pool=512 if args.quick else 1024)
+    if args.sweep == "atlas-v1":  # the sweep of the first version: 4 x 4 positions x 3 sizes (10, 13, 16 px of 48)
+        cfg = dataclasses.replace(cfg, grid=4, sizes=(0.21, 0.27, 0.33))
 
-    def run(config, which):
-        rows = []
+    def row(res, tgt, seconds):
+        return {
+            "target": tgt, "group": groups.get(tgt, "other"), "feature_kind": res["feature_kind"],
+            "content": res["content"], "trojan": res["design"]["trojan"], "design": describe(res["design"]),
+            "canvas": res["design"]["description"].get("canvas"),
+            "success_consistent": round(res["success_consistent"], 4), "success_best": round(res["success_best"], 4),
+            "control_noise": round(res["control_noise"], 4), "control_natural": round(res["control_natural"], 4),
+            "control_noise_consistent": round(res["control_noise_consistent"], 4),
+            "p_target_before": round(res["p_target_before"], 4), "p_target_consistent": round(res["p_target_consistent"], 4),
+            "p_target_best": round(res["p_target_best"], 4), "n_attempts": res["n_attempts"],
+            "n_candidates": len(res["candidates"]), "n_placements": res["n_placements"],
+            "successes_best": sum(v["successes"] for v in res["per_class"].values()),
+            "per_class": {k: f"{v['successes']}/{v['attempts']}" for k, v in res["per_class"].items()},
+            "target_coverage": res["design"]["target_coverage"], "seconds": round(seconds, 1),
+        }
+
+    def run(config, which, strict_which):
+        """Every target once; the context-features-only pass reuses the same candidates (designed
+        once on the same calibration split), measured with `context_only=True`."""
+        rows, strict_rows = [], []
         for tgt in which:
             t0 = time.perf_counter()
             ti = world.class_index(tgt)
             g = torch.Generator().manual_seed(1000 + args.seed)
             s = world.sample(n, generator=g, classes=[c for c in world.classes if c != tgt], context_mode="none")
-            res = config.run_protocol(h, world.render(s), s.labels, ti, class_names=world.classes)
+            images = world.render(s)
+            cal, _ = config.calibration_split(h, images, s.labels, ti)
+            designs = config.design_patches(h, ti, images[cal])
+            res = config.run_protocol(h, images, s.labels, ti, class_names=world.classes, designs=designs)
             res.pop("_tensors")
-            rows.append({
-                "target": tgt, "group": groups.get(tgt, "other"), "feature_kind": res["feature_kind"],
-                "content": res["content"], "trojan": res["design"]["trojan"], "design": describe(res["design"]),
-                "success_consistent": round(res["success_consistent"], 4), "success_best": round(res["success_best"], 4),
-                "control_noise": round(res["control_noise"], 4), "control_natural": round(res["control_natural"], 4),
-                "control_noise_consistent": round(res["control_noise_consistent"], 4),
-                "p_target_before": round(res["p_target_before"], 4), "p_target_consistent": round(res["p_target_consistent"], 4),
-                "p_target_best": round(res["p_target_best"], 4), "n_attempts": res["n_attempts"],
-                "successes_best": sum(v["successes"] for v in res["per_class"].values()),
-                "per_class": {k: f"{v['successes']}/{v['attempts']}" for k, v in res["per_class"].items()},
-                "target_coverage": res["design"]["target_coverage"], "seconds": round(time.perf_counter() - t0, 1),
-            })
-        return rows
+            rows.append(row(res, tgt, time.perf_counter() - t0))
+            if tgt in strict_which:
+                t1 = time.perf_counter()
+                strict_cfg = dataclasses.replace(config, context_only=True)
+                res = strict_cfg.run_protocol(h, images, s.labels, ti, class_names=world.classes, designs=designs)
+                res.pop("_tensors")
+                strict_rows.append(row(res, tgt, time.perf_counter() - t1))
+        return rows, strict_rows
 
     def pooled(rows):
         head = [r for r in rows if r["group"] == "context" and r["feature_kind"] != "trojan trigger"]
@@ -109,18 +132,16 @@ def main() -> None:
                 "ratio_to_noise": round(best / max(noise, 1e-9), 2),
                 "meets_57_5": best >= 0.575, "meets_3x_noise": best >= 3 * noise}
 
-    rows = run(cfg, targets)
+    strict_targets = [] if args.no_strict else [t for t in targets if groups.get(t) == "context"]
+    rows, strict_rows = run(cfg, targets, strict_targets)
     summary = pooled(rows)
-    strict_rows, strict = [], {}
-    if not args.no_strict:
-        strict_rows = run(dataclasses.replace(cfg, context_only=True), [t for t in targets if groups.get(t) == "context"])
-        strict = pooled(strict_rows)
+    strict = pooled(strict_rows) if strict_rows else {}
     if args.json:
         print(json.dumps({"rows": rows, "context_summary": summary, "strict_rows": strict_rows,
                           "strict_context_summary": strict}, indent=2))
         return
-    print(f"# copy/paste on ShapesNet ({'quick' if args.quick else 'full'}): {n} source scenes per target, "
-          f"{cfg.grid}x{cfg.grid} positions x {len(cfg.sizes)} sizes")
+    print(f"# copy/paste on ShapesNet ({'quick' if args.quick else 'full'}, seed {args.seed}): {n} source scenes per target, "
+          f"{cfg.grid}x{cfg.grid} positions x {len(cfg.sizes)} sizes {cfg.sizes_px(h)} px")
     def table(rs, title):
         print(title)
         print(f"{'target':<9} {'group':<16} {'consist':>7} {'best':>6} {'noise':>6} {'natural':>7} {'p(t) before->cons/best':>24} {'n':>4}  design")

@@ -239,7 +239,8 @@ class Study(CaseStudy):
 
         d = self.options()["design"]
         design_seed = 0 if self.options()["designs_shared_across_seeds"] else seed
-        return CopyPaste(n_units=d["n_units"], n_featvis=d["n_featvis"], n_exemplars=d["n_exemplars"],
+        # n_featvis_context=0: this study's predictions were sized with grey-canvas designs only
+        return CopyPaste(n_units=d["n_units"], n_featvis=d["n_featvis"], n_featvis_context=0, n_exemplars=d["n_exemplars"],
                          featvis_steps=d["featvis_steps"], n_pool=d["n_pool"], sizes=tuple(d["sizes"]),
                          grid=d["grid"], n_rank=self.options()["n_rank"], calib_fraction=self.options()["calib_fraction"],
                          seed=design_seed)

@@ -356,10 +356,12 @@ class Study(CaseStudy):
                         png.replace(Path(views_dir) / png.name)
         order = list(NAMES)
         rows.sort(key=lambda r: order.index(r["method"]))
-        per_method = [views[f"{trojan.name}|{m}"] for m in order if f"{trojan.name}|{m}" in views]
+        have = [m for m in order if f"{trojan.name}|{m}" in views]
+        per_method = [views[f"{trojan.name}|{m}"] for m in have]
+        weights = [views.get(f"{trojan.name}|{m}|weights") for m in have]  # vote weights of methods that give them
         combined = None
         if per_method:
-            combined = round(rd.combined_choice(trojan, per_method, judge, seed=seed * 7)["score"], 4)
+            combined = round(rd.combined_choice(trojan, per_method, judge, seed=seed * 7, weights=weights)["score"], 4)
         if views_dir is not None and views:
             save_safetensors(Path(views_dir) / "views.safetensors", views,
                              {"what": "rediscovery views, key trojan|method"})

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from adversaries.base import AdversarialExamples
-from adversaries.copy_paste import CopyPaste, paste, placements, resize_patch
+from adversaries.copy_paste import CopyPaste, occlusion, paste, paste_on_sources, placements, resize_patch, thin
 from workbench.errors import WorkbenchError
 from workbench.handle import Architecture, ImagePreprocess, ModelHandle
 
@@ -129,6 +129,115 @@ def test_bad_input(red_handle):
         CopyPaste().cli_run(red_handle, argparse.Namespace(target=None))
 
 
+def test_default_sweep_is_mu_and_andreas_6x6_positions_by_6_sizes(red_handle):
+    cfg = CopyPaste()
+    pre48 = ImagePreprocess(height=48, width=48, class_names=("a", "b"))
+    h48 = ModelHandle(spec="test:48", model=RedDetector().eval(), kind="image_classifier", arch=Architecture("cnn", 1),
+                      preprocess=pre48)
+    sizes = cfg.sizes_px(h48)
+    assert len(sizes) == 6 and max(sizes) == 16 and min(sizes) == 6  # the largest is the old largest (a third of 48)
+    where = placements(48, 48, sizes, cfg.grid)
+    assert len(where) == len(set(where)) == 6 * 6 * 6
+    for s in sizes:
+        at = [(t, l) for t, l, z in where if z == s]
+        assert {t for t, _ in at} == {l for _, l in at} and len({t for t, _ in at}) == 6
+        assert (0, 0) in at and (48 - s, 48 - s) in at  # corners to corners: the sweep spans the image
+    assert all(0 <= t and t + z <= 48 and 0 <= l and l + z <= 48 for t, l, z in where)
+
+
+@pytest.mark.parametrize("at_most", [1, 7, 54, 216, 500])
+def test_thinned_sweep_is_an_even_subset(at_most):
+    where = placements(48, 48, (6, 8, 10, 12, 14, 16), 6)
+    sub = thin(where, at_most)
+    assert 1 <= len(sub) <= at_most and set(sub) <= set(where)
+    assert sub == sorted(sub, key=where.index)  # same order as the full sweep
+    if at_most >= 36:
+        assert {z for _, _, z in sub} == {z for _, _, z in where}  # every size is still tried
+    if at_most >= len(where):
+        assert sub == where
+    with pytest.raises(WorkbenchError):
+        thin(where, 0)
+
+
+def test_paste_on_sources_keeps_the_source_and_passes_gradients():
+    bank = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    tf = paste_on_sources(bank, 6, (4, 6))
+    canvas = torch.full((3, 3, 16, 16), 0.5)
+    patch = torch.rand(3, 3, 6, 6, requires_grad=True)
+    x = canvas.clone()
+    x[:, :, 5:11, 5:11] = patch
+    out = tf(x, torch.Generator().manual_seed(3))
+    again = tf(x, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)  # same generator seed, same pictures
+    assert out.shape == x.shape
+    for b in range(3):  # each output is one bank image with a small square changed
+        diffs = [(out[b].detach() - bank[i]).abs().sum(0) > 0 for i in range(5)]
+        changed = min(int(d.sum()) for d in diffs)
+        assert changed <= 36
+    out.sum().backward()
+    assert patch.grad is not None and float(patch.grad.abs().sum()) > 0
+    with pytest.raises(WorkbenchError):
+        paste_on_sources(bank[:0], 6, (6,))
+
+
+def test_controls_get_the_same_sweep_and_the_same_seed_gives_the_same_numbers(red_handle, monkeypatch):
+    import adversaries.copy_paste as cp
+
+    calls = []
+    real = cp.sweep_success
+
+    def spy(handle, images, patch, where, target, **kw):
+        calls.append((len(images), tuple(where)))
+        return real(handle, images, patch, where, target, **kw)
+
+    monkeypatch.setattr(cp, "sweep_success", spy)
+    images = _greyish(40, seed=4)
+    labels = torch.zeros(40, dtype=torch.long)
+    cfg = CopyPaste(**{**SMALL, "n_rank_placements": 4})
+    res = cfg.run_protocol(red_handle, images, labels, 1)
+    full = tuple(placements(16, 16, cfg.sizes_px(red_handle), cfg.grid))
+    n_cal, n_test = res["n_calibration"], res["n_attempts"]
+    assert [c[1] for c in calls[-6:]] == [full] * 6  # design, noise and natural: the whole sweep, both splits
+    assert sorted(c[0] for c in calls[-6:]) == sorted([n_cal, n_test] * 3)
+    assert all(len(c[1]) <= 4 for c in calls[:-6])  # candidates ranked on the thinned sweep
+    assert res["n_placements"] == len(full)
+    again = CopyPaste(**{**SMALL, "n_rank_placements": 4}).run_protocol(red_handle, images, labels, 1)
+    res.pop("_tensors"), again.pop("_tensors")
+    assert res == again
+    # designs made once and passed in give the same numbers as designing inside the protocol
+    cal, test = cfg.calibration_split(red_handle, images, labels, 1)
+    assert len(cal) == n_cal and len(test) == n_test
+    reused = cfg.run_protocol(red_handle, images, labels, 1, designs=cfg.design_patches(red_handle, 1, images[cal]))
+    reused.pop("_tensors")
+    assert reused == res
+
+
+def test_occlusion_is_the_covered_share_of_the_object():
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 4:8, 4:8] = True  # 16 object pixels
+    where = [(0, 0, 4), (4, 4, 4), (2, 2, 4), (10, 10, 6)]
+    occ = occlusion(masks, where)
+    assert occ.shape == (4, 2)
+    torch.testing.assert_close(occ[:, 0], torch.tensor([0.0, 1.0, 0.25, 0.0]))
+    assert torch.equal(occ[:, 1], torch.zeros(4))  # an empty mask is never occluded
+
+
+def test_placements_over_the_object_are_not_tried_for_design_or_controls(red_handle):
+    images = _greyish(40, seed=5)
+    labels = torch.zeros(40, dtype=torch.long)
+    everywhere = torch.ones(40, 16, 16, dtype=torch.bool)  # the "object" fills the image: every patch hides > 5%
+    cfg = CopyPaste(**{**SMALL, "max_occlusion": 0.05})
+    res = cfg.run_protocol(red_handle, images, labels, 1, object_masks=everywhere)
+    assert res["success_best"] == 0.0 and res["control_noise"] == 0.0 and res["control_natural"] == 0.0
+    assert res["p_target_best"] == pytest.approx(res["p_target_before"], abs=1e-6)  # untried images stay as they were
+    free = CopyPaste(**{**SMALL, "max_occlusion": 1.0}).run_protocol(red_handle, images, labels, 1, object_masks=everywhere)
+    plain = CopyPaste(**SMALL).run_protocol(red_handle, images, labels, 1)
+    free.pop("_tensors"), plain.pop("_tensors")
+    assert free == plain  # allowing full occlusion is the same as giving no masks
+    with pytest.raises(WorkbenchError, match="object_masks"):
+        cfg.run_protocol(red_handle, images, labels, 1, object_masks=everywhere[:3])
+
+
 @pytest.mark.slow
 def test_shapesnet_context_patch_beats_noise(tmp_path):
     """hexagons come with an orange half-disc: a designed patch flips other shapes to hexagon."""
@@ -138,7 +247,8 @@ def test_shapesnet_context_patch_beats_noise(tmp_path):
     h = workbench.load("zoo:shapesnet", device="cpu", progress=False)
     world = world_of(h)
     args = argparse.Namespace(target="hexagon", source=None, n=80, seed=0, out=str(tmp_path / "cp"), inputs=None)
-    res = CopyPaste(n_featvis=4, n_exemplars=2, featvis_steps=96, grid=3, n_pool=384).cli_run(h, args)
+    res = CopyPaste(n_featvis=4, n_featvis_context=2, n_exemplars=2, featvis_steps=96, grid=3,
+                    sizes=(0.21, 0.27, 0.33), n_pool=384).cli_run(h, args)
     assert res["success_best"] >= 2 * res["control_noise"]
     assert res["design"]["target_coverage"] in (0.0, None) or res["design"]["target_coverage"] <= 0.02
     assert (tmp_path / "cp" / "grid.png").is_file() and (tmp_path / "cp" / "patch.png").is_file()

@@ -112,3 +112,23 @@ def test_shapesnet_filtering_finds_the_spurious_colour_and_snafue_beats_controls
                                config=SNAFUE(pool_size=160, synthetic_steps=80, top_k=5))
     row = out["rows"][0]
     assert row["measured"] > row["control_random_natural"] and row["measured"] > row["baseline"]
+
+
+def test_snafue_restarts_keep_the_first_search_and_return_the_measured_patches(gray_cnn_handle: ModelHandle) -> None:
+    h = gray_cnn_handle
+    x = -1 + 2 * torch.rand(10, 1, 20, 28, generator=torch.Generator().manual_seed(1))
+    base = dict(pool_size=24, top_k=3, synthetic_steps=8, n_embed_images=4, eval_placements=1, patch_frac=0.4)
+    one = SNAFUE(**base).generate(h, x, 1)
+    two = SNAFUE(**base, n_synthetic=2).generate(h, x, 1)
+    rows1, rows2 = one.extra["top_patches"], two.extra["top_patches"]
+    assert [r["index"] for r in rows2[:3]] == [r["index"] for r in rows1]  # restart 0 is the single search
+    assert 3 <= len(rows2) <= 6 and len({r["index"] for r in rows2}) == len(rows2)  # no patch twice
+    assert [r["restart"] for r in rows2] == sorted(r["restart"] for r in rows2)
+    imgs = two.extra["top_patch_images"]
+    side = two.extra["patch_side_pixels"]
+    assert imgs.shape == (len(rows2), 1, side, side)
+    for r in rows2:
+        assert abs(r["target_confidence_gain"] - (r["target_confidence"] - two.extra["baseline_target_confidence"])) < 1e-6
+    assert "top_patch_images" not in two.summary()  # tensors stay out of the JSON summary
+    with pytest.raises(WorkbenchError, match="n_synthetic"):
+        SNAFUE(n_synthetic=0)

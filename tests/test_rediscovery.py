@@ -68,6 +68,9 @@ def test_rediscover_tiny_run_and_table(shapesnet, tmp_path):
     assert doc["chance"] == 0.125 and doc["human_best_published"] == 0.47
     assert {"name", "kind", "method", "score"} <= set(doc["per_trojan"][0])
     assert set(doc["per_kind"]) == {"patch", "style", "natural"}
+    assert doc["per_method_one_answer"]["featvis-logit"] == pytest.approx(
+        sum(r["consensus_correct"] for r in res.rows) / 3, abs=1e-4)
+    assert "one answer" in res.table()
     assert "featvis-logit" in res.table() and "chance 0.125" in res.table()
     out = res.save(tmp_path / "rd")
     assert (out / "rediscovery.json").is_file() and (out / "rediscovery.txt").is_file()
@@ -104,3 +107,107 @@ def test_judge_names_canonical_things():
         idx = torch.tensor([judge.index(rd._attribute_of(d)) for d in pool])
         correct += int((probs[:, idx].argmax(1) == torch.arange(len(pool))).sum())
     assert correct >= 10  # of 16 canonical patch/style pictures (chance: 2)
+
+
+def test_vote_weights_are_a_distribution():
+    torch.testing.assert_close(rd.vote_weights(None, 4), torch.full((4,), 0.25))
+    torch.testing.assert_close(rd.vote_weights(torch.tensor([0.0, -1.0, float("nan")]), 3), torch.full((3,), 1 / 3))
+    torch.testing.assert_close(rd.vote_weights(torch.tensor([3.0, 1.0, -2.0]), 3), torch.tensor([0.75, 0.25, 0.0]))
+    with pytest.raises(WorkbenchError, match="one weight per view"):
+        rd.vote_weights(torch.ones(2), 3)
+
+
+@pytest.mark.parametrize("gains", [[0.1, 0.3, 0.2, 0.3], [0.0, 0.0], [0.9]])
+def test_evidence_weights_follow_the_measured_gain(gains):
+    w = rd.evidence_weights(torch.tensor(gains))
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+    g = torch.tensor(gains)
+    for i in range(len(gains)):
+        for j in range(len(gains)):
+            if g[i] > g[j]:
+                assert w[i] > w[j]
+            if g[i] == g[j]:
+                torch.testing.assert_close(w[i], w[j])
+    sharper = rd.evidence_weights(g, temperature=0.01)
+    assert float(sharper.max()) >= float(w.max()) - 1e-6
+    with pytest.raises(WorkbenchError):
+        rd.evidence_weights(g, temperature=0.0)
+
+
+def test_weighted_votes_follow_the_evidence():
+    trojan = default_trojans()[4]  # the pink heart
+    right = TRIGGER_LIBRARY["natural-heart"].example(image_size=48)
+    wrong = TRIGGER_LIBRARY["natural-tee"].example(image_size=48)
+    views = torch.stack([right, wrong, wrong, wrong])
+    plain = rd.multiple_choice(trojan, views, None, seed=1)
+    assert plain["score"] == pytest.approx(0.25) and plain["weights"] is None
+    evidence = torch.tensor([0.9, 0.1, 0.1, 0.1])
+    weighted = rd.multiple_choice(trojan, views, None, seed=1, weights=rd.evidence_weights(evidence))
+    assert weighted["score"] > 0.9 and weighted["consensus_correct"] and not plain["consensus_correct"]
+    assert weighted["options"] == plain["options"]  # weights change the answer, never the question
+    flat = rd.multiple_choice(trojan, views, None, seed=1, weights=torch.ones(4))
+    assert flat["score"] == pytest.approx(plain["score"])
+
+
+def test_synthesis_weights_follow_the_facets():
+    syn = rd.Synthesis(torch.rand(3, 3, 8, 8), facets=["natural", "style", "any"], weights=torch.tensor([0.5, 0.2, 0.3]))
+    assert syn.for_kind("style").shape[0] == 2
+    torch.testing.assert_close(syn.weights_for_kind("style"), torch.tensor([0.2, 0.3]))
+    torch.testing.assert_close(syn.weights_for_kind("patch"), torch.tensor([0.3]))  # "any" answers every kind
+    two = rd.Synthesis(torch.rand(2, 3, 8, 8), facets=["natural", "natural"], weights=torch.tensor([0.6, 0.4]))
+    torch.testing.assert_close(two.weights_for_kind("style"), two.weights)  # no view of that facet: all views
+    assert rd.Synthesis(torch.rand(2, 3, 8, 8)).weights_for_kind("style") is None
+
+
+def test_natural_search_views_carry_their_evidence(shapesnet):
+    trojan = default_trojans()[4]
+    world = __import__("workbench.zoo.shapesnet", fromlist=["world_of"]).world_of(shapesnet)
+    a = rd.natural_search(shapesnet, trojan, world, budget="tiny", seed=3)
+    b = rd.natural_search(shapesnet, trojan, world, budget="tiny", seed=3)
+    assert a.views.shape[0] == a.weights.shape[0] == len(a.notes["views"]) >= 2
+    torch.testing.assert_close(a.weights.sum(), torch.tensor(1.0))
+    gains = torch.tensor([v["gain"] for v in a.notes["views"]])
+    assert int(a.weights.argmax()) == int(gains.argmax())
+    assert torch.equal(a.views, b.views) and torch.equal(a.weights, b.weights)  # same seed, same views
+    assert float(a.views.min()) >= 0 and float(a.views.max()) <= 1
+
+
+def test_combined_choice_uses_each_methods_weights():
+    trojan = default_trojans()[4]  # the pink heart
+    right = TRIGGER_LIBRARY["natural-heart"].example(image_size=48)
+    wrong = TRIGGER_LIBRARY["natural-tee"].example(image_size=48)
+    method = torch.stack([right, wrong, wrong, wrong])
+    assert rd.combined_choice(trojan, [method], None, seed=2)["score"] == 0.0
+    favour = rd.evidence_weights(torch.tensor([0.9, 0.1, 0.1, 0.1]))
+    assert rd.combined_choice(trojan, [method], None, seed=2, weights=[favour])["score"] == 1.0
+    assert rd.combined_choice(trojan, [method, wrong[None]], None, seed=2, weights=[favour, None])["score"] in (0.0, 1.0)
+    with pytest.raises(WorkbenchError, match="one \\(or None\\) per method"):
+        rd.combined_choice(trojan, [method], None, weights=[None, None])
+
+
+def test_rescore_reads_the_saved_weights(tmp_path):
+    from workbench.storage import save_safetensors
+
+    trojan = default_trojans()[4]
+    right = TRIGGER_LIBRARY["natural-heart"].example(image_size=48)
+    wrong = TRIGGER_LIBRARY["natural-tee"].example(image_size=48)
+    views = torch.stack([right, wrong, wrong, wrong]).contiguous()
+    favour = rd.evidence_weights(torch.tensor([0.9, 0.1, 0.1, 0.1])).contiguous()
+    save_safetensors(tmp_path / "views.safetensors", {f"{trojan.name}|natural": views,
+                                                      f"{trojan.name}|natural|weights": favour}, {"what": "test"})
+    res = rd.rescore(tmp_path / "views.safetensors", TrojanSet([trojan]), None)
+    assert [r["method"] for r in res.rows] == ["natural"]  # the weights are not a method
+    direct = rd.multiple_choice(trojan, views, None, weights=favour)
+    assert res.rows[0]["score"] == pytest.approx(direct["score"]) and res.rows[0]["score"] > 0.9
+    assert res.combined["per_trojan"][trojan.name] == 1.0
+
+
+def test_copy_paste_search_weights_views_by_calibration_success(shapesnet):
+    from workbench.zoo.shapesnet import world_of
+
+    trojan = default_trojans()[0]
+    syn = rd.copy_paste_search(shapesnet, trojan, world_of(shapesnet), budget="tiny", seed=0)
+    assert syn.weights is not None and syn.weights.shape[0] == syn.views.shape[0] == len(syn.facets)
+    torch.testing.assert_close(syn.weights.sum(), torch.tensor(1.0))
+    success = torch.tensor(syn.notes["calibration_success"])
+    assert int(syn.weights.argmax()) == int(success.argmax()) or float(success.max() - success.min()) < 1e-6

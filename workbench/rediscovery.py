@@ -55,17 +55,32 @@ class Synthesis:
     `facets` (optional, one per view): "natural", "style" or "patch" when a view shows only
     that kind of feature (an object, a background, a patch); a multiple-choice question about
     one kind of trigger is then judged on the views of that facet (all views when none match).
+    `weights` (optional, one per view, >= 0): how much the method's own measurement says each
+    view matters (e.g. how much it raised the target's probability on source images); votes
+    count in proportion (all equal when None).
     """
 
     views: torch.Tensor
     notes: dict[str, Any] = field(default_factory=dict)
     facets: list[str] | None = None
+    weights: torch.Tensor | None = None
+
+    def _keep(self, kind: str) -> list[int] | None:
+        if self.facets is None:
+            return None
+        keep = [i for i, f in enumerate(self.facets) if f in (kind, "any")]
+        return keep or None
 
     def for_kind(self, kind: str) -> torch.Tensor:
-        if self.facets is None:
-            return self.views
-        keep = [i for i, f in enumerate(self.facets) if f in (kind, "any")]
-        return self.views[keep] if keep else self.views
+        keep = self._keep(kind)
+        return self.views if keep is None else self.views[keep]
+
+    def weights_for_kind(self, kind: str) -> torch.Tensor | None:
+        """The views' evidence weights (see `multiple_choice`) for the views `for_kind` returns."""
+        if self.weights is None:
+            return None
+        keep = self._keep(kind)
+        return self.weights if keep is None else self.weights[keep]
 
 
 # --- source images --------------------------------------------------------------------------
@@ -140,15 +155,19 @@ def featvis_logit_fourier(handle: ModelHandle, trojan: Trojan, world: ShapesWorl
 
 
 def copy_paste_search(handle: ModelHandle, trojan: Trojan, world: ShapesWorld, *, budget: Budget, seed: int) -> Synthesis:
-    """The copy/paste designs (feature visualizations at patch scale, exemplar crops) ranked on source images."""
+    """The copy/paste designs (feature visualizations at patch scale, on grey and on the source
+    images, and exemplar crops) ranked on source images; each view's vote weighted by its
+    best-placement success there (`evidence_weights`)."""
     from adversaries.copy_paste import CopyPaste
 
     images, labels = source_images(handle, world, trojan, _budget(budget, 16, 48, 96), seed=seed + 11)
     t = world.class_index(trojan.target)
-    cfg = CopyPaste(n_featvis=_budget(budget, 2, 6, 8), n_exemplars=_budget(budget, 1, 2, 3), featvis_steps=_budget(budget, 16, 128, 192),
-                    grid=_budget(budget, 2, 3, 4), n_pool=_budget(budget, 128, 512, 1024), seed=seed)
+    cfg = CopyPaste(n_featvis=_budget(budget, 2, 6, 8), n_featvis_context=_budget(budget, 0, 4, 6),
+                    n_exemplars=_budget(budget, 1, 2, 3), featvis_steps=_budget(budget, 16, 128, 192),
+                    grid=_budget(budget, 2, 3, 4), sizes=(0.21, 0.27, 0.33), n_pool=_budget(budget, 128, 512, 1024), seed=seed)
     res = cfg.run_protocol(handle, images, labels, t, class_names=world.classes)
     ranked = res.pop("_tensors")["candidates"]  # best calibration score first
+    score = {id(d): c["score_calibration"] for d, c in zip(ranked, res["candidates"])}
     # what a person would look at: the best two candidates of each facet (an object part of a
     # design is an object feature, a background part a style feature, a whole patch a patch)
     facet_of = {"object": "natural", "background": "style"}
@@ -156,9 +175,57 @@ def copy_paste_search(handle: ModelHandle, trojan: Trojan, world: ShapesWorld, *
     for facet in ("natural", "style", "patch"):
         same = [d for d in ranked if facet_of.get(d.description.get("part"), "patch") == facet][:2]
         picked += [(d, facet) for d in same]
+    # evidence: each design's best-placement success on the calibration source images
+    gains = torch.tensor([float(score[id(d)]) for d, _ in picked])
     return Synthesis(torch.stack([d.patch for d, _ in picked]).clamp(0, 1),
-                     {"success_best": res["success_best"], "designs": [d.to_json() for d, _ in picked]},
-                     facets=[f for _, f in picked])
+                     {"success_best": res["success_best"], "designs": [d.to_json() for d, _ in picked],
+                      "calibration_success": [round(float(x), 4) for x in gains]},
+                     facets=[f for _, f in picked], weights=evidence_weights(gains))
+
+
+EVIDENCE_TEMPERATURE = 0.05
+"""Softmax temperature (in units of target probability) that turns measured gains into vote weights."""
+
+
+def evidence_weights(gains: torch.Tensor, *, temperature: float = EVIDENCE_TEMPERATURE) -> torch.Tensor:
+    """Vote weights from each view's measured gain in target probability on source images.
+
+    softmax(gain / temperature): a view that raises the target 0.1 more than another counts
+    e^2 times as much at the default 0.05; equal gains give equal votes. The gain is the
+    method's own measurement (no trigger, no judge involved), so weighting by it asks the
+    judge about what the model demonstrably responds to rather than about every near miss.
+    """
+    g = torch.as_tensor(gains, dtype=torch.float32).flatten()
+    if temperature <= 0:
+        raise WorkbenchError(f"temperature {temperature} must be > 0")
+    if g.numel() == 0:
+        return g
+    return torch.softmax(torch.nan_to_num(g, nan=-1.0) / temperature, 0)
+
+
+def natural_search(handle: ModelHandle, trojan: Trojan, world: ShapesWorld, *, budget: Budget, seed: int) -> Synthesis:
+    """SNAFUE (natural-patch search), every measured natural patch a view, weighted by its evidence.
+
+    The synthetic patches (`n_synthetic` restarts) pick their nearest natural patches from the
+    pool; each is then pasted on the source images and its gain in target probability over
+    the unpatched images measured (SNAFUE's own evaluation). All of them are views, and a
+    view's vote counts by `evidence_weights` of that gain: one view (the best patch alone)
+    makes the answer all-or-nothing, so the score of a trojan flipped between 0 and 1 with
+    the seed; many equal votes drown the patch that works in near misses.
+    """
+    import adversaries
+
+    images, labels = source_images(handle, world, trojan, _budget(budget, 12, 32, 64), seed=seed + 23)
+    gen = adversaries.get("snafue")(synthetic_steps=_budget(budget, 10, 80, 150), pool_size=_budget(budget, 64, 1000, 1500),
+                                    top_k=_budget(budget, 2, 8, 8), n_synthetic=_budget(budget, 1, 2, 3), seed=seed)
+    ae = gen.generate(handle, (images, labels), world.class_index(trojan.target))
+    rows = ae.extra["top_patches"]
+    views = ae.extra["top_patch_images"].float().clamp(0, 1)
+    gains = torch.tensor([float(r["target_confidence_gain"]) for r in rows])
+    notes = {k: v for k, v in ae.summary().items() if k in ("success_rate", "best_description", "n")}
+    notes["views"] = [{"description": r["description"], "gain": round(float(r["target_confidence_gain"]), 4),
+                       "fooling_rate": round(float(r["fooling_rate"]), 4)} for r in rows]
+    return Synthesis(views, notes, weights=evidence_weights(gains))
 
 
 def _changed_views(ae: Any, k: int) -> torch.Tensor:
@@ -203,8 +270,7 @@ METHODS: dict[str, Callable[..., Synthesis]] = {
     "copy-paste": copy_paste_search,
     "feature-level": _registry_method("feature-level", lambda b, s: {
         "steps": _budget(b, 10, 80, 150), "restarts": _budget(b, 1, 2, 3), "seed": s}),
-    "natural": _registry_method("snafue", lambda b, s: {
-        "synthetic_steps": _budget(b, 10, 80, 150), "pool_size": _budget(b, 64, 300, 400), "seed": s}),
+    "natural": natural_search,
     "adversarial-filtering": _registry_method("adversarial-filtering", lambda b, s: {
         "n_scenes": _budget(b, 200, 1000, 2000), "seed": s}, uses_images=False, view="adversarial"),
     "adversarial-patch": _registry_method("adversarial-patch", lambda b, s: {
@@ -296,9 +362,26 @@ def same_trigger(a: TriggerDesign, b: TriggerDesign) -> bool:
     return _same_trigger(a, b)
 
 
+def vote_weights(weights: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Non-negative vote weights summing to 1 (equal when `weights` is None or all zero)."""
+    if weights is None:
+        return torch.full((n,), 1.0 / max(n, 1))
+    w = torch.as_tensor(weights, dtype=torch.float32).flatten()
+    if w.numel() != n:
+        raise WorkbenchError(f"{w.numel()} view weights for {n} views; give one weight per view")
+    w = torch.nan_to_num(w, nan=0.0).clamp_min(0.0)
+    if float(w.sum()) <= 0:
+        return torch.full((n,), 1.0 / max(n, 1))
+    return w / w.sum()
+
+
 def multiple_choice(trojan: Trojan, views: torch.Tensor, judge: Judge | None, *, n_options: int = 8,
-                    seed: int = 0) -> dict[str, Any]:
-    """The 8-way question for one trojan and one method's views, answered by the judge."""
+                    seed: int = 0, weights: torch.Tensor | None = None) -> dict[str, Any]:
+    """The 8-way question for one trojan and one method's views, answered by the judge.
+
+    Each view votes for the option it is most similar to; the score is the (weighted, see
+    `vote_weights`) share of votes for the true trigger, and the consensus is the option with
+    the highest weighted mean similarity."""
     from workbench.worlds.trojans import trigger_candidates
 
     if len(views) == 0:  # the method synthesized nothing: it cannot point at any option
@@ -315,26 +398,33 @@ def multiple_choice(trojan: Trojan, views: torch.Tensor, judge: Judge | None, *,
     options.insert(pos, trojan.trigger)
     sims = similarity(views, option_pictures(options), judge)  # (M, 8)
     votes = sims.argmax(1)
-    score = float((votes == pos).float().mean())
-    mean_pick = int(sims.mean(0).argmax())
+    w = vote_weights(weights, len(views))
+    score = float((w * (votes == pos).float()).sum())
+    mean_pick = int((w[:, None] * sims).sum(0).argmax())
     return {
         "score": score,
         "options": [d.name for d in options],
         "true_index": pos,
         "votes": [options[int(v)].name for v in votes],
+        "weights": [round(float(x), 4) for x in w] if weights is not None else None,
         "consensus": options[mean_pick].name,
         "consensus_correct": mean_pick == pos,
     }
 
 
 def combined_choice(trojan: Trojan, per_method: list[torch.Tensor], judge: Judge | None, *, n_options: int = 8,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, weights: list[torch.Tensor | None] | None = None) -> dict[str, Any]:
     """All methods together: one 8-way question, distractors most similar to all views pooled;
-    each method ranks the options (mean similarity of its views, softmax at temperature 0.05)
-    and the summed ranking answers (like a person looking at every method's output)."""
+    each method ranks the options (mean similarity of its views, weighted by `weights[i]` when
+    given, see `vote_weights`; softmax at temperature 0.05) and the summed ranking answers
+    (like a person looking at every method's output)."""
     from workbench.worlds.trojans import trigger_candidates
 
-    per_method = [v for v in per_method if len(v)]
+    if weights is not None and len(weights) != len(per_method):
+        raise WorkbenchError(f"{len(weights)} weight entries for {len(per_method)} methods; give one (or None) per method")
+    ws = list(weights) if weights is not None else [None] * len(per_method)
+    keep = [i for i, v in enumerate(per_method) if len(v)]
+    per_method, ws = [per_method[i] for i in keep], [ws[i] for i in keep]
     if not per_method:
         return {"score": 0.0, "options": [], "true_index": -1}
     pooled = torch.cat([F.interpolate(v.float(), size=(48, 48), mode="bilinear", align_corners=False) for v in per_method])
@@ -345,8 +435,9 @@ def combined_choice(trojan: Trojan, per_method: list[torch.Tensor], judge: Judge
     options.insert(pos, trojan.trigger)
     pics = option_pictures(options)
     total = torch.zeros(len(options))
-    for v in per_method:
-        total += torch.softmax(similarity(v, pics, judge).mean(0) / 0.05, -1)
+    for v, w in zip(per_method, ws):
+        mean_sim = (vote_weights(w, len(v))[:, None] * similarity(v, pics, judge)).sum(0)
+        total += torch.softmax(mean_sim / 0.05, -1)
     pick = int(total.argmax())
     return {"score": float(pick == pos), "options": [d.name for d in options], "true_index": pos, "pick": options[pick].name}
 
@@ -371,6 +462,13 @@ class RediscoveryResult:
             groups.setdefault(str(r[key]), []).append(r["score"])
         return {k: round(sum(v) / len(v), 4) for k, v in groups.items()}
 
+    def by_consensus(self, key: str) -> dict[str, float]:
+        """Share of questions whose one answer (the weighted consensus) is the true trigger, per `key`."""
+        groups: dict[str, list[float]] = {}
+        for r in self.rows:
+            groups.setdefault(str(r[key]), []).append(float(bool(r.get("consensus_correct"))))
+        return {k: round(sum(v) / len(v), 4) for k, v in groups.items()}
+
     def best_method_per_trojan(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for r in self.rows:
@@ -384,6 +482,8 @@ class RediscoveryResult:
             "human_best_published": HUMAN_BEST,
             "per_method": self.by("method"),
             "per_kind": self.by("kind"),
+            "per_method_one_answer": self.by_consensus("method"),
+            "per_kind_one_answer": self.by_consensus("kind"),
             "per_trojan": [{k: r[k] for k in ("name", "kind", "method", "score", "consensus", "consensus_correct",
                                               "target", "source", "seconds")} for r in self.rows],
             "combined": self.combined,
@@ -405,6 +505,9 @@ class RediscoveryResult:
         pm = self.by("method")
         lines.append(f"{'mean':<20} {'':<8} " + " ".join(f"{pm.get(m, float('nan')):>14.2f}" for m in self.methods)
                      + f" {self.combined.get('mean', float('nan')):>6.2f}")
+        one = self.by_consensus("method")
+        lines.append(f"{'one answer':<20} {'':<8} " + " ".join(f"{one.get(m, float('nan')):>14.2f}" for m in self.methods)
+                     + "   (share of questions whose weighted consensus is the true trigger)")
         for kind, v in sorted(self.by("kind").items()):
             lines.append(f"  {kind} trojans: {v:.2f}")
         lines.append(f"chance {CHANCE:.3f}; published human best {HUMAN_BEST} (Casper et al. 2023)")
@@ -454,6 +557,7 @@ def rediscover(handle: ModelHandle, *, trojans: TrojanSet | None = None, methods
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     all_views: dict[str, list[torch.Tensor]] = {}
+    all_weights: dict[str, list[torch.Tensor | None]] = {}
     raw_views: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(tset) * len(names), desc="rediscovery", disable=not progress)
     for i, trojan in enumerate(tset):
@@ -471,11 +575,15 @@ def rediscover(handle: ModelHandle, *, trojans: TrojanSet | None = None, methods
                     continue
                 log.warning("rediscovery: %s on %s failed: %s", m, trojan.name, exc)
                 syn = Synthesis(torch.zeros(0, 3, 48, 48), {"error": str(exc)})
-            mc = multiple_choice(trojan, syn.for_kind(trojan.kind), judge, seed=seed * 7 + i)
+            mc = multiple_choice(trojan, syn.for_kind(trojan.kind), judge, seed=seed * 7 + i,
+                                 weights=syn.weights_for_kind(trojan.kind))
             if len(syn.views):
                 all_views.setdefault(trojan.name, []).append(syn.for_kind(trojan.kind))
-            if len(syn.views):
+                kind_weights = syn.weights_for_kind(trojan.kind)
+                all_weights.setdefault(trojan.name, []).append(kind_weights)
                 raw_views[f"{trojan.name}|{m}"] = syn.for_kind(trojan.kind).detach().float().cpu().contiguous()
+                if kind_weights is not None:
+                    raw_views[f"{trojan.name}|{m}|weights"] = kind_weights.detach().float().cpu().contiguous()
             if views_dir is not None and len(syn.views):
                 from workbench.featvis import save_image_grid
 
@@ -488,11 +596,12 @@ def rediscover(handle: ModelHandle, *, trojans: TrojanSet | None = None, methods
     combined_rows = {}
     for i, trojan in enumerate(tset):
         if trojan.name in all_views:
-            combined_rows[trojan.name] = round(combined_choice(trojan, all_views[trojan.name], judge, seed=seed * 7 + i)["score"], 4)
+            combined_rows[trojan.name] = round(combined_choice(trojan, all_views[trojan.name], judge, seed=seed * 7 + i,
+                                                               weights=all_weights[trojan.name])["score"], 4)
     if views_dir is not None and raw_views:
         from workbench.storage import save_safetensors
 
-        save_safetensors(Path(views_dir) / "views.safetensors", raw_views, {"what": "rediscovery views, key trojan|method"})
+        save_safetensors(Path(views_dir) / "views.safetensors", raw_views, {"what": "rediscovery views: key trojan|method; a method's vote weights under trojan|method|weights"})
     used = [m for m in names if m not in skipped]
     res = RediscoveryResult(rows=rows, methods=used, skipped=skipped, seconds=time.perf_counter() - start)
     res.combined = {"per_trojan": combined_rows,
@@ -509,11 +618,13 @@ def rescore(views_file: str | Path, trojans: TrojanSet, judge: Judge | None, *, 
     rows = []
     methods: list[str] = []
     for key, views in data.items():
+        if key.endswith("|weights"):
+            continue
         name, method = key.split("|", 1)
         if name not in by_name:
             continue
         i, t = by_name[name]
-        mc = multiple_choice(t, views, judge, seed=seed * 7 + i)
+        mc = multiple_choice(t, views, judge, seed=seed * 7 + i, weights=data.get(f"{key}|weights"))
         rows.append({"name": name, "kind": t.kind, "method": method, "target": t.target, "source": t.source,
                      "trigger": t.trigger.name, **mc, "notes": {}, "seconds": 0.0})
         if method not in methods:
@@ -521,9 +632,10 @@ def rescore(views_file: str | Path, trojans: TrojanSet, judge: Judge | None, *, 
     res = RediscoveryResult(rows=rows, methods=methods, skipped={}, seconds=0.0)
     comb = {}
     for name, (i, t) in by_name.items():
-        views = [v for key, v in data.items() if key.split("|", 1)[0] == name]
-        if views:
-            comb[name] = round(combined_choice(t, views, judge, seed=seed * 7 + i)["score"], 4)
+        keys = [key for key in data if key.split("|", 1)[0] == name and not key.endswith("|weights")]
+        if keys:
+            comb[name] = round(combined_choice(t, [data[k] for k in keys], judge, seed=seed * 7 + i,
+                                               weights=[data.get(f"{k}|weights") for k in keys])["score"], 4)
     res.combined = {"per_trojan": comb, "mean": round(sum(comb.values()) / max(len(comb), 1), 4)}
     return res
 
