@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from editors.registry import available, get  # noqa: E402
-from workbench.counterfact import aggregate_cases, bootstrap_intervals, evaluate_rewrites  # noqa: E402
+from workbench.counterfact import (  # noqa: E402
+    aggregate_cases, bootstrap_intervals, drop_batch_conflicts, evaluate_rewrites)
 from workbench.models import load  # noqa: E402
 from workbench.requests import Rewrite  # noqa: E402
 
@@ -87,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", default="10,100,1000", help="MEMIT sizes for time/memory")
     ap.add_argument("--seed", type=int, default=0, help="which facts are rewritten")
     ap.add_argument("--methods", default="rome,ft,ft-l,kn", help="single-edit methods (skipped if not registered)")
-    ap.add_argument("--rome", default='{"layer": 0, "fact_token": "prompt_last", "n_prefixes": 0}',
+    ap.add_argument("--rome", default='{"layer": 0, "fact_token": "subject_last", "n_prefixes": 0}',
                     help="ROME config as JSON")
-    ap.add_argument("--memit", default='{"layers": [0, 1], "fact_token": "prompt_last", "n_prefixes": 0}',
+    ap.add_argument("--memit", default='{"layers": [0], "fact_token": "subject_last", "n_prefixes": 0, '
+                                       '"clamp_norm_factor": 1.5}',
                     help="MEMIT config as JSON")
     ap.add_argument("--fluency", action="store_true", help="also measure GE (slower)")
     ap.add_argument("--threads", type=int, default=2)
@@ -143,10 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         fit_s = time.perf_counter() - start
         with delta.applied(handle.model):
             edited = evaluate_rewrites(handle, subset, fluency=args.fluency, bootstrap=0)
+        clean, dropped = drop_batch_conflicts(subset, world.subjects)
+        clean = [rw for rw in clean if rw.neighborhood_prompts]
+        with delta.applied(handle.model):
+            clean_edited = evaluate_rewrites(handle, clean, fluency=False, bootstrap=0).aggregate
+        clean_base = evaluate_rewrites(handle, clean, fluency=False, bootstrap=0).aggregate
         print(f"\n== MEMIT, {len(subset)} rewrites at once ==")
         print(head)
         print(_row("unedited", base.aggregate))
         print(_row("memit", edited.aggregate, fit_s))
+        print(f"neighbourhood prompts about facts this batch rewrites: {dropped} (dropped below)")
+        print(_row("unedited (clean nbrs)", clean_base))
+        print(_row("memit (clean nbrs)", clean_edited))
+        out["memit_clean_neighbours"] = {"dropped": dropped, "unedited": clean_base, "metrics": clean_edited}
         out["memit"] = {"n": len(subset), "unedited": base.aggregate, "metrics": edited.aggregate,
                         "intervals": bootstrap_intervals(edited.per_case, seed=0), "fit_seconds": fit_s,
                         "config": _config(editor), "per_layer": delta.extra["per_layer"]}

@@ -84,6 +84,9 @@ class MEMIT:
     mom2_corpus: str = "auto"
     storage: Literal["auto", "low_rank", "dense"] = "auto"
     v_batch_requests: int = 128
+    # Rewrites of one subject share one target (its last-token state is one vector; separate
+    # targets for its facts would be averaged away by the least squares).
+    joint_subject: bool = True
     seed: int = 0
     batch_size: int = 64
 
@@ -127,7 +130,7 @@ class MEMIT:
             stats = {}
             if self.mom2_adjustment:
                 for layer in layers:
-                    stats[layer] = key_statistics(handle, layer, corpus=self.mom2_corpus, texts=texts,
+                    stats[layer] = key_statistics(handle, layer, corpus=self.mom2_corpus, texts=texts, fact_token=self.fact_token,
                                                   n_samples=self.mom2_n_samples, seed=self.seed,
                                                   progress=progress).second_moment
             timings["statistics_s"] = time.perf_counter() - t0
@@ -138,7 +141,7 @@ class MEMIT:
                 handle, rewrites, layer=last, site_kind="resid_post", templates=templates,
                 config=ValueConfig(lr=self.v_lr, steps=self.v_steps, kl_factor=self.kl_factor,
                                    weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor, fact_token=self.fact_token,
-                                   batch_requests=self.v_batch_requests),
+                                   batch_requests=self.v_batch_requests, joint_subject=self.joint_subject),
                 progress=progress,
             )
             timings["values_s"] = time.perf_counter() - t0

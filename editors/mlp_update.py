@@ -119,12 +119,13 @@ def sample_texts(
     length: int,
     seed: int,
     batch_size: int = 64,
-    top_k: int | None = None,
+    top_k: int | None = 5,
 ) -> list[str]:
     """`n` texts of `length` tokens sampled from the model itself, starting after its BOS/EOS token.
 
     Used for ROME's context prefixes and, for models without a named corpus, as the text
-    over which key statistics are collected.
+    over which key statistics are collected. Sampled from the `top_k` most likely tokens
+    (ROME's code uses 5); `top_k=None` is greedy, which gives `n` copies of one text.
     """
     from workbench.counterfact import _sample
 
@@ -280,6 +281,9 @@ class ValueConfig:
     stop_nll: float = 0.05
     batch_requests: int = 64
     fact_token: FactToken = "subject_last"
+    # One delta per subject for all of that subject's rewrites (several facts of one subject in a
+    # batch): its last-token state is one vector, so per-rewrite deltas would pull it apart.
+    joint_subject: bool = False
 
 
 def _logits_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
@@ -307,11 +311,16 @@ def optimize_values(
     that makes target_new likely after every context template, with the KL and norm guards.
 
     Rewrites are optimized in chunks of `config.batch_requests`; each has its own delta and its own
-    loss term, so batching does not couple them. A rewrite stops moving once its NLL is below
-    `config.stop_nll`. The model's parameters are not touched (gradients flow to delta only).
+    loss term, so batching does not couple them, except with `config.joint_subject`: then the
+    rewrites of one subject share one delta (fitted to all their losses; kept in one chunk). A
+    rewrite (or subject) stops moving once its NLL is below `config.stop_nll`. The model's
+    parameters are not touched (gradients flow to delta only).
     """
-    model, tok = handle.model, handle.tokenizer
-    deltas, inits, before, after, steps = [], [], [], [], []
+    model = handle.model
+    n = len(rewrites)
+    delta_rows: list[torch.Tensor | None] = [None] * n
+    init_rows: list[torch.Tensor | None] = [None] * n
+    before, after, steps = [0.0] * n, [0.0] * n, [0] * n
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
@@ -319,32 +328,58 @@ def optimize_values(
     try:
         for p in params:
             p.requires_grad_(False)
-        for start in range(0, len(rewrites), config.batch_requests):
-            chunk = list(rewrites[start:start + config.batch_requests])
-            result = _optimize_chunk(handle, chunk, layer=layer, site_kind=site_kind, templates=templates,
-                                     config=config)
-            deltas.append(result.delta)
-            inits.append(result.init)
-            before += result.nll_before
-            after += result.nll_after
-            steps += result.steps
+        done = 0
+        for chunk in _value_chunks(rewrites, config):
+            items = [rewrites[i] for i in chunk]
+            groups = _subject_groups(items) if config.joint_subject else list(range(len(items)))
+            result = _optimize_chunk(handle, items, layer=layer, site_kind=site_kind, templates=templates,
+                                     config=config, groups=groups)
+            for j, i in enumerate(chunk):
+                delta_rows[i], init_rows[i] = result.delta[j], result.init[j]
+                before[i], after[i], steps[i] = result.nll_before[j], result.nll_after[j], result.steps[j]
+            done += len(chunk)
             if progress:
-                log.info("values %d/%d", start + len(chunk), len(rewrites))
+                log.info("values %d/%d", done, n)
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         model.train(was_training)
-    del tok
-    return ValueResult(torch.cat(deltas), torch.cat(inits), before, after, steps)
+    return ValueResult(torch.stack(delta_rows), torch.stack(init_rows), before, after, steps)  # type: ignore[arg-type]
+
+
+def _subject_groups(rewrites: Sequence[Rewrite]) -> list[int]:
+    """Group index of each rewrite, one group per distinct subject (in order of first appearance)."""
+    index: dict[str, int] = {}
+    return [index.setdefault(rw.subject, len(index)) for rw in rewrites]
+
+
+def _value_chunks(rewrites: Sequence[Rewrite], config: ValueConfig) -> list[list[int]]:
+    """Indices per optimization chunk: `batch_requests` rewrites each, or whole subjects when joint."""
+    if not config.joint_subject:
+        return [list(range(s, min(s + config.batch_requests, len(rewrites))))
+                for s in range(0, len(rewrites), config.batch_requests)]
+    by_subject: dict[str, list[int]] = {}
+    for i, rw in enumerate(rewrites):
+        by_subject.setdefault(rw.subject, []).append(i)
+    chunks: list[list[int]] = [[]]
+    for members in by_subject.values():
+        if chunks[-1] and len(chunks[-1]) + len(members) > config.batch_requests:
+            chunks.append([])
+        chunks[-1].extend(members)
+    return chunks
 
 
 def _optimize_chunk(handle: Any, rewrites: list[Rewrite], *, layer: int, site_kind: ValueSite,
-                    templates: Sequence[str], config: ValueConfig) -> ValueResult:
+                    templates: Sequence[str], config: ValueConfig, groups: Sequence[int]) -> ValueResult:
+    """Optimize one delta per group (`groups[i]`: rewrite i's group); rows are returned per rewrite."""
     model, tok = handle.model, handle.tokenizer
     device = model_device(model)
     pad = _pad_id(tok)
     site = value_site(site_kind, layer)
     n = len(rewrites)
+    n_groups = max(groups) + 1
+    group_t = torch.tensor(list(groups), device=device)
+    first = [list(groups).index(g) for g in range(n_groups)]  # the rewrite whose activation scales its group
 
     # Target rows: every rewrite behind every template, target teacher-forced.
     rows, owner, subj_pos, tgt_rows, tgt_pos, tgt_ids, tgt_owner, tgt_weight = [], [], [], [], [], [], [], []
@@ -391,14 +426,15 @@ def _optimize_chunk(handle: Any, rewrites: list[Rewrite], *, layer: int, site_ki
 
     # delta = z * |init| / sqrt(d): Adam's step (~lr per coordinate of z) then moves delta by about
     # lr x |init| whatever the model's activation scale, so one lr fits GPT-2 XL and FactGPT.
-    init_norm = init.to(device).norm(dim=-1).clamp_min(1e-6)
+    init_norm = init.to(device)[first].norm(dim=-1).clamp_min(1e-6)  # per group
     unit = (init_norm / math.sqrt(init.shape[-1]))[:, None]
-    z = torch.zeros((n, init.shape[-1]), device=device, requires_grad=True)
+    z = torch.zeros((n_groups, init.shape[-1]), device=device, requires_grad=True)
     max_norm = config.clamp_norm_factor * init_norm
+    row_group = group_t[owner_t]
 
     def add_delta(act: torch.Tensor) -> torch.Tensor:
         delta = z * unit
-        return act.index_put((arange_rows, subj_t), delta[owner_t].to(act.dtype), accumulate=True)
+        return act.index_put((arange_rows, subj_t), delta[row_group].to(act.dtype), accumulate=True)
 
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
         with edit(handle, {site: add_delta}):
@@ -408,21 +444,25 @@ def _optimize_chunk(handle: Any, rewrites: list[Rewrite], *, layer: int, site_ki
         nll = torch.zeros(n, device=device).index_add(0, t_owner, -tgt_lp * t_weight)
         return nll, logp[len(tgt_rows):]
 
+    def per_group(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_groups, device=device, dtype=x.dtype).index_add(0, group_t, x)
+
     with torch.no_grad():
         nll0, ess0 = forward()
     ess_ref = ess0.detach()
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    steps_taken = torch.zeros(n, dtype=torch.long)
+    active = torch.ones(n_groups, dtype=torch.bool, device=device)
+    steps_taken = torch.zeros(n_groups, dtype=torch.long)
     opt = torch.optim.Adam([z], lr=config.lr)
     nll = nll0
     for _step in range(config.steps):
         nll, ess = forward()
-        active = active & (nll.detach() > config.stop_nll)
+        worst = torch.zeros(n_groups, device=device).scatter_reduce(0, group_t, nll.detach(), "amax", include_self=False)
+        active = active & (worst > config.stop_nll)
         if not bool(active.any()):
             break
         kl = (ess_ref.exp() * (ess_ref - ess)).sum(-1)
         decay = config.weight_decay * (z * unit).pow(2).sum(-1) / init_norm.pow(2)
-        loss = ((nll + config.kl_factor * kl + decay) * active).sum()
+        loss = ((per_group(nll + config.kl_factor * kl) + decay) * active).sum()
         opt.zero_grad()
         loss.backward()
         keep = z.detach().clone()
@@ -435,13 +475,14 @@ def _optimize_chunk(handle: Any, rewrites: list[Rewrite], *, layer: int, site_ki
         steps_taken += active.cpu().long()
     with torch.no_grad():
         nll_final, _ = forward()
-    return ValueResult((z * unit).detach().float().cpu(), init.float().cpu(), nll0.tolist(), nll_final.tolist(),
-                       steps_taken.tolist())
+    delta = (z * unit).detach()[group_t].float().cpu()
+    return ValueResult(delta, init.float().cpu(), nll0.tolist(), nll_final.tolist(),
+                       steps_taken[group_t.cpu()].tolist())
 
 
 # --- key statistics ------------------------------------------------------------------------
 
-CorpusSource = str  # "auto" | "world" | "generated" | path to a .txt (one text a line) or .json list
+CorpusSource = str  # "auto" | "world" | "prompts" | "generated" | path to a .txt (one text a line) or .json list
 
 
 def _read_corpus_file(path: Path) -> list[str]:
@@ -477,6 +518,29 @@ def _generated_stream(handle: Any, n_texts: int, *, length: int, seed: int, batc
         part += 1
 
 
+def _fact_prompt_batches(handle: Any, world: Any, *, fact_token: FactToken, n: int, seed: int,
+                         batch_size: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """Batches of the world's fact prompts (a seeded sample of `n`, or all) with a sample mask
+    on each prompt's `fact_token` position."""
+    import random
+
+    prompts = list(world.prompts())
+    if n < len(prompts):
+        prompts = random.Random(seed).sample(prompts, n)
+    device = model_device(handle.model)
+    pad = _pad_id(handle.tokenizer)
+    located = [locate(handle.tokenizer, "{}", world.relation(p.relation_id).templates[p.template_index], p.subject,
+                      fact_token) for p in prompts]
+    batches = []
+    for start in range(0, len(located), batch_size):
+        chunk = located[start:start + batch_size]
+        ids, mask = _batch([c.ids for c in chunk], pad, device)
+        sample = torch.zeros_like(mask)
+        sample[torch.arange(len(chunk)), torch.tensor([c.subject_last for c in chunk])] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "sample_mask": sample})
+    return batches, len(located)
+
+
 def key_statistics(
     handle: Any,
     layer: int,
@@ -489,13 +553,18 @@ def key_statistics(
     generated_length: int = 48,
     cache: bool | str = True,
     progress: bool = False,
+    fact_token: FactToken = "subject_last",
 ) -> Any:
     """Second-moment statistics of the MLP key at `layer` (a `SiteStatistics`, float64, disk-cached).
 
     `texts` (any list of strings) wins over `corpus`. `corpus`: "world" uses the FactWorld
-    corpus of a zoo model (`handle.info["world"]`); "generated" samples `generated_length`-token
-    texts from the model itself; a path reads a .txt (one text a line) or .json list; "auto"
-    means "world" when the handle has one, else "generated". `n_samples` counts tokens.
+    corpus of a zoo model (`handle.info["world"]`), every token a sample; "prompts" uses the
+    world's fact prompts with one sample each, the key at `fact_token` (the position an edit
+    reads: the keys an edit must leave alone are other facts' keys at that same position, and
+    keys elsewhere in a text can have another distribution altogether); "generated" samples
+    `generated_length`-token texts from the model itself; a path reads a .txt (one text a
+    line) or .json list; "auto" means "world" when the handle has one, else "generated".
+    `n_samples` counts tokens (for "prompts": prompts, at most all of them).
     """
     from workbench.statistics import collect_statistics
 
@@ -505,6 +574,15 @@ def key_statistics(
                                   cache=cache, progress=progress)
     world = handle.info.get("world") if isinstance(getattr(handle, "info", None), dict) else None
     source = corpus
+    if source == "prompts":
+        if world is None or not hasattr(world, "prompts"):
+            raise WorkbenchError(f"corpus 'prompts' needs a zoo model trained on a world ({handle.spec} has none); "
+                                 "use corpus='world', 'generated' or a text file")
+        batches, n_prompts = _fact_prompt_batches(handle, world, fact_token=fact_token, n=n_samples, seed=seed,
+                                                  batch_size=batch_size)
+        return collect_statistics(handle, site, batches, n_samples=n_prompts, batch_size=batch_size, cache=cache,
+                                  corpus_id=f"factworld-prompts:{world.config}:{fact_token}:{n_prompts}:{seed}",
+                                  progress=progress)
     if source == "auto":
         source = "world" if world is not None and hasattr(world, "corpus") else "generated"
     if source == "world":
@@ -519,7 +597,7 @@ def key_statistics(
         n_texts = max(8, math.ceil(2 * n_samples / max(1, generated_length)))
         stream = _generated_stream(handle, n_texts, length=generated_length, seed=seed, batch=batch_size)
         return collect_statistics(handle, site, stream, n_samples=n_samples, batch_size=batch_size, cache=cache,
-                                  corpus_id=f"generated:len={generated_length}:n={n_texts}:seed={seed}",
+                                  corpus_id=f"generated:len={generated_length}:n={n_texts}:seed={seed}:top_k=5",
                                   progress=progress)
     path = Path(source)
     if not path.is_file():

@@ -113,7 +113,7 @@ class ROME:
         with assert_unchanged(model):
             t0 = time.perf_counter()
             if self.mom2_adjustment:
-                stats = key_statistics(handle, layer, corpus=self.mom2_corpus, texts=texts,
+                stats = key_statistics(handle, layer, corpus=self.mom2_corpus, texts=texts, fact_token=self.fact_token,
                                        n_samples=self.mom2_n_samples, seed=self.seed, progress=progress)
                 second_moment = stats.second_moment
                 stats_count = stats.count

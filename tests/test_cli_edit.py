@@ -144,7 +144,7 @@ def test_edit_factgpt_saved_model_answers(capsys, tmp_path, monkeypatch) -> None
     rw = rec["requested_rewrite"]
     saved = tmp_path / "edited"
     code, out, err = run(capsys, "edit", "rome", "zoo:factgpt", "--subject", rw["subject"], "--prompt", rw["prompt"],
-                         "--target", rw["target_new"]["str"], "--layer", "0", "--fact-token", "prompt_last",
+                         "--target", rw["target_new"]["str"], "--layer", "0",
                          "--save-model", str(saved), "--json", "--device", "cpu")
     assert code == 0, err
     r = json.loads(out)
@@ -160,7 +160,7 @@ def test_edit_factgpt_saved_model_answers(capsys, tmp_path, monkeypatch) -> None
 
 @pytest.mark.slow
 def test_edit_that_does_not_take_says_what_to_try(capsys, monkeypatch) -> None:
-    # FactGPT looks facts up at the prompt's last token: ROME's paper default (subject-last key) does not take
+    # ROME's default layer (the middle one, 2 of 4) is not where FactGPT stores facts (layer 0, subject's last token)
     from workbench.models import load
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(SHARED_CACHE))

@@ -109,17 +109,17 @@ SHARED_CACHE = cache_dir()
 
 @pytest.mark.slow
 def test_memit_factgpt_50() -> None:
-    """FactGPT v1 level with the prompt-last configuration (measured: ES 100, PS 62, NS 91, S 81 on these 50).
+    """FactGPT v2, subject-last keys at layer 0 (measured on these 50: ES 100, PS 92, NS 96.2, S 96.0).
 
-    The issue-3 target (S >= 90 with 500 edits) is not met by v1 (S 71.9, benchmarks/RESULTS.md).
+    The issue-3 target (S >= 90 with 500 edits) is not met (benchmarks/RESULTS.md, "FactGPT v2").
     """
     from workbench import zoo
 
     h = zoo.load("factgpt", device="cpu", progress=False, cache=SHARED_CACHE)
     rws = [Rewrite.from_counterfact(r) for r in h.info["world"].counterfact_records(50, seed=5)]
-    delta = MEMIT(layers=(0, 1), fact_token="prompt_last", n_prefixes=0, clamp_norm_factor=1.25, v_steps=40).fit(h, rws)
+    delta = MEMIT(layers=(0,), n_prefixes=0, clamp_norm_factor=1.5).fit(h, rws)
     with delta.applied(h.model):
         agg = evaluate_rewrites(h, rws, fluency=False, bootstrap=0).aggregate
     assert agg["ES"] >= 95
-    assert agg["NS"] >= 80
-    assert agg["S"] >= 75
+    assert agg["NS"] >= 90
+    assert agg["S"] >= 90

@@ -34,7 +34,6 @@ report success_consistent, success_best, control_noise, control_natural and n_at
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import types
 import typing
@@ -98,24 +97,9 @@ def _parse_value(raw: str, annotation: Any, name: str) -> Any:
 
 def build_config(cls: type, settings: list[str] | None) -> Any:
     """The generator's config from `--set FIELD=VALUE` strings, with the field types' parsing."""
-    if not dataclasses.is_dataclass(cls):
-        raise WorkbenchError(f"{cls.__name__} is not a config dataclass")
-    hints: dict[str, Any]
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    names = [f.name for f in dataclasses.fields(cls)]
-    values: dict[str, Any] = {}
-    for item in settings or []:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep:
-            raise WorkbenchError(f"--set {item!r}: expected FIELD=VALUE")
-        if key not in names:
-            raise WorkbenchError(f"--set {key}: {cls.__name__} has no field {key!r}; fields: {', '.join(names)}")
-        values[key] = _parse_value(raw, hints.get(key, str), key)
-    return cls(**values)
+    from workbench.cli_settings import parse_settings
+
+    return cls(**parse_settings(cls, settings))
 
 
 def _options(items: list[str] | None) -> dict[str, str]:

@@ -134,10 +134,20 @@ def _auto_layer(handle: Any, rewrites: Sequence[Any]) -> tuple[int, bool, list[d
     return layer, last, found
 
 
-def _editor(cls: type, handle: Any, layer: int | None, last_token: bool, fact_token: str | None,
-            mom2_samples: int | None = None) -> Any:
+def model_editor_defaults(handle: Any, method: str, cls: type) -> dict[str, Any]:
+    """The options a model ships for `method` (handle.info["editor_defaults"]), limited to the editor's fields."""
+    info = getattr(handle, "info", None)
+    shipped = (info.get("editor_defaults") or {}).get(method, {}) if isinstance(info, dict) else {}
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    kwargs: dict[str, Any] = {}
+    return {k: v for k, v in shipped.items() if k in fields}
+
+
+def _editor(cls: type, handle: Any, layer: int | None, last_token: bool, fact_token: str | None,
+            mom2_samples: int | None = None, *, method: str = "", settings: list[str] | None = None) -> Any:
+    from workbench.cli_settings import parse_settings
+
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    kwargs: dict[str, Any] = {**model_editor_defaults(handle, method, cls), **parse_settings(cls, settings)}
     if mom2_samples is not None:
         if "mom2_n_samples" not in fields:
             raise WorkbenchError(f"--mom2-samples does not apply to {cls.__name__} (it uses no key statistics)")
@@ -195,6 +205,9 @@ def _edit(args: argparse.Namespace) -> None:
     _load_editors()
     cls = get(args.method)
     batch = bool(getattr(cls, "BATCH", False))
+    from workbench.cli_settings import parse_settings
+
+    parse_settings(cls, args.set)  # refuse a bad --set before loading (or training) the model
     handle = load(args.model, device=args.device, progress=False)
     from editors.mlp_update import require_causal_lm
 
@@ -211,7 +224,8 @@ def _edit(args: argparse.Namespace) -> None:
     last_token = False
     if layer == "auto":
         layer, last_token, traced = _auto_layer(handle, rewrites)
-    editor = _editor(cls, handle, layer, last_token, args.fact_token, args.mom2_samples)
+    editor = _editor(cls, handle, layer, last_token, args.fact_token, args.mom2_samples, method=args.method,
+                     settings=args.set)
     for i, rw in enumerate(rewrites):
         if rw.case_id is None:
             rewrites[i] = dataclasses.replace(rw, case_id=str(i))
@@ -281,21 +295,23 @@ def _edit(args: argparse.Namespace) -> None:
         "details": details,
         "edit_seconds": round(seconds, 3),
         "saved_model": saved_model,
-        "hint": _hint(editor, metrics, layer),
+        "hint": _hint(editor, metrics, bool(traced)),
     }
     if store is not None:
         store.write_summary(result)
     args.emit(args, result, _text)
 
 
-def _hint(editor: Any, metrics: dict[str, Any], layer: Any) -> str | None:
-    """What to try when the edit did not take and the likely reason is where the key was read."""
+def _hint(editor: Any, metrics: dict[str, Any], traced: bool) -> str | None:
+    """What to try when the edit did not take: where the key was read is the likely reason."""
     es = metrics.get("ES")
-    if es is None or es >= 50 or getattr(editor, "fact_token", None) != "subject_last":
+    if es is None or es >= 50 or traced or not hasattr(editor, "fact_token"):
         return None
-    return (f"the edit did not take (ES {es:.1f}): {type(editor).__name__} read its key at the subject's last token; "
-            "if the model looks facts up later in the prompt (see `workbench trace`), try --layer auto, which traces "
-            "first and edits where the trace peaks, or --fact-token prompt_last")
+    where = getattr(editor, "layer", None)
+    where = getattr(editor, "layers", None) if where is None else where
+    return (f"the edit did not take (ES {es:.1f}): {type(editor).__name__} edited layer(s) {where} with its key at the "
+            f"{editor.fact_token.replace('_', ' ')} token; the fact may be stored elsewhere (see `workbench trace`): "
+            "try --layer auto, which traces first and edits where the trace peaks")
 
 
 def _safe(name: str) -> str:
@@ -345,6 +361,8 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
                    help="where rome/memit read the key (default: subject_last; 'auto' layers may pick prompt_last)")
     p.add_argument("--mom2-samples", type=int, default=None,
                    help="tokens of corpus statistics for rome/memit (default: the editor's, 100000)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="editor option (repeatable), e.g. --set n_prefixes=10; zoo models ship measured defaults")
     p.add_argument("--out", default=None, help="run folder: delta(s), per-case results, summary.json")
     p.add_argument("--save-model", default=None, help="write the edited model here (save_pretrained + tokenizer)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass when measuring")

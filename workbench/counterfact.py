@@ -246,6 +246,31 @@ def harmonic_mean(values: Sequence[float | None]) -> float | None:
     return len(values) / sum(1.0 / v for v in values)  # type: ignore[operator]
 
 
+def drop_batch_conflicts(rewrites: Sequence[Rewrite], subjects: Sequence[str]) -> tuple[list[Rewrite], int]:
+    """The rewrites with neighbourhood prompts about facts that the same batch rewrites removed.
+
+    In mass editing a case's neighbour (another subject with the same true object) may itself
+    be rewritten for the same relation in the batch: its answer is then meant to change, and
+    counting it as an unwanted change mixes two things. A neighbourhood prompt's subject is
+    found by name among `subjects` (longest match first). Returns the rewrites (those left
+    with no neighbourhood prompt keep an empty tuple) and how many prompts were dropped.
+    """
+    from dataclasses import replace
+
+    edited = {(rw.subject, rw.relation_id) for rw in rewrites}
+    names = sorted(subjects, key=len, reverse=True)
+
+    def subject_of(text: str) -> str | None:
+        return next((s for s in names if s in text), None)
+
+    out, dropped = [], 0
+    for rw in rewrites:
+        keep = tuple(p for p in rw.neighborhood_prompts if (subject_of(p), rw.relation_id) not in edited)
+        dropped += len(rw.neighborhood_prompts) - len(keep)
+        out.append(replace(rw, neighborhood_prompts=keep))
+    return out, dropped
+
+
 def evaluate_rewrites(
     handle: Any,
     rewrites: Sequence[Rewrite],

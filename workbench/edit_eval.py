@@ -99,8 +99,10 @@ def editor_for(name: str, site: EditSite, n_layers: int, **overrides: Any) -> An
     import editors  # noqa: F401  (registers every editor)
     from editors.registry import get
 
+    from workbench.zoo.factgpt import EDITOR_DEFAULTS  # the studies' model ships its measured options
+
     cls = get(name)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(EDITOR_DEFAULTS.get(name, {}))
     if name in ("rome", "memit"):
         kwargs["fact_token"] = site.fact_token
         if site.fact_token == "prompt_last":

@@ -286,7 +286,9 @@ def collect_statistics(
 
     `data` is texts (tokenized with the handle's tokenizer, `batch_size` per forward pass,
     padding skipped, each token one sample) or ready batches: tensors fed as `model(x)` or
-    dicts fed as `model(**batch)` (an `attention_mask` in the dict masks rows). Stops after
+    dicts fed as `model(**batch)` (an `attention_mask` in the dict masks rows; a
+    `sample_mask`, which is not passed to the model, picks which positions count as samples,
+    e.g. only the token where an editor reads its key). Stops after
     exactly `n_samples` samples (all data when None). `feature_dim` picks the feature axis
     of the activation (e.g. 1 for per-channel CNN statistics). `device` is where the float64
     sums live (default: the model's device); the model is not moved. `cache`: True uses
@@ -356,8 +358,14 @@ def collect_statistics(
                 else (_to_device(b, model_device) for b in items)
             )
             for batch in batches:
+                sample_mask = None
+                if isinstance(batch, Mapping) and "sample_mask" in batch:
+                    batch = dict(batch)
+                    sample_mask = batch.pop("sample_mask")
                 x = _run_to_site(source, model, resolved, batch)
                 mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                if sample_mask is not None:
+                    mask = sample_mask if mask is None else mask.bool() & sample_mask.bool()
                 if feature_dim != -1:
                     x = x.movedim(feature_dim, -1)
                 if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):

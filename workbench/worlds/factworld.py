@@ -216,6 +216,11 @@ class FactWorldConfig:
     name_syllables: int = 0
     name_length: int = 3
     orders_per_name: int = 3
+    # Subjects' last words drawn from a pool of this many shared words ("Vel Oran", "Kus
+    # Oran"), as real names share words: a name's last token then does not identify it, only
+    # the whole name does, so a model must compose the name at its last token (FactGPT v2's
+    # subject enrichment builds on this). 0 = every word drawn fresh (FactWorld before v2).
+    shared_last_words: int = 20
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_relations <= len(RELATION_CATALOG):
@@ -295,10 +300,18 @@ class FactWorld:
                                        config.orders_per_name, taken)
         elif config.name_words:
             subjects = _paired_names(rng, config.n_subjects, config.name_words, taken)
+        last_pool: list[str] = []
+        while len(last_pool) < config.shared_last_words:
+            word = _word(rng, rng.choice((1, 2, 2)))
+            if len(word) >= 3 and word.lower() not in taken:
+                taken.add(word.lower())
+                last_pool.append(word)
         while len(subjects) < config.n_subjects:
-            words = [_word(rng, rng.choice((1, 2))), _word(rng, rng.choice((1, 2, 2)))]
+            words = [_word(rng, rng.choice((1, 2))),
+                     rng.choice(last_pool) if last_pool else _word(rng, rng.choice((1, 2, 2)))]
             name = " ".join(words)
-            if any(len(w) < 2 or w.lower() in taken for w in words) or name in seen_names:
+            fresh = words[:1] if last_pool else words
+            if any(len(w) < 2 or w.lower() in taken for w in fresh) or name in seen_names:
                 continue
             seen_names.add(name)
             subjects.append(name)
@@ -472,7 +485,8 @@ class FactWorld:
             raise CorruptFileError(f"FactWorld manifest version {data.get('format_version')!r}; "
                                    f"this workbench reads version {FORMAT_VERSION}")
         try:
-            config = FactWorldConfig(**data["config"])
+            # Manifests written before `shared_last_words` existed drew every word fresh.
+            config = FactWorldConfig(**{"shared_last_words": 0, **data["config"]})
             relations = tuple(
                 Relation(r["relation_id"], r["name"], tuple(r["templates"]), tuple(r["generation_templates"]),
                          tuple(r["objects"]))

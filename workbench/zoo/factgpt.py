@@ -31,33 +31,51 @@ from workbench.worlds.factworld import FactWorld, FactWorldConfig
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: shared last words + subject bottleneck (subject enrichment); 1: answer-position lookup
 DEFAULT_SEED = 0
 WORLD_FILE = "world.json"
+# Editor options measured to work on this model, applied by `workbench edit` and the studies
+# unless the user sets them (handle.info["editor_defaults"]). ROME's sampled context prefixes
+# name other subjects, which moves a FactGPT subject's key (benchmarks/RESULTS.md, "FactGPT v2").
+EDITOR_DEFAULTS: dict[str, dict[str, Any]] = {"rome": {"n_prefixes": 0}, "memit": {"n_prefixes": 0, "clamp_norm_factor": 1.5}}
 EOS = "<|endoftext|>"
 
 
 @dataclass(frozen=True)
 class FactGPTConfig:
-    """Sizes and training schedule; the defaults train in about 2-4 minutes on one CPU core."""
+    """Sizes and training schedule; the defaults train in about 7 minutes on one CPU core (750 steps)."""
 
     world: FactWorldConfig = field(default_factory=FactWorldConfig)  # its seed is replaced by train's
     vocab_size: int = 2048  # large enough that words are whole tokens: subjects are two tokens
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 4
+    d_mlp: int | None = None  # MLP width; None: 4 x d_model (GPT-2's default)
     n_positions: int = 64
     lr: float = 3e-3
     warmup_steps: int = 50
     batch_size: int = 256
-    max_steps: int = 800  # hard cap; training stops earlier once target_accuracy holds on every prompt
+    max_steps: int = 1500  # hard cap; training stops earlier once target_accuracy holds on every prompt
     final_lr_factor: float = 0.1
     prefix_prob: float = 0.25  # share of training batches behind a filler sentence (paraphrase robustness)
+    # Training prefixes that state another fact ("Vel Oran's capital city is Nourkholm.") on top of
+    # the 512 filler ones. Without them a context naming another subject moves the subject's
+    # last-token key (ROME's sampled context prefixes are such texts, so ROME on FactGPT v2 uses
+    # n_prefixes=0). Measured with 512 (50 rewrites, benchmarks/RESULTS.md): ROME with 10
+    # prefixes S 96.4 but ES 92; without prefixes S 93.0; the zoo default (0) S 97.8, ES 100.
+    fact_prefixes: int = 0
     # Share of training prompts with a short clause after the subject ("The capital of Vel
     # Oran, far in the north, is"): the distance from subject to answer then varies, so the
     # answer position cannot pick the subject's words by fixed offsets and has to read the
     # subject's own (last-token) representation: subject enrichment, as in real LMs.
     interject_prob: float = 0.0  # 0.3-0.7 tried: enrichment only partial, training 2x slower
+    # Share of training rows in which the tokens after the subject may attend to the subject
+    # only through its last token (a training-time attention mask; the saved model is a plain
+    # GPT-2, used unmasked). With names whose last word is shared (FactWorldConfig.
+    # shared_last_words), the answer position can then not rebuild the subject from its words
+    # and must read what the subject's last token composed: the lookup moves to the MLP at the
+    # subject's last token (layer 0), as ROME found in GPT-2 XL, instead of the answer position.
+    subject_bottleneck: float = 0.5
     # Weight of the next-token loss on the other tokens: it makes the model a language model
     # of the world's text and, measured here, also memorizes facts ~2x faster than object-only.
     lm_weight: float = 0.25
@@ -193,6 +211,8 @@ class _Example:
     ids_spaced: tuple[int, ...]  # same, tokenized after a space (follows a filler prefix)
     split: int  # index in `ids` just after the subject (where an interjection may go)
     split_spaced: int
+    start: int = 0  # index in `ids` of the subject's first token
+    start_spaced: int = 0
 
 
 def _examples(tokenizer: Any, world: FactWorld) -> list[_Example]:
@@ -204,9 +224,9 @@ def _examples(tokenizer: Any, world: FactWorld) -> list[_Example]:
     spaced = tokenizer([" " + p.text for p in prompts], add_special_tokens=False)["input_ids"]
     out = []
     for p, a, b in zip(prompts, plain, spaced):
-        end = subject_token_span(tokenizer, p.text, p.subject)[1]
-        end_spaced = subject_token_span(tokenizer, " " + p.text, p.subject)[1]
-        out.append(_Example((*a, targets[p.target]), (*b, targets[p.target]), end, end_spaced))
+        start, end = subject_token_span(tokenizer, p.text, p.subject)
+        start_spaced, end_spaced = subject_token_span(tokenizer, " " + p.text, p.subject)
+        out.append(_Example((*a, targets[p.target]), (*b, targets[p.target]), end, end_spaced, start, start_spaced))
     return out
 
 
@@ -216,7 +236,8 @@ def _interjections(tokenizer: Any) -> list[list[int]]:
 
 def _batch(examples: Sequence[_Example], order: torch.Tensor, prefixes: list[list[int]] | None,
            gen: torch.Generator, *, pad_id: int, clauses: list[list[int]],
-           interject_prob: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           interject_prob: float, spans: list[tuple[int, int]] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask, and the mask of each row's object token.
 
     With `prefixes`, every row follows a random filler sentence; batches are either all
@@ -237,10 +258,15 @@ def _batch(examples: Sequence[_Example], order: torch.Tensor, prefixes: list[lis
 
     if prefixes is None:
         seqs = [with_clause(examples[i].ids, examples[i].split, r) for r, i in enumerate(rows)]
+        if spans is not None:
+            spans += [(examples[i].start, examples[i].split) for i in rows]
     else:
         which = torch.randint(len(prefixes), (len(order),), generator=gen).tolist()
         seqs = [prefixes[w] + with_clause(examples[i].ids_spaced, examples[i].split_spaced, r)
                 for r, (w, i) in enumerate(zip(which, rows))]
+        if spans is not None:
+            spans += [(len(prefixes[w]) + examples[i].start_spaced, len(prefixes[w]) + examples[i].split_spaced)
+                      for w, i in zip(which, rows)]
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -252,13 +278,28 @@ def _batch(examples: Sequence[_Example], order: torch.Tensor, prefixes: list[lis
     return ids, mask, obj
 
 
+def _bottleneck_mask(mask: torch.Tensor, spans: Sequence[tuple[int, int]], rows: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D attention mask: causal + padding, and in `rows` the positions after the
+    subject do not see the subject's tokens other than its last."""
+    b, n = mask.shape
+    allowed = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()[None].repeat(b, 1, 1)
+    allowed &= mask.bool()[:, None, :]
+    for r in rows.tolist():
+        start, end = spans[r]
+        if end - 1 > start:
+            allowed[r, end:, start:end - 1] = False
+    out = torch.zeros(b, 1, n, n, dtype=dtype, device=mask.device)
+    return out.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
 def _loss(model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor, obj: torch.Tensor, *,
-          lm_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+          lm_weight: float, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Object-token cross-entropy (+ `lm_weight` x next-token loss elsewhere); also the object hits.
 
     With `lm_weight == 0` only the positions before objects go through the output layer.
     """
-    hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = model.transformer(input_ids=ids, attention_mask=mask if attn_mask is None else attn_mask).last_hidden_state
     rows = torch.arange(ids.shape[0], device=ids.device)
     last = obj.long().argmax(1)
     gold = ids[rows, last]
@@ -306,8 +347,10 @@ def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config
     tokenizer = build_tokenizer(world, vocab_size=config.vocab_size)
     pad_id = tokenizer.pad_token_id
     examples = _examples(tokenizer, world)
-    prefixes = [list(p) for p in tokenizer(world.filler(512, seed=seed + 1, sentences=(1, 1)),
-                                           add_special_tokens=False)["input_ids"]]
+    prefix_texts = world.filler(512, seed=seed + 1, sentences=(1, 1))
+    if config.fact_prefixes:
+        prefix_texts += world.corpus(config.fact_prefixes, seed=seed + 3, fact_fraction=1.0)
+    prefixes = [list(p) for p in tokenizer(prefix_texts, add_special_tokens=False)["input_ids"]]
     clauses = _interjections(tokenizer)
     longest = max(len(e.ids_spaced) for e in examples) + max(len(p) for p in prefixes) + (
         max(len(c) for c in clauses) if config.interject_prob > 0 else 0)
@@ -316,7 +359,7 @@ def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config
 
     gpt_config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.d_model,
-        n_layer=config.n_layers, n_head=config.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.d_mlp, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
     )
     with torch.random.fork_rng(devices=[]):  # seeded init without leaving the global RNG changed
@@ -337,11 +380,17 @@ def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config
             if cursor + config.batch_size > len(order):
                 order, cursor = torch.randperm(len(examples), generator=gen), 0
             use_prefix = float(torch.rand((), generator=gen)) < config.prefix_prob
+            spans: list[tuple[int, int]] | None = [] if config.subject_bottleneck > 0 else None
             ids, mask, obj = _batch(examples, order[cursor:cursor + config.batch_size],
                                     prefixes if use_prefix else None, gen, pad_id=pad_id, clauses=clauses,
-                                    interject_prob=config.interject_prob)
+                                    interject_prob=config.interject_prob, spans=spans)
             cursor += config.batch_size
-            loss, hits = _loss(model, ids.to(device), mask.to(device), obj.to(device), lm_weight=config.lm_weight)
+            attn_mask = None
+            if spans is not None:
+                masked = (torch.rand(len(spans), generator=gen) < config.subject_bottleneck).nonzero().flatten()
+                attn_mask = _bottleneck_mask(mask.to(device), spans, masked, torch.float32)
+            loss, hits = _loss(model, ids.to(device), mask.to(device), obj.to(device), lm_weight=config.lm_weight,
+                               attn_mask=attn_mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -419,4 +468,5 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     model.config.pad_token_id = None
     handle = wrap_hf_model(model, tokenizer, spec="zoo:factgpt", path=path, kind="causal_lm")
     handle.info["world"] = FactWorld.load(path / WORLD_FILE)
+    handle.info["editor_defaults"] = {k: dict(v) for k, v in EDITOR_DEFAULTS.items()}
     return handle
