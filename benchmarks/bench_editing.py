@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memit-n", type=int, default=500, help="rewrites MEMIT edits at once")
     ap.add_argument("--scale", default="10,100,1000", help="MEMIT sizes for time/memory")
     ap.add_argument("--seed", type=int, default=0, help="which facts are rewritten")
+    ap.add_argument("--model", default="zoo:factgpt",
+                    help="a FactGPT zoo model (zoo:factgpt-large has room for 500 distinct-subject rewrites)")
+    ap.add_argument("--distinct-subjects", action="store_true",
+                    help="rewrite each subject at most once (CounterFact's and MEMIT's protocol)")
     ap.add_argument("--methods", default="rome,ft,ft-l,kn", help="single-edit methods (skipped if not registered)")
     ap.add_argument("--rome", default='{"layer": 0, "fact_token": "subject_last", "n_prefixes": 0}',
                     help="ROME config as JSON")
@@ -102,16 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     _import_editors()
     skip = set(filter(None, args.skip.split(",")))
-    handle = load("zoo:factgpt", device="cpu", progress=False)
-    world = handle.info["world"]
-    out: dict[str, Any] = {"command": " ".join(sys.argv), "model": "zoo:factgpt",
+    handle = load(args.model, device="cpu", progress=True)
+    world = handle.info.get("world")
+    if world is None:
+        ap.error(f"{args.model} has no FactWorld; use a FactGPT zoo model (zoo:factgpt, zoo:factgpt-large)")
+    out: dict[str, Any] = {"command": " ".join(sys.argv), "model": args.model,
                            "zoo": {k: handle.info.get(k) for k in ("version", "accuracy", "steps", "n_layers")}}
     rome_cfg = json.loads(args.rome)
     memit_cfg = json.loads(args.memit)
     if "layers" in memit_cfg:
         memit_cfg["layers"] = tuple(memit_cfg["layers"])
 
-    records = world.counterfact_records(max(args.n, args.memit_n), seed=args.seed)
+    records = world.counterfact_records(max(args.n, args.memit_n), seed=args.seed,
+                                        distinct_subjects=args.distinct_subjects)
     rewrites = [Rewrite.from_counterfact(r) for r in records]
     head = f"{'':<22}" + "".join(f"{k:>7}" for k in KEYS) + f"{'seconds':>9}"
 

@@ -51,11 +51,13 @@ def test_unknown_site_exits_2_with_valid_names(tiny_model_dirs: dict[str, Path],
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["sites", "zoo:nonexistent"], "zoo has: factgpt, shapesnet"),
+    (["sites", "zoo:nonexistent"], "zoo has: factgpt, factgpt-large, shapesnet"),
     (["sites", "/no/such/folder/anywhere"], "valid specs"),
     (["zoo", "info", "resnet"], "zoo has"),
     (["world", "export", "factworld", "--n", "0", "--out", "x.json"], "positive"),
     (["world", "export", "shapesworld", "--n", "3", "--out", "x.json"], "world render"),
+    (["world", "export", "factworld", "--n", "301", "--distinct-subjects", "--out", "x.json"], "300 subjects"),
+    (["world", "export", "factworld", "--n", "3", "--model", "zoo:shapesnet", "--out", "x.json"], "FactGPT zoo model"),
 ])
 def test_bad_input_exits_2_with_one_line(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -90,6 +92,15 @@ def test_world_export_factworld_writes_counterfact_records(tmp_path: Path, capsy
         assert rec["paraphrase_prompts"] and rec["neighborhood_prompts"] and rec["generation_prompts"]
 
 
+def test_world_export_distinct_subjects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "records.json"
+    code, stdout, _ = run_cli(capsys, "world", "export", "factworld", "--n", "300", "--distinct-subjects",
+                              "--out", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["distinct_subjects"] is True
+    subjects = [r["requested_rewrite"]["subject"] for r in json.loads(out.read_text())]
+    assert len(subjects) == len(set(subjects)) == 300
+
+
 def test_world_render_shapesworld_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "grid.png"
     code, _, _ = run_cli(capsys, "world", "render", "shapesworld", "--n", "3", "--out", str(out))
@@ -101,5 +112,5 @@ def test_zoo_list_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     code, out, _ = run_cli(capsys, "zoo", "list", "--json", "--cache", str(tmp_path))
     assert code == 0
     rows = json.loads(out)
-    assert [r["name"] for r in rows] == ["factgpt", "shapesnet"]
+    assert [r["name"] for r in rows] == ["factgpt", "factgpt-large", "shapesnet"]
     assert not any(r["cached"] for r in rows)  # an empty cache trains nothing by listing

@@ -135,6 +135,19 @@ def test_manifest_with_unknown_object_is_rejected(world: FactWorld) -> None:
         FactWorld.from_dict(data)
 
 
+def test_distinct_subject_records_rewrite_each_subject_once(world: FactWorld) -> None:
+    n = len(world.subjects)
+    records = world.counterfact_records(n, seed=5, distinct_subjects=True)
+    subjects = [r["requested_rewrite"]["subject"] for r in records]
+    assert sorted(subjects) == sorted(world.subjects)
+    # the default draws facts, so a batch of that size repeats subjects
+    plain = [r["requested_rewrite"]["subject"] for r in world.counterfact_records(n, seed=5)]
+    assert len(set(plain)) < n
+    assert records == world.counterfact_records(n, seed=5, distinct_subjects=True)
+    with pytest.raises(WorkbenchError, match=f"has {n} subjects"):
+        world.counterfact_records(n + 1, seed=5, distinct_subjects=True)
+
+
 def test_export_and_load_counterfact(world: FactWorld, tmp_path) -> None:
     path = world.export_counterfact(tmp_path / "cf.json", 25, seed=4)
     loaded = load_counterfact(path)

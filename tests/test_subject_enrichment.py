@@ -176,3 +176,20 @@ def test_edit_set_unknown_field_exits_2(capsys) -> None:
                      "--set", "bogus=1"])
     err = capsys.readouterr().err
     assert code == 2 and "bogus" in err and "n_prefixes" in err
+
+
+def test_large_variant_has_room_for_500_distinct_subject_rewrites_with_whole_word_names() -> None:
+    from workbench.zoo import factgpt_large
+
+    world = FactWorld.generate(replace(factgpt_large.CONFIG.world, seed=factgpt_large.DEFAULT_SEED))
+    assert len(world.counterfact_records(500, seed=0, distinct_subjects=True)) == 500
+    tok = factgpt.build_tokenizer(world, vocab_size=factgpt_large.CONFIG.vocab_size)
+    lengths = {len(tok(" " + s, add_special_tokens=False)["input_ids"]) for s in world.subjects}
+    assert lengths == {2}  # every name is two whole-word tokens, as in FactGPT
+
+
+def test_large_variant_loads_under_its_own_spec(tiny, tmp_path) -> None:
+    from workbench.zoo import factgpt_large
+
+    handle = factgpt_large.load(tiny.path)
+    assert handle.spec == "zoo:factgpt-large" and handle.info["world"] == tiny.info["world"]

@@ -53,7 +53,7 @@ def _zoo_list(args: argparse.Namespace) -> None:
     for name in zoo.names():
         path = zoo.entry_dir(name, cache=args.cache)
         rows.append({"name": name, "cached": (path / zoo.MANIFEST).is_file(), "path": str(path)})
-    _emit(args, rows, lambda rs: "\n".join(f"{r['name']:<12} {'cached' if r['cached'] else 'not trained yet'}  {r['path']}" for r in rs))
+    _emit(args, rows, lambda rs: "\n".join(f"{r['name']:<14} {'cached' if r['cached'] else 'not trained yet'}  {r['path']}" for r in rs))
 
 
 def _zoo_train(args: argparse.Namespace) -> None:

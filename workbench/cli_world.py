@@ -25,13 +25,28 @@ def _export(args: argparse.Namespace) -> None:
                              "for shapesworld use `workbench world render shapesworld`")
     if args.n < 1:
         raise WorkbenchError(f"--n {args.n}: expected a positive number of records")
-    world = FactWorld.generate(FactWorldConfig(seed=args.world_seed))
-    available = len(world.facts)
+    if args.model is not None:
+        world = _model_world(args.model)
+    else:
+        world = FactWorld.generate(FactWorldConfig(seed=args.world_seed))
+    available = len(world.subjects) if args.distinct_subjects else len(world.facts)
     if args.n > available:
-        raise WorkbenchError(f"--n {args.n}: this world has {available} facts; ask for at most {available}")
-    out = world.export_counterfact(args.out, args.n, seed=args.seed)
-    result = {"world": "factworld", "world_seed": args.world_seed, "n": args.n, "seed": args.seed, "out": str(out)}
+        what = "subjects (--distinct-subjects)" if args.distinct_subjects else "facts"
+        raise WorkbenchError(f"--n {args.n}: this world has {available} {what}; ask for at most {available}")
+    out = world.export_counterfact(args.out, args.n, seed=args.seed, distinct_subjects=args.distinct_subjects)
+    result = {"world": "factworld", "world_seed": world.config.seed, "model": args.model, "n": args.n,
+              "seed": args.seed, "distinct_subjects": args.distinct_subjects, "out": str(out)}
     args.emit(args, result, lambda r: f"wrote {r['n']} CounterFact records to {r['out']}")
+
+
+def _model_world(spec: str) -> Any:
+    """The FactWorld a FactGPT zoo model was trained on (trains the model if the cache lacks it)."""
+    from workbench.models import load
+
+    if not spec.startswith("zoo:factgpt"):
+        raise WorkbenchError(f"--model {spec!r}: expected a FactGPT zoo model (zoo:factgpt, zoo:factgpt-large), "
+                             "whose folder holds its FactWorld")
+    return load(spec, device="cpu").info["world"]
 
 
 def _render(args: argparse.Namespace) -> None:
@@ -60,6 +75,11 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None],
     p.add_argument("--seed", type=int, default=0, help="which facts are sampled for rewrites")
     p.add_argument("--world-seed", type=int, default=0,
                    help="which world (default 0: the world FactGPT is trained on)")
+    p.add_argument("--model", default=None,
+                   help="export the world of this FactGPT zoo model instead (e.g. zoo:factgpt-large); "
+                        "overrides --world-seed")
+    p.add_argument("--distinct-subjects", action="store_true",
+                   help="rewrite each subject at most once (CounterFact's and MEMIT's protocol)")
     common(p)
     p.set_defaults(func=_export, emit=emit)
 

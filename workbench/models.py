@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VALID_SPECS = (
-    "valid specs: zoo:NAME (zoo:factgpt, zoo:shapesnet), minilm, a local Hugging Face folder "
+    "valid specs: zoo:NAME (zoo:factgpt, zoo:factgpt-large, zoo:shapesnet), minilm, a local Hugging Face folder "
     "(config.json + *.safetensors), or a Hugging Face hub name such as gpt2 or EleutherAI/pythia-70m "
     "(needs network or a cached copy)"
 )

@@ -408,8 +408,12 @@ class FactWorld:
         ri = [r.relation_id for r in self.relations].index(relation_id)
         return f"Q{1000 * (ri + 1) + self.relations[ri].objects.index(obj)}"
 
-    def counterfact_records(self, n: int, *, seed: int, n_neighbors: int = 10) -> list[dict[str, Any]]:
+    def counterfact_records(self, n: int, *, seed: int, n_neighbors: int = 10,
+                            distinct_subjects: bool = False) -> list[dict[str, Any]]:
         """`n` CounterFact-format records for distinct facts of this world, chosen by `seed`.
+
+        `distinct_subjects=True` rewrites each subject at most once, as in CounterFact (and so
+        in MEMIT's mass-editing protocol), where a batch never rewrites two facts of one subject.
 
         The rewrite prompt is one template of the relation; paraphrase prompts are the other
         templates behind a short filler prefix; neighbourhood prompts ask other subjects whose
@@ -418,12 +422,15 @@ class FactWorld:
         """
         if not 1 <= n <= len(self.facts):
             raise WorkbenchError(f"asked for {n} CounterFact records; this world has {len(self.facts)} facts")
+        if distinct_subjects and n > len(self.subjects):
+            raise WorkbenchError(f"asked for {n} records with distinct subjects; this world has "
+                                 f"{len(self.subjects)} subjects (use a larger world or distinct_subjects=False)")
         rng = random.Random(seed)
         by_truth: dict[tuple[str, str], list[str]] = {}
         for f in self.facts:
             by_truth.setdefault((f.relation_id, f.object), []).append(f.subject)
         records: list[dict[str, Any]] = []
-        for case_id, index in enumerate(rng.sample(range(len(self.facts)), n)):
+        for case_id, index in enumerate(self._pick_facts(rng, n, distinct_subjects)):
             fact = self.facts[index]
             rel = self.relation(fact.relation_id)
             t = rng.randrange(len(rel.templates))
@@ -453,9 +460,18 @@ class FactWorld:
             })
         return records
 
-    def export_counterfact(self, path: str | os.PathLike[str], n: int, *, seed: int) -> Path:
-        """Write `counterfact_records(n, seed=seed)` to a JSON file atomically."""
-        return atomic_write_json(path, self.counterfact_records(n, seed=seed))
+    def _pick_facts(self, rng: random.Random, n: int, distinct_subjects: bool) -> list[int]:
+        if not distinct_subjects:
+            return rng.sample(range(len(self.facts)), n)
+        by_subject: dict[str, list[int]] = {}
+        for i, f in enumerate(self.facts):
+            by_subject.setdefault(f.subject, []).append(i)
+        return [rng.choice(by_subject[s]) for s in rng.sample(sorted(by_subject), n)]
+
+    def export_counterfact(self, path: str | os.PathLike[str], n: int, *, seed: int,
+                           distinct_subjects: bool = False) -> Path:
+        """Write `counterfact_records(n, seed=seed, ...)` to a JSON file atomically."""
+        return atomic_write_json(path, self.counterfact_records(n, seed=seed, distinct_subjects=distinct_subjects))
 
     # ---- manifest -----------------------------------------------------------------
 

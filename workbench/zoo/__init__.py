@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ZOO_MODULES: dict[str, str] = {
     "factgpt": "workbench.zoo.factgpt",
+    "factgpt-large": "workbench.zoo.factgpt_large",
     "shapesnet": "workbench.zoo.shapesnet",
 }
 MANIFEST = "zoo_manifest.json"

@@ -455,7 +455,7 @@ def _portable_tokenizer_config(out: Path) -> None:
 # ---- loading -------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ModelHandle:
+def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", spec: str = "zoo:factgpt") -> ModelHandle:
     """Load a trained FactGPT folder (safetensors only; never unpickles); the world is in info."""
     path = Path(path)
     if not (path / "model.safetensors").is_file():
@@ -466,7 +466,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     # each unmasked forward that it cannot tell padding apart. GPT-2 never derives a mask from
     # the pad id (padded batches here pass attention masks), so the runtime config drops it.
     model.config.pad_token_id = None
-    handle = wrap_hf_model(model, tokenizer, spec="zoo:factgpt", path=path, kind="causal_lm")
+    handle = wrap_hf_model(model, tokenizer, spec=spec, path=path, kind="causal_lm")
     handle.info["world"] = FactWorld.load(path / WORLD_FILE)
     handle.info["editor_defaults"] = {k: dict(v) for k, v in EDITOR_DEFAULTS.items()}
     return handle
