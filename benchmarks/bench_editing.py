@@ -92,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distinct-subjects", action="store_true",
                     help="rewrite each subject at most once (CounterFact's and MEMIT's protocol)")
     ap.add_argument("--methods", default="rome,ft,ft-l,kn", help="single-edit methods (skipped if not registered)")
-    ap.add_argument("--rome", default='{"layer": 0, "fact_token": "subject_last", "n_prefixes": 0}',
+    ap.add_argument("--rome", default='{"layer": 0, "fact_token": "subject_last", "n_prefixes": 4, '
+                                      '"prefix_source": "world"}',
                     help="ROME config as JSON")
-    ap.add_argument("--memit", default='{"layers": [0], "fact_token": "subject_last", "n_prefixes": 0, '
-                                       '"clamp_norm_factor": 1.5}',
+    ap.add_argument("--memit", default='{"layers": [0], "fact_token": "subject_last", "n_prefixes": 4, '
+                                       '"prefix_source": "world", "value_contexts": "plain", "clamp_norm_factor": 1.5}',
                     help="MEMIT config as JSON")
     ap.add_argument("--fluency", action="store_true", help="also measure GE (slower)")
     ap.add_argument("--threads", type=int, default=2)

@@ -29,6 +29,7 @@ import torch
 
 from editors.mlp_update import (
     FactToken,
+    PrefixSource,
     ValueConfig,
     check_layer,
     context_templates,
@@ -79,6 +80,10 @@ class MEMIT:
     fact_token: FactToken = "subject_last"
     n_prefixes: int = 10
     prefix_length: int = 8
+    prefix_source: PrefixSource = "generated"  # "world": the zoo model's filler text (`context_templates`)
+    # Contexts the value optimization sees: "all" (the paper) or "plain" (the bare prompt: the
+    # keys still average over every context; 10x faster with the same quality on FactGPT).
+    value_contexts: Literal["all", "plain"] = "all"
     mom2_adjustment: bool = True
     mom2_n_samples: int = 100_000
     mom2_corpus: str = "auto"
@@ -99,6 +104,10 @@ class MEMIT:
             raise WorkbenchError(f"mom2_update_weight={self.mom2_update_weight}; expected >= 0")
         if self.storage not in ("auto", "low_rank", "dense"):
             raise WorkbenchError(f"storage={self.storage!r}; expected 'auto', 'low_rank' or 'dense'")
+        if self.prefix_source not in ("generated", "world"):
+            raise WorkbenchError(f"prefix_source={self.prefix_source!r}; expected 'generated' or 'world'")
+        if self.value_contexts not in ("all", "plain"):
+            raise WorkbenchError(f"value_contexts={self.value_contexts!r}; expected 'all' or 'plain'")
 
     @classmethod
     def ending_at(cls, layer: int, n_layers: int, **kwargs: Any) -> MEMIT:
@@ -136,9 +145,10 @@ class MEMIT:
             timings["statistics_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             templates = context_templates(handle, n_prefixes=self.n_prefixes, length=self.prefix_length,
-                                          seed=self.seed)
+                                          seed=self.seed, source=self.prefix_source)
             values = optimize_values(
-                handle, rewrites, layer=last, site_kind="resid_post", templates=templates,
+                handle, rewrites, layer=last, site_kind="resid_post",
+                templates=templates if self.value_contexts == "all" else ["{}"],
                 config=ValueConfig(lr=self.v_lr, steps=self.v_steps, kl_factor=self.kl_factor,
                                    weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor, fact_token=self.fact_token,
                                    batch_requests=self.v_batch_requests, joint_subject=self.joint_subject),
@@ -154,7 +164,7 @@ class MEMIT:
                     partial.apply(model)
                 try:
                     keys = subject_keys(handle, layer, rewrites, templates, batch_size=self.batch_size,
-                                  fact_token=self.fact_token).double()
+                                        fact_token=self.fact_token).double()
                     current = site_at_subject(handle, value_site("resid_post", last), plain,
                                               batch_size=self.batch_size).double()
                 finally:

@@ -149,10 +149,27 @@ def sample_texts(
     return out
 
 
-def context_templates(handle: Any, *, n_prefixes: int, length: int, seed: int) -> list[str]:
-    """"{}" plus `n_prefixes` model-sampled prefixes "<text>. {}" (where the rewrite prompt goes)."""
+PrefixSource = Literal["generated", "world"]
+
+
+def context_templates(handle: Any, *, n_prefixes: int, length: int, seed: int,
+                      source: PrefixSource = "generated") -> list[str]:
+    """"{}" plus `n_prefixes` context prefixes "<text> {}" (where the rewrite prompt goes).
+
+    `source="generated"` samples the prefixes from the model (ROME/MEMIT's recipe, for any
+    model); `"world"` takes plain filler sentences from the zoo model's own world, the kind
+    of context its training put before facts (a model's samples can name other subjects).
+    """
     if n_prefixes <= 0:
         return ["{}"]
+    if source == "world":
+        world = handle.info.get("world") if isinstance(getattr(handle, "info", None), dict) else None
+        if world is None or not hasattr(world, "filler"):
+            raise WorkbenchError(f"prefix source 'world' needs a zoo model trained on a world ({handle.spec} has "
+                                 "none); use prefix_source='generated'")
+        return ["{}"] + [f"{text} {{}}" for text in world.filler(n_prefixes, seed=seed + 7919, sentences=(1, 1))]
+    if source != "generated":
+        raise WorkbenchError(f"prefix source {source!r}; expected 'generated' or 'world'")
     texts = sample_texts(handle, n_prefixes, length=length, seed=seed)
     return ["{}"] + [f"{_clean_prefix(t)}. {{}}" if _clean_prefix(t) else "{}" for t in texts]
 

@@ -31,6 +31,7 @@ import torch
 
 from editors.mlp_update import (
     FactToken,
+    PrefixSource,
     ValueConfig,
     check_layer,
     context_templates,
@@ -70,6 +71,7 @@ class ROME:
     fact_token: FactToken = "subject_last"
     n_prefixes: int = 10
     prefix_length: int = 8
+    prefix_source: PrefixSource = "generated"  # "world": the zoo model's filler text (`context_templates`)
     mom2_adjustment: bool = True
     mom2_n_samples: int = 100_000
     mom2_corpus: str = "auto"
@@ -87,6 +89,8 @@ class ROME:
                 raise WorkbenchError(f"ROME {name}={getattr(self, name)}; expected a positive number")
         if self.n_prefixes < 0:
             raise WorkbenchError(f"ROME n_prefixes={self.n_prefixes}; expected >= 0")
+        if self.prefix_source not in ("generated", "world"):
+            raise WorkbenchError(f"ROME prefix_source={self.prefix_source!r}; expected 'generated' or 'world'")
 
     def resolved_layer(self, handle: Any) -> int:
         return check_layer(handle, handle.arch.n_layers // 2 if self.layer is None else self.layer)
@@ -122,7 +126,7 @@ class ROME:
             timings["statistics_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             templates = context_templates(handle, n_prefixes=self.n_prefixes, length=self.prefix_length,
-                                          seed=self.seed)
+                                          seed=self.seed, source=self.prefix_source)
             k_star = subject_keys(handle, layer, [request], templates, batch_size=self.batch_size,
                                   fact_token=self.fact_token)[0].double()
             timings["keys_s"] = time.perf_counter() - t0

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from editors.memit import MEMIT
 from editors.mlp_update import (
     ValueConfig,
+    context_templates,
     key_site,
     key_statistics,
     locate,
@@ -27,6 +29,7 @@ from editors.mlp_update import (
 )
 from workbench import cli
 from workbench.counterfact import drop_batch_conflicts
+from workbench.errors import WorkbenchError
 from workbench.requests import Rewrite
 from workbench.statistics import collect_statistics
 from workbench.worlds.factworld import FactWorld, FactWorldConfig
@@ -92,7 +95,7 @@ def test_training_with_the_bottleneck_is_seeded(tmp_path: Path) -> None:
 def test_zoo_handle_ships_its_editor_options(tiny) -> None:
     assert tiny.info["editor_defaults"] == factgpt.EDITOR_DEFAULTS
     tiny.info["editor_defaults"]["rome"]["n_prefixes"] = 99  # a copy: the module's table is untouched
-    assert factgpt.EDITOR_DEFAULTS["rome"]["n_prefixes"] == 0
+    assert factgpt.EDITOR_DEFAULTS["rome"]["n_prefixes"] == 4
 
 
 # --- statistics at the fact token ------------------------------------------------------------
@@ -154,6 +157,46 @@ def test_sampled_prefixes_differ_and_are_seeded(tiny) -> None:
     texts = sample_texts(tiny, 6, length=6, seed=0)
     assert len(set(texts)) > 1  # greedy decoding would give six copies of one text
     assert texts == sample_texts(tiny, 6, length=6, seed=0)
+
+
+def test_world_prefixes_are_seeded_filler_sentences_without_subjects(tiny) -> None:
+    templates = context_templates(tiny, n_prefixes=5, length=8, seed=0, source="world")
+    assert templates[0] == "{}" and len(templates) == 6
+    assert all(t.endswith(". {}") for t in templates[1:]) and len(set(templates)) == 6
+    world = tiny.info["world"]
+    assert not any(name in t for t in templates for name in (*world.subjects, *world.objects))
+    assert templates == context_templates(tiny, n_prefixes=5, length=8, seed=0, source="world")
+    assert templates != context_templates(tiny, n_prefixes=5, length=8, seed=1, source="world")
+
+
+def test_world_prefixes_need_a_world_and_a_known_source(load_tiny) -> None:
+    with pytest.raises(WorkbenchError, match="generated"):
+        context_templates(load_tiny("gpt2"), n_prefixes=2, length=4, seed=0, source="world")
+    with pytest.raises(WorkbenchError, match="prefix_source"):
+        MEMIT(prefix_source="wiki")  # type: ignore[arg-type]
+    with pytest.raises(WorkbenchError, match="value_contexts"):
+        MEMIT(value_contexts="some")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value_contexts", ["all", "plain"])
+def test_memit_value_contexts_choose_what_the_value_optimization_sees(tiny, monkeypatch, value_contexts) -> None:
+    import editors.memit as memit_module
+
+    seen = []
+    real = memit_module.optimize_values
+
+    def spy(*args, templates, **kwargs):
+        seen.append(list(templates))
+        return real(*args, templates=templates, **kwargs)
+
+    monkeypatch.setattr(memit_module, "optimize_values", spy)
+    rws = [Rewrite.from_counterfact(r) for r in tiny.info["world"].counterfact_records(3, seed=0)]
+    editor = MEMIT(layers=(0,), n_prefixes=2, prefix_source="world", value_contexts=value_contexts, v_steps=2,
+                   mom2_n_samples=200)
+    delta = editor.fit(tiny, rws)
+    assert delta.extra["n_contexts"] == 3  # the keys still average over every context
+    assert seen == ([["{}"]] if value_contexts == "plain" else [context_templates(tiny, n_prefixes=2, length=8,
+                                                                                  seed=0, source="world")])
 
 
 def test_drop_batch_conflicts_removes_neighbours_rewritten_in_the_batch() -> None:
