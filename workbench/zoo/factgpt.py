@@ -36,8 +36,9 @@ DEFAULT_SEED = 0
 WORLD_FILE = "world.json"
 # Editor options measured to work on this model, applied by `workbench edit` and the studies
 # unless the user sets them (handle.info["editor_defaults"]). The model's own sampled context
-# prefixes name other subjects and move a FactGPT subject's key; the world's filler sentences (the
-# contexts of paraphrases) do not, and averaging keys over them lifts PS (benchmarks/RESULTS.md).
+# prefixes name other subjects and move a FactGPT subject's key far; the world's filler sentences
+# are the contexts paraphrases put before a subject, and averaging keys over them lifts PS
+# (benchmarks/RESULTS.md, "Context prefixes from the world's filler text").
 EDITOR_DEFAULTS: dict[str, dict[str, Any]] = {
     "rome": {"n_prefixes": 4, "prefix_source": "world"},
     "memit": {"n_prefixes": 4, "prefix_source": "world", "value_contexts": "plain", "clamp_norm_factor": 1.5},
