@@ -163,7 +163,7 @@ def context_templates(handle: Any, *, n_prefixes: int, length: int, seed: int,
     if n_prefixes <= 0:
         return ["{}"]
     if source == "world":
-        world = handle.info.get("world") if isinstance(getattr(handle, "info", None), dict) else None
+        world = getattr(handle, "world", None)
         if world is None or not hasattr(world, "filler"):
             raise WorkbenchError(f"prefix source 'world' needs a zoo model trained on a world ({handle.spec} has "
                                  "none); use prefix_source='generated'")
@@ -589,7 +589,7 @@ def key_statistics(
     if texts is not None:
         return collect_statistics(handle, site, list(texts), n_samples=n_samples, batch_size=batch_size,
                                   cache=cache, progress=progress)
-    world = handle.info.get("world") if isinstance(getattr(handle, "info", None), dict) else None
+    world = getattr(handle, "world", None)
     source = corpus
     if source == "prompts":
         if world is None or not hasattr(world, "prompts"):

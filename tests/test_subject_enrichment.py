@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from editors.memit import MEMIT
+from editors.rome import ROME
 from editors.mlp_update import (
     ValueConfig,
     context_templates,
@@ -176,6 +177,24 @@ def test_world_prefixes_need_a_world_and_a_known_source(load_tiny) -> None:
         MEMIT(prefix_source="wiki")  # type: ignore[arg-type]
     with pytest.raises(WorkbenchError, match="value_contexts"):
         MEMIT(value_contexts="some")  # type: ignore[arg-type]
+    with pytest.raises(WorkbenchError, match="prefix_source"):
+        ROME(prefix_source="wiki")  # type: ignore[arg-type]
+
+
+def test_rome_averages_its_key_over_the_world_prefixes(tiny, monkeypatch) -> None:
+    import editors.rome as rome_module
+
+    seen = []
+    real = rome_module.subject_keys
+
+    def spy(handle, layer, requests, templates, **kwargs):
+        seen.append(list(templates))
+        return real(handle, layer, requests, templates, **kwargs)
+
+    monkeypatch.setattr(rome_module, "subject_keys", spy)
+    rw = Rewrite.from_counterfact(tiny.info["world"].counterfact_records(1, seed=0)[0])
+    ROME(layer=0, n_prefixes=2, prefix_source="world", v_steps=2, mom2_n_samples=200).fit(tiny, rw)
+    assert seen == [context_templates(tiny, n_prefixes=2, length=8, seed=0, source="world")]
 
 
 @pytest.mark.parametrize("value_contexts", ["all", "plain"])

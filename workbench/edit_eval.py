@@ -52,7 +52,7 @@ def rewrites_for(handle: Any, n: int, *, seed: int) -> list[Any]:
 
     from workbench.requests import Rewrite
 
-    world = handle.info.get("world") if isinstance(getattr(handle, "info", None), dict) else None
+    world = getattr(handle, "world", None)
     if world is None:
         raise WorkbenchError(f"{handle.spec} has no FactWorld; the editing studies run on zoo:factgpt")
     out = []

@@ -79,6 +79,11 @@ class ModelHandle:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def world(self) -> Any | None:
+        """The synthetic world a zoo model was trained on (its facts, prompts, filler text), else None."""
+        return self.info.get("world")
+
+    @property
     def device(self) -> torch.device:
         for p in self.model.parameters():
             return p.device
