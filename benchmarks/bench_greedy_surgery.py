@@ -29,7 +29,11 @@ def main() -> None:
     ap.add_argument("--methods", default="greedy,activation_difference")
     ap.add_argument("--out", default="benchmarks/out/greedy_surgery/results.json")
     ap.add_argument("--n-select", type=int, default=128, help="selection scenes per set (triggered and clean twins)")
+    ap.add_argument("--n-ref", type=int, default=None,
+                    help="clean selection scenes (default: trojan_surgery's, 3000 for mask and 1000 otherwise)")
     ap.add_argument("--mask-steps", type=int, default=None, help="method mask: gate optimization steps (GateConfig.steps)")
+    ap.add_argument("--mask-max-gate", type=float, default=None,
+                    help="method mask: largest gate (GateConfig.max_gate; 1 = only toward the clean mean)")
     ap.add_argument("--mask-modes", default="scale",
                     help="method mask: comma-separated, scale and/or hard (each relearns the gates; every mask row "
                          "also reports the other hardening of the same gates under 'alternative')")
@@ -47,18 +51,20 @@ def main() -> None:
             runs = []
             for method in args.methods.split(","):
                 if method == "mask":
-                    cfg = GateConfig() if args.mask_steps is None else GateConfig(steps=args.mask_steps)
+                    cfg = GateConfig(**{k: v for k, v in (("steps", args.mask_steps), ("max_gate", args.mask_max_gate))
+                                        if v is not None})
                     runs += [(f"mask-{mode}", {"method": "mask", "mask_mode": mode, "mask_config": cfg})
                              for mode in args.mask_modes.split(",")]
                 else:
                     runs.append((method, {"method": method}))
             for name, kw in runs:
                 t0 = time.perf_counter()
-                r = trojan_surgery(handle, trojan, seed=seed, n_select=args.n_select, n_ref=1000, n_eval=500,
+                r = trojan_surgery(handle, trojan, seed=seed, n_select=args.n_select, n_ref=args.n_ref, n_eval=500,
                                    n_clean=1000, n_random_draws=2, progress=False, **kw)
                 row = {"trojan": trojan, "seed": seed, "method": name, "seconds": round(time.perf_counter() - t0, 1),
                        **{k: r[k] for k in KEYS}, "factors": r.get("factors"), "selection_grid": r["selection"].get("grid"),
-                       "alternative": r.get("alternative")}
+                       "alternative": r.get("alternative"), "refits": r["selection"].get("refits"),
+                       "selection_clean": r["selection"]["clean"]}
                 rows.append(row)
                 print(f"{trojan:18} seed {seed} {name:22} cut {row['asr_relative_cut']:.3f} clean drop "
                       f"{100 * row['clean_drop']:.1f} pt  random ASR {row['random_asr_after']:.3f}  "

@@ -34,10 +34,11 @@ match the run-time hook (`unit_selection.units_removed`, `gated_units`) numerica
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -579,7 +580,7 @@ def trojan_surgery(
     n_select: int = 128,
     n_eval: int = 500,
     n_clean: int = 1000,
-    n_ref: int = 1000,
+    n_ref: int | None = None,
     value: Literal["mean", "zero"] = "mean",
     clean_budget: float = 0.01,
     sites: Sequence[str] = SURGERY_SITES,
@@ -590,6 +591,7 @@ def trojan_surgery(
     mask_config: GateConfig | None = None,
     mask_mode: Literal["scale", "hard"] = "scale",
     mask_clean_margin: float = 0.75,
+    mask_refits: int = 2,
     return_delta: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -599,16 +601,25 @@ def trojan_surgery(
     candidates are each site's `greedy_candidates` best units by activation difference, the
     edit may touch several sites, and "site" in the result names them joined by "+".
     `method="mask"` learns a gate for every unit of every foldable site at once
-    (`learn_unit_gates`, budget `mask_config.steps`), then keeps the k most-closed units
+    (`learn_unit_gates`, budget `mask_config.steps`), then keeps the k units whose gates moved most
     (`choose_gates`: k chosen on the selection data, within `mask_clean_margin` of the clean
-    budget; the gates themselves are fitted on as many scenes again, drawn after those);
-    `mask_mode="scale"` keeps their learned factors (each unit scaled toward its clean mean),
+    budget; the gates themselves are fitted on as many scenes again, drawn after those).
+    In "scale" mode, when all the learned gates together cost more than that margin on the
+    selection scenes, the clean term's weight (`GateConfig.kl_weight`, the multiplier of the
+    clean constraint) doubles and the gates are learned again, at most `mask_refits` times:
+    truncating an over-budget solution to its first k units breaks the balance the gates found
+    jointly. The fit whose chosen option is best on the selection scenes (lowest attack success
+    within the margin) is kept.
+    `mask_mode="scale"` keeps their learned factors (each unit scaled toward its clean mean, or
+    away from it where the gate learned to amplify),
     "hard" mean-ablates them. The result then lists one factor per unit under "factors", and
     the random control gates as many random units per site with the same factors.
 
     Selection uses its own data (seeded `seed`): `n_select` scenes of the trojan's source
     classes, clean and with the trigger (exact pairs), plus `n_ref` clean scenes of all
-    classes for the units' mean values and the clean-accuracy budget (`value="mean"` replaces a unit by its clean mean, which is folded into the
+    classes for the units' mean values and the clean-accuracy budget (default 3000 for "mask", whose
+    choice of k turns on clean-accuracy differences of a fraction of a point that 1000 scenes do not
+    resolve; 1000 otherwise) (`value="mean"` replaces a unit by its clean mean, which is folded into the
     BatchNorm that writes it; "zero" zeroes it). `site=None` picks, on the selection data
     only, the site (from `sites`) and, when `n_units` is None, the smallest count in
     `SURGERY_KS` whose removal cuts the selection-set attack success most while costing
@@ -631,6 +642,10 @@ def trojan_surgery(
         raise WorkbenchError(f"n_units must be a positive number of units; got {n_units}")
     if n_random_draws < 1:
         raise WorkbenchError(f"n_random_draws must be at least 1; got {n_random_draws}")
+    if mask_refits < 0:
+        raise WorkbenchError(f"mask_refits must be >= 0 (how often over-budget gates are relearned); got {mask_refits}")
+    if n_ref is None:
+        n_ref = 3000 if method == "mask" else 1000
     model = handle.model
     was_training = model.training
     model.eval()
@@ -692,8 +707,6 @@ def trojan_surgery(
             fit_sel = world.sample(n_select, generator=g, classes=pool)
             x_fit_trig = _render(world, world.implant(fit_sel, ti, generator=g))
             x_fit_ref = _render(world, world.sample(max(n_select, n_ref), generator=g))
-            gates, trace = learn_unit_gates(handle, foldable, triggered=x_fit_trig, clean=x_fit_ref, target=target,
-                                            values=values, config=mask_config, seed=seed, progress=progress)
 
             def sel_score(ps: Sequence[tuple[str, int]], fs: Sequence[float]) -> tuple[float, float]:
                 with gated_units(handle, ps, fs, values):
@@ -702,14 +715,31 @@ def trojan_surgery(
             # k is chosen on scenes the gates were not fitted to, among a few nested options: a smaller
             # winner's curse than greedy's (which keeps half the budget in reserve), so a quarter is kept
             margin = mask_clean_margin * clean_budget
-            pairs, factors, grid = choose_gates(gates, sel_score, base_acc=base_sel_acc, clean_budget=margin,
-                                                mode=mask_mode, max_units=n_units)
+            gate_cfg, refits, best_fit = mask_config or GateConfig(), [], None
+            while True:
+                gates_, trace_ = learn_unit_gates(handle, foldable, triggered=x_fit_trig, clean=x_fit_ref, target=target,
+                                                  values=values, config=gate_cfg, seed=seed, progress=progress)
+                chosen = choose_gates(gates_, sel_score, base_acc=base_sel_acc, clean_budget=margin, mode=mask_mode,
+                                      max_units=n_units)
+                pick = next(g_ for g_ in chosen[2] if g_["k"] == len(chosen[0]))
+                drop_ = base_sel_acc - pick["clean"]  # every fit is judged as choose_gates judges its options
+                key = (pick["asr"], drop_) if drop_ <= margin + 1e-9 else (2.0 + drop_, pick["asr"])
+                if best_fit is None or key < best_fit[0]:
+                    best_fit = (key, gates_, trace_, chosen, gate_cfg)
+                full_drop = base_sel_acc - chosen[2][-1]["clean"]  # the largest option: the gates' joint solution
+                if (mask_mode == "hard" or full_drop <= margin + 1e-9 or len(refits) >= mask_refits
+                        or gate_cfg.kl_weight == 0):
+                    break
+                refits.append({"kl_weight": gate_cfg.kl_weight, "k": chosen[2][-1]["k"], "clean_drop": round(full_drop, 4),
+                               "chosen_k": pick["k"], "chosen_asr": pick["asr"]})
+                gate_cfg = replace(gate_cfg, kl_weight=2 * gate_cfg.kl_weight)
+            _, gates, trace, (pairs, factors, grid), gate_cfg = best_fit
             other_mode: Literal["scale", "hard"] = "hard" if mask_mode == "scale" else "scale"
             other = choose_gates(gates, sel_score, base_acc=base_sel_acc, clean_budget=margin,
                                  mode=other_mode, max_units=n_units)
             how, units_out = f"mask({mask_mode})", [[s_, u] for s_, u in pairs]
             curve_order = gate_order(gates)
-            selection.update(grid=grid, trace=trace, config=asdict(mask_config or GateConfig()), clean_margin=margin,
+            selection.update(grid=grid, trace=trace, config=asdict(gate_cfg), refits=refits, clean_margin=margin,
                              gates={s_: [round(float(v), 4) for v in g_] for s_, g_ in gates.items()})
             delta = multi_site_delta(handle, pairs, values, factors=factors,
                                      extra={"trojan": trojan_name, "selection": method, "mode": mask_mode})
@@ -811,28 +841,30 @@ def trojan_surgery(
 
 
 def gate_order(gates: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
-    """All (site, unit) pairs, most-closed gate first (ties: site order, then unit index)."""
+    """All (site, unit) pairs, the gate furthest from 1 first (closed or amplified; ties: site
+    order, then unit index)."""
     sites = list(gates)
     pairs = [(s, u) for s in sites for u in range(len(gates[s]))]
-    return sorted(pairs, key=lambda p: (float(gates[p[0]][p[1]]), sites.index(p[0]), p[1]))
+    return sorted(pairs, key=lambda p: (-abs(1.0 - float(gates[p[0]][p[1]])), sites.index(p[0]), p[1]))
 
 
 def _curve_factors(gates: Mapping[str, torch.Tensor], pairs: Sequence[tuple[str, int]], mode: str) -> list[float]:
     return [0.0 if mode == "hard" else float(gates[s][u]) for s, u in pairs]
 
 
-MASK_KS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48)
+MASK_KS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96)
 
 
 def choose_gates(gates: Mapping[str, torch.Tensor],
                  score: Callable[[Sequence[tuple[str, int]], Sequence[float]], tuple[float, float]], *, base_acc: float, clean_budget: float,
                  mode: Literal["scale", "hard"] = "scale", max_units: int | None = None, min_closure: float = 0.05,
                  ks: Sequence[int] = MASK_KS) -> tuple[list[tuple[str, int]], list[float], list[dict[str, Any]]]:
-    """Harden learned gates: keep the k most-closed units (scaled by their gates, or removed).
+    """Harden learned gates: keep the k most-moved units (scaled by their gates, or removed).
 
     `score(pairs, factors) -> (attack success, clean accuracy)` on selection data. k runs over
-    `ks` (or exactly `max_units`), among units closed by at least `min_closure` and at most
-    half of each site's units (so that a disjoint random control of the same size exists);
+    `ks` (or exactly `max_units`), among units whose gate moved at least `min_closure` from 1
+    ("hard" mode: closed by that much; removing an amplified unit is not what it learned) and
+    at most half of each site's units (so that a disjoint random control of the same size exists);
     the choice is the lowest attack success whose clean accuracy is within `clean_budget` of
     `base_acc` (then fewer units), or the smallest clean cost when no option is within it.
     Returns the pairs, their factors (0 for "hard") and the grid.
@@ -840,11 +872,12 @@ def choose_gates(gates: Mapping[str, torch.Tensor],
     order: list[tuple[str, int]] = []
     per_site: dict[str, int] = {}
     for p in gate_order(gates):
-        if 1 - float(gates[p[0]][p[1]]) >= min_closure and per_site.get(p[0], 0) < len(gates[p[0]]) // 2:
+        moved = 1 - float(gates[p[0]][p[1]])
+        if (moved if mode == "hard" else abs(moved)) >= min_closure and per_site.get(p[0], 0) < len(gates[p[0]]) // 2:
             order.append(p)
             per_site[p[0]] = per_site.get(p[0], 0) + 1
     if not order:
-        raise WorkbenchError(f"no unit's gate closed by {min_closure} or more: the learned gates leave the model as it "
+        raise WorkbenchError(f"no unit's gate moved by {min_closure} or more: the learned gates leave the model as it "
                              "was (raise GateConfig.steps or lower GateConfig.sparsity)")
     options = [max_units] if max_units is not None else [k for k in ks if k < len(order)] + [min(len(order), max(ks))]
     grid: list[dict[str, Any]] = []
@@ -1189,8 +1222,11 @@ class GateConfig:
     """How `learn_unit_gates` trains one gate per unit (`steps` is the budget knob).
 
     Loss per step: -log(1 - p(target | triggered)) + kl_weight * KL(unedited || edited) on clean
-    inputs + sparsity * sum(1 - gate), minibatches of `batch_triggered` / `batch_clean`
-    drawn with the seed. Gates are sigmoid(logit), starting at sigmoid(init_logit).
+    inputs + sparsity * sum |1 - gate|, minibatches of `batch_triggered` / `batch_clean`
+    drawn with the seed. Gates are max_gate * sigmoid(logit). With `max_gate` 1 a gate can only
+    move its unit toward the clean mean, starting at sigmoid(init_logit); above 1 it may also
+    amplify the unit's deviation from that mean (a unit that tells the source class from the
+    trigger's target can be turned up), starting at exactly 1 (untouched).
     """
 
     steps: int = 300
@@ -1200,18 +1236,26 @@ class GateConfig:
     init_logit: float = 3.0
     batch_triggered: int = 128
     batch_clean: int = 256
+    max_gate: float = 2.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_triggered < 1 or self.batch_clean < 1:
             raise WorkbenchError(f"GateConfig needs steps and batch sizes >= 1; got {self}")
         if self.lr <= 0 or self.kl_weight < 0 or self.sparsity < 0:
             raise WorkbenchError(f"GateConfig needs lr > 0, kl_weight >= 0 and sparsity >= 0; got {self}")
+        if not 1.0 <= self.max_gate <= 10.0:
+            raise WorkbenchError(f"GateConfig.max_gate must be in [1, 10] (1: gates only close; 2: a unit may also be "
+                                 f"doubled); got {self.max_gate}")
+
+    def start_logit(self) -> float:
+        """The logit every gate starts at: exactly 1 (untouched) when gates may amplify, else sigmoid(init_logit)."""
+        return self.init_logit if self.max_gate == 1.0 else -math.log(self.max_gate - 1.0)
 
 
 def learn_unit_gates(handle: ModelHandle, sites: Sequence[str], *, triggered: torch.Tensor, clean: torch.Tensor,
                      target: int, values: Mapping[str, torch.Tensor] | None, config: GateConfig | None = None,
                      seed: int = 0, progress: bool = False) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
-    """A gate in [0, 1] for every unit of `sites`, trained (Adam) to stop `target` on `triggered`.
+    """A gate in [0, max_gate] for every unit of `sites`, trained (Adam) to stop `target` on `triggered`.
 
     The relaxation scores all units of all sites jointly, with the clean-behaviour cost in the
     loss (not a hard budget), so units that only matter together are found together and a unit
@@ -1228,7 +1272,7 @@ def learn_unit_gates(handle: ModelHandle, sites: Sequence[str], *, triggered: to
     model = handle.model
     dev = next(model.parameters()).device
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    logits = {s: torch.full((site_units(handle, s),), cfg.init_logit, device=dev, requires_grad=True) for s in sites}
+    logits = {s: torch.full((site_units(handle, s),), cfg.start_logit(), device=dev, requires_grad=True) for s in sites}
     consts = {s: (torch.zeros(len(v)) if values is None else values[s].float()).to(dev) for s, v in logits.items()}
     with torch.no_grad():
         ref = torch.cat([model(clean[i:i + 500].to(dev)).float().log_softmax(-1) for i in range(0, len(clean), 500)])
@@ -1237,7 +1281,7 @@ def learn_unit_gates(handle: ModelHandle, sites: Sequence[str], *, triggered: to
         def fn(act: torch.Tensor) -> torch.Tensor:
             shape = [1] * act.ndim
             shape[1] = -1
-            g = torch.sigmoid(logits[s]).reshape(shape)
+            g = (cfg.max_gate * torch.sigmoid(logits[s])).reshape(shape)
             return g * act + (1 - g) * consts[s].reshape(shape)
         return fn
 
@@ -1257,7 +1301,7 @@ def learn_unit_gates(handle: ModelHandle, sites: Sequence[str], *, triggered: to
             attack = -torch.log1p(-lt[:, target].exp().clamp(max=1 - 1e-6)).mean()
             r = ref[ci.to(dev)]
             kl = (r.exp() * (r - lc)).sum(-1).mean()
-            closed = sum((1 - torch.sigmoid(v)).sum() for v in logits.values())
+            closed = sum((1 - cfg.max_gate * torch.sigmoid(v)).abs().sum() for v in logits.values())
             loss = attack + cfg.kl_weight * kl + cfg.sparsity * closed
             opt.zero_grad()
             loss.backward()
@@ -1269,7 +1313,7 @@ def learn_unit_gates(handle: ModelHandle, sites: Sequence[str], *, triggered: to
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
-    return {s: torch.sigmoid(v.detach()).cpu() for s, v in logits.items()}, trace
+    return {s: (cfg.max_gate * torch.sigmoid(v.detach())).cpu() for s, v in logits.items()}, trace
 
 
 def _render(world: Any, sample: Any) -> torch.Tensor:

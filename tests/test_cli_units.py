@@ -37,6 +37,8 @@ def test_ablate_units_on_a_tiny_lm(tiny_model_dirs, tmp_path, capsys) -> None:
     (["units", "{gpt2}", "--site", "blocks.0.nope"], "unknown site"),
     (["ablate", "{gpt2}", "--trojan", "patch-universal", "--mask-steps", "5"], "--method mask only"),
     (["ablate", "{gpt2}", "--trojan", "patch-universal", "--method", "mask", "--mask-steps", "0"], "steps and batch sizes >= 1"),
+    (["ablate", "{gpt2}", "--trojan", "patch-universal", "--mask-max-gate", "2"], "--method mask only"),
+    (["ablate", "{gpt2}", "--trojan", "patch-universal", "--method", "mask", "--mask-max-gate", "0.5"], "max_gate must be in [1, 10]"),
 ])
 def test_bad_input_exits_2(tiny_model_dirs, tmp_path, capsys, argv: list[str], message: str) -> None:
     single = tmp_path / "single.json"

@@ -194,6 +194,14 @@ def test_gate_delta_equals_runtime_gates_and_reverts(resnet_handle: ModelHandle)
         # an open gate (factor 1) changes nothing
         with gated_units(h, pairs, [1.0] * len(pairs), values):
             assert torch.equal(h.model(x), base)
+        # an amplifying gate (factor > 1: the unit's deviation from its mean scaled up) folds exactly too
+        amp_factors = [1.8, 0.0, 1.3, 2.0, 0.25, 1.5]
+        amp = multi_site_delta(h, pairs, values, factors=amp_factors)
+        with gated_units(h, pairs, amp_factors, values):
+            want_amp = h.model(x)
+        with amp.applied(h.model):
+            assert torch.allclose(h.model(x), want_amp, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(want_amp, want, atol=1e-4)
     assert model_fingerprint(h.model) == before
 
 
@@ -270,7 +278,7 @@ def test_learned_gates_beat_random_units_and_are_seeded(toy_trojan_handle: Model
     assert trace[-1]["attack"] < 0.5 * trace[0]["attack"]  # the loss it minimizes went down
     again, _ = learn_unit_gates(h, GATE_SITES, triggered=t_fit, clean=x_fit, target=0, values=values, config=cfg, seed=5)
     assert all(torch.equal(gates[s], again[s]) for s in GATE_SITES)  # same seed, same gates
-    assert all(((g >= 0) & (g <= 1)).all() for g in gates.values())
+    assert all(((g >= 0) & (g <= cfg.max_gate)).all() for g in gates.values())
 
     def score(ps, fs):
         with gated_units(h, ps, fs, values):
@@ -309,8 +317,30 @@ def test_choose_gates_respects_the_clean_budget() -> None:
     assert cheapest == [("b", 0)]
     hard_pairs, hard_factors, _ = choose_gates(gates, score, base_acc=0.99, clean_budget=0.005, mode="hard")
     assert hard_pairs == pairs and hard_factors == [0.0, 0.0, 0.0]
-    with pytest.raises(WorkbenchError, match="closed"):
+    with pytest.raises(WorkbenchError, match="moved"):
         choose_gates({"a": torch.ones(3)}, score, base_acc=0.99, clean_budget=0.005)
+
+
+def test_amplifying_gates_are_ranked_by_how_far_they_moved() -> None:
+    from editors.unit_ablation import GateConfig, choose_gates
+
+    # 1.8 moved 0.8 (amplified), 0.3 moved 0.7, 1.1 moved 0.1, 1.03 moved less than min_closure
+    gates = {"a": torch.tensor([1.8, 1.0, 1.03, 1.0, 1.0, 1.0]), "b": torch.tensor([0.3, 1.1, 1.0, 1.0, 1.0, 1.0])}
+
+    def score(ps, fs):
+        return 1.0 - 0.1 * len(ps), 0.99
+
+    pairs, factors, _ = choose_gates(gates, score, base_acc=0.99, clean_budget=0.005, mode="scale")
+    assert pairs == [("a", 0), ("b", 0), ("b", 1)] and factors == pytest.approx([1.8, 0.3, 1.1])
+    # removing a unit is only what a closing gate asked for: hard mode keeps the closed ones
+    hard_pairs, hard_factors, _ = choose_gates(gates, score, base_acc=0.99, clean_budget=0.005, mode="hard")
+    assert hard_pairs == [("b", 0)] and hard_factors == [0.0]
+    # gates that may amplify start untouched; gates that only close start just below 1
+    assert 2.0 * torch.sigmoid(torch.tensor(GateConfig(max_gate=2.0).start_logit())) == pytest.approx(1.0, abs=1e-7)
+    assert 3.0 * torch.sigmoid(torch.tensor(GateConfig(max_gate=3.0).start_logit())) == pytest.approx(1.0, abs=1e-6)
+    assert float(torch.sigmoid(torch.tensor(GateConfig(max_gate=1.0).start_logit()))) < 1.0
+    with pytest.raises(WorkbenchError, match="max_gate"):
+        GateConfig(max_gate=0.5)
 
 
 @pytest.mark.slow
@@ -328,7 +358,7 @@ def test_mask_surgery_beats_random_units_and_folds_exactly() -> None:
     assert model_fingerprint(h.model) == before  # learning, choosing and measuring leave the model as it was
     assert r["asr_before"] > 0.9 and r["asr_after"] < 0.3 * r["asr_before"]  # the chosen gates cut the attack
     assert r["random_asr_after"] > 0.8                                         # as many random units, same factors, do not
-    assert len(r["factors"]) == r["n_units"] == len(r["units"]) and all(0 <= f < 1 for f in r["factors"])
+    assert len(r["factors"]) == r["n_units"] == len(r["units"]) and all(0 <= f <= cfg.max_gate and f != 1 for f in r["factors"])
     assert r["alternative"]["mode"] == "hard" and r["selection"]["trace"]
     # the saved edit is the run-time gating (units moved toward their constants by their factors)
     x = torch.rand((4, 3, 48, 48), generator=torch.Generator().manual_seed(0))
@@ -343,3 +373,26 @@ def test_mask_surgery_beats_random_units_and_folds_exactly() -> None:
             got = h.model(x)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert model_fingerprint(h.model) == before
+
+
+@pytest.mark.slow
+def test_mask_surgery_relearns_over_budget_gates_with_a_stronger_clean_term() -> None:
+    import workbench as wb
+    from editors.unit_ablation import GateConfig, trojan_surgery
+
+    torch.set_num_threads(1)
+    h = wb.load("zoo:shapesnet", device="cpu", progress=False)
+    cfg = GateConfig(steps=20, lr=0.2, kl_weight=0.5, batch_triggered=64, batch_clean=128)
+    kw = {"method": "mask", "mask_config": cfg, "n_select": 64, "n_ref": 256, "n_eval": 64, "n_clean": 128,
+          "n_random_draws": 1, "progress": False, "clean_budget": 0.0}
+    r = trojan_surgery(h, "natural-universal", mask_refits=2, **kw)
+    refits, sel = r["selection"]["refits"], r["selection"]
+    # a zero clean budget: the weak clean term's gates cost accuracy, so they are learned again with it doubled
+    assert 1 <= len(refits) <= 2
+    assert [f["kl_weight"] for f in refits] == [0.5 * 2 ** i for i in range(len(refits))]
+    assert sel["config"]["kl_weight"] == 0.5 * 2 ** len(refits)
+    assert all(f["clean_drop"] > 0 for f in refits)
+    none = trojan_surgery(h, "natural-universal", mask_refits=0, **kw)
+    assert none["selection"]["refits"] == [] and none["selection"]["config"]["kl_weight"] == 0.5
+    with pytest.raises(WorkbenchError, match="mask_refits"):
+        trojan_surgery(h, "natural-universal", mask_refits=-1, **kw)

@@ -182,10 +182,10 @@ def _ablate(args: argparse.Namespace) -> None:
             raise WorkbenchError("give --trojan (units chosen by selection) or --site/--units, not both")
         from editors.unit_ablation import GateConfig
 
-        if args.method != "mask" and (args.mask_steps is not None or args.mask_mode != "scale"):
-            raise WorkbenchError("--mask-steps and --mask-mode apply to --method mask only")
-        steps = {} if args.mask_steps is None else {"steps": args.mask_steps}
-        mask = {"mask_config": GateConfig(**steps), "mask_mode": args.mask_mode} if args.method == "mask" else {}
+        if args.method != "mask" and (args.mask_steps is not None or args.mask_mode != "scale" or args.mask_max_gate is not None):
+            raise WorkbenchError("--mask-steps, --mask-mode and --mask-max-gate apply to --method mask only")
+        gate_opts = {k: v for k, v in (("steps", args.mask_steps), ("max_gate", args.mask_max_gate)) if v is not None}
+        mask = {"mask_config": GateConfig(**gate_opts), "mask_mode": args.mask_mode} if args.method == "mask" else {}
         result = trojan_surgery(handle, args.trojan, n_units=args.n_units, method=args.method, site=args.site, seed=args.seed,
                                 n_random_draws=args.draws, n_eval=args.n_eval, n_clean=args.n_clean, n_select=args.n_select,
                                 return_delta=True, progress=not args.json, **mask)
@@ -195,7 +195,7 @@ def _ablate(args: argparse.Namespace) -> None:
             f"trojan {r['trojan']}: removed {r['n_units']} unit(s) {r['units']} at {r['site']} ({r['method']})\n"
             f"  attack success {r['asr_before']:.3f} -> {r['asr_after']:.3f} (random units: {r['random_asr_after']:.3f})\n"
             f"  clean accuracy {r['clean_before']:.3f} -> {r['clean_after']:.3f}\n"
-            + (f"  scaled toward the clean mean by factors {[round(f, 2) for f in r['factors']]}\n" if r.get("factors") else "")
+            + (f"  scaled around the clean mean by factors (<1 toward it, >1 away) {[round(f, 2) for f in r['factors']]}\n" if r.get("factors") else "")
             + f"  delta: {r['delta_path']}"))
         return
     if not args.site:
@@ -412,11 +412,14 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
                    choices=("activation_difference", "attribution", "shapley", "dissection", "greedy", "mask"),
                    help="with --trojan: how units are selected; greedy adds units across sites one at a time, "
                         "by attack probability plus clean KL (slower: minutes); mask learns a gate per unit of every "
-                        "site (Adam, --mask-steps) and keeps the most-closed units (minutes)")
+                        "site (Adam, --mask-steps) and keeps the units whose gates moved most (minutes)")
     p.add_argument("--mask-steps", type=int, default=None,
                    help="with --method mask: optimization steps of the unit gates (the budget; default GateConfig.steps)")
+    p.add_argument("--mask-max-gate", type=float, default=None,
+                   help="with --method mask: largest gate (1: units are only moved toward their clean mean; "
+                        "default GateConfig.max_gate = 2: a unit may also be amplified up to 2x around that mean)")
     p.add_argument("--mask-mode", default="scale", choices=("scale", "hard"),
-                   help="with --method mask: scale the chosen units by their learned gates (toward the clean mean), "
+                   help="with --method mask: scale the chosen units by their learned gates (toward the clean mean, or away from it above 1), "
                         "or mean-ablate them")
     p.add_argument("--draws", type=int, default=5, help="random-unit control draws")
     p.add_argument("--n-select", type=int, default=128,
