@@ -37,11 +37,14 @@ def main() -> None:
     ap.add_argument("--mask-modes", default="scale",
                     help="method mask: comma-separated, scale and/or hard (each relearns the gates; every mask row "
                          "also reports the other hardening of the same gates under 'alternative')")
+    ap.add_argument("--curve", default=None,
+                    help="also measure attack success and clean accuracy vs units edited (treatment and random, fresh "
+                         "scenes) and plot them to this PNG")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     import workbench as wb
-    from editors.unit_ablation import GateConfig, trojan_surgery
+    from editors.unit_ablation import MASK_KS, SURGERY_KS, GateConfig, plot_surgery_curve, trojan_surgery
     from workbench.storage import atomic_write_json
 
     handle = wb.load("zoo:shapesnet", device="cpu", progress=False)
@@ -59,12 +62,13 @@ def main() -> None:
                     runs.append((method, {"method": method}))
             for name, kw in runs:
                 t0 = time.perf_counter()
+                curve_ks = None if args.curve is None else list(MASK_KS if kw["method"] == "mask" else SURGERY_KS)
                 r = trojan_surgery(handle, trojan, seed=seed, n_select=args.n_select, n_ref=args.n_ref, n_eval=500,
-                                   n_clean=1000, n_random_draws=2, progress=False, **kw)
+                                   n_clean=1000, n_random_draws=2, progress=False, curve_ks=curve_ks, **kw)
                 row = {"trojan": trojan, "seed": seed, "method": name, "seconds": round(time.perf_counter() - t0, 1),
                        **{k: r[k] for k in KEYS}, "factors": r.get("factors"), "selection_grid": r["selection"].get("grid"),
                        "alternative": r.get("alternative"), "refits": r["selection"].get("refits"),
-                       "selection_clean": r["selection"]["clean"]}
+                       "selection_clean": r["selection"]["clean"], "curve": r.get("curve")}
                 rows.append(row)
                 print(f"{trojan:18} seed {seed} {name:22} cut {row['asr_relative_cut']:.3f} clean drop "
                       f"{100 * row['clean_drop']:.1f} pt  random ASR {row['random_asr_after']:.3f}  "
@@ -74,6 +78,13 @@ def main() -> None:
                     print(f"{'':18}        {'  same gates, ' + alt['mode']:22} cut {alt['asr_relative_cut']:.3f} clean drop "
                           f"{100 * alt['clean_drop']:.1f} pt  met {alt['target_met']}  {alt['n_units']} units", flush=True)
                 atomic_write_json(Path(args.out), {"rows": rows})
+    if args.curve:
+        for method in {row["method"] for row in rows}:
+            sel = [{**row, "trojan": f"{row['trojan']} seed {row['seed']}", "site": f"{row['n_units']} units"}
+                   for row in rows if row["method"] == method]
+            path = args.curve if len({row["method"] for row in rows}) == 1 else args.curve.replace(".png", f"_{method}.png")
+            plot_surgery_curve(sel, path, xlabel=f"units edited, in the selection's order ({method})")
+            print(f"curve: {path}")
 
 
 if __name__ == "__main__":

@@ -1331,7 +1331,8 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.
     return torch.cat([model(x[i:i + batch_size].to(dev)).argmax(-1).cpu() for i in range(0, x.shape[0], batch_size)])
 
 
-def plot_surgery_curve(results: Sequence[Mapping[str, Any]], path: Any) -> Any:
+def plot_surgery_curve(results: Sequence[Mapping[str, Any]], path: Any, *,
+                       xlabel: str = "units removed (mean ablation)") -> Any:
     """Attack success (left) and clean accuracy (right) vs number of units removed, treatment
     (solid) vs random units at the same site (dashed, mean of draws), one colour per trojan."""
     from workbench.plotting import pyplot, save_figure
@@ -1350,7 +1351,7 @@ def plot_surgery_curve(results: Sequence[Mapping[str, Any]], path: Any) -> Any:
         bx.plot(ks, [c["random_clean"] for c in curve], "--", color=color, alpha=0.6)
     for a in (ax, bx):
         a.set_xscale("log", base=2)
-        a.set_xlabel("units removed (mean ablation)")
+        a.set_xlabel(xlabel)
     ax.set_ylabel("attack success rate")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("attack success: selected (solid) vs random units (dashed)")

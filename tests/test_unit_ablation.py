@@ -396,3 +396,13 @@ def test_mask_surgery_relearns_over_budget_gates_with_a_stronger_clean_term() ->
     assert none["selection"]["refits"] == [] and none["selection"]["config"]["kl_weight"] == 0.5
     with pytest.raises(WorkbenchError, match="mask_refits"):
         trojan_surgery(h, "natural-universal", mask_refits=-1, **kw)
+
+
+def test_surgery_curve_plot_writes_a_png(tmp_path) -> None:
+    from editors.unit_ablation import plot_surgery_curve
+
+    curve = [{"k": k, "asr": 1 / k, "random_asr": 0.95, "clean": 0.98, "random_clean": 0.98 - 0.01 * k} for k in (1, 2, 4)]
+    results = [{"trojan": "t seed 0", "site": "3 units", "curve": curve}, {"trojan": "no curve", "site": "-", "curve": None}]
+    out = plot_surgery_curve(results, tmp_path / "curve.png", xlabel="units edited")
+    path = tmp_path / "curve.png"
+    assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out is not None
