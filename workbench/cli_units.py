@@ -192,10 +192,12 @@ def _ablate(args: argparse.Namespace) -> None:
         delta = result.pop("delta")
         result["delta_path"] = str(delta.save(_out(args, "ablate")))
         args.emit(args, result, lambda r: (
-            f"trojan {r['trojan']}: removed {r['n_units']} unit(s) {r['units']} at {r['site']} ({r['method']})\n"
+            f"trojan {r['trojan']}: {'gated' if any(r.get('factors') or []) else 'removed'} {r['n_units']} unit(s) "
+            f"{r['units']} at {r['site']} ({r['method']})\n"
             f"  attack success {r['asr_before']:.3f} -> {r['asr_after']:.3f} (random units: {r['random_asr_after']:.3f})\n"
             f"  clean accuracy {r['clean_before']:.3f} -> {r['clean_after']:.3f}\n"
-            + (f"  scaled around the clean mean by factors (<1 toward it, >1 away) {[round(f, 2) for f in r['factors']]}\n" if r.get("factors") else "")
+            + (f"  scaled around the clean mean by factors (<1 toward it, >1 away) {[round(f, 2) for f in r['factors']]}\n"
+               if r.get("factors") else "")
             + f"  delta: {r['delta_path']}"))
         return
     if not args.site:
@@ -419,7 +421,8 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
                    help="with --method mask: largest gate (1: units are only moved toward their clean mean; "
                         "default GateConfig.max_gate = 2: a unit may also be amplified up to 2x around that mean)")
     p.add_argument("--mask-mode", default="scale", choices=("scale", "hard"),
-                   help="with --method mask: scale the chosen units by their learned gates (toward the clean mean, or away from it above 1), "
+                   help="with --method mask: scale the chosen units by their learned gates (toward the clean mean, "
+                        "or away from it above 1), "
                         "or mean-ablate them")
     p.add_argument("--draws", type=int, default=5, help="random-unit control draws")
     p.add_argument("--n-select", type=int, default=128,
