@@ -633,6 +633,12 @@ def trojan_surgery(
     from workbench.unit_selection import select_units, unit_activations
     from workbench.zoo.shapesnet import world_of
 
+    if mask_refits < 0:
+        raise WorkbenchError(f"mask_refits must be >= 0 (how often over-budget gates are relearned); got {mask_refits}")
+    if n_ref is not None and n_ref < 1:
+        raise WorkbenchError(f"n_ref must be a positive number of clean selection scenes (or None for the default); got {n_ref}")
+    if n_ref is None:
+        n_ref = 3000 if method == "mask" else 1000
     world = world_of(handle)
     ti = world.trojans.index(trojan_name)
     trojan = world.trojans[ti]
@@ -642,10 +648,6 @@ def trojan_surgery(
         raise WorkbenchError(f"n_units must be a positive number of units; got {n_units}")
     if n_random_draws < 1:
         raise WorkbenchError(f"n_random_draws must be at least 1; got {n_random_draws}")
-    if mask_refits < 0:
-        raise WorkbenchError(f"mask_refits must be >= 0 (how often over-budget gates are relearned); got {mask_refits}")
-    if n_ref is None:
-        n_ref = 3000 if method == "mask" else 1000
     model = handle.model
     was_training = model.training
     model.eval()

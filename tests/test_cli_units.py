@@ -38,6 +38,7 @@ def test_ablate_units_on_a_tiny_lm(tiny_model_dirs, tmp_path, capsys) -> None:
     (["ablate", "{gpt2}", "--trojan", "patch-universal", "--mask-steps", "5"], "--method mask only"),
     (["ablate", "{gpt2}", "--trojan", "patch-universal", "--method", "mask", "--mask-steps", "0"], "steps and batch sizes >= 1"),
     (["ablate", "{gpt2}", "--trojan", "patch-universal", "--mask-max-gate", "2"], "--method mask only"),
+    (["ablate", "{gpt2}", "--trojan", "patch-universal", "--n-ref", "0"], "n_ref must be a positive number"),
     (["ablate", "{gpt2}", "--trojan", "patch-universal", "--method", "mask", "--mask-max-gate", "0.5"], "max_gate must be in [1, 10]"),
 ])
 def test_bad_input_exits_2(tiny_model_dirs, tmp_path, capsys, argv: list[str], message: str) -> None:

@@ -188,6 +188,7 @@ def _ablate(args: argparse.Namespace) -> None:
         mask = {"mask_config": GateConfig(**gate_opts), "mask_mode": args.mask_mode} if args.method == "mask" else {}
         result = trojan_surgery(handle, args.trojan, n_units=args.n_units, method=args.method, site=args.site, seed=args.seed,
                                 n_random_draws=args.draws, n_eval=args.n_eval, n_clean=args.n_clean, n_select=args.n_select,
+                                n_ref=args.n_ref,
                                 return_delta=True, progress=not args.json, **mask)
         delta = result.pop("delta")
         result["delta_path"] = str(delta.save(_out(args, "ablate")))
@@ -429,6 +430,9 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
                    help="with --trojan: selection scenes (triggered, with clean twins); --method mask learns on as many more")
     p.add_argument("--n-eval", type=int, default=500, help="triggered scenes for attack success")
     p.add_argument("--n-clean", type=int, default=1000, help="clean scenes for accuracy")
+    p.add_argument("--n-ref", type=int, default=None,
+                   help="with --trojan: clean selection scenes (unit means, clean budget; default 3000 for --method mask, "
+                        "1000 otherwise)")
 
     p = base("erase", "fit LEACE for a concept at a site and fold it into the weights", _erase)
     p.add_argument("--site", required=True)
