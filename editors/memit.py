@@ -32,6 +32,7 @@ from editors.mlp_update import (
     PrefixSource,
     ValueConfig,
     check_layer,
+    check_prefix_source,
     context_templates,
     dense_in_layout,
     in_layout,
@@ -104,8 +105,7 @@ class MEMIT:
             raise WorkbenchError(f"mom2_update_weight={self.mom2_update_weight}; expected >= 0")
         if self.storage not in ("auto", "low_rank", "dense"):
             raise WorkbenchError(f"storage={self.storage!r}; expected 'auto', 'low_rank' or 'dense'")
-        if self.prefix_source not in ("generated", "world"):
-            raise WorkbenchError(f"prefix_source={self.prefix_source!r}; expected 'generated' or 'world'")
+        check_prefix_source(self.prefix_source)
         if self.value_contexts not in ("all", "plain"):
             raise WorkbenchError(f"value_contexts={self.value_contexts!r}; expected 'all' or 'plain'")
 

@@ -26,7 +26,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -152,6 +152,12 @@ def sample_texts(
 PrefixSource = Literal["generated", "world"]
 
 
+def check_prefix_source(source: str, who: str = "") -> None:
+    """Refuse a context-prefix source other than the `PrefixSource` values."""
+    if source not in get_args(PrefixSource):
+        raise WorkbenchError(f"{who}prefix_source={source!r}; expected 'generated' or 'world'")
+
+
 def context_templates(handle: Any, *, n_prefixes: int, length: int, seed: int,
                       source: PrefixSource = "generated") -> list[str]:
     """"{}" plus `n_prefixes` context prefixes "<text> {}" (where the rewrite prompt goes).
@@ -160,6 +166,7 @@ def context_templates(handle: Any, *, n_prefixes: int, length: int, seed: int,
     model); `"world"` takes plain filler sentences from the zoo model's own world, the kind
     of context its training put before facts (a model's samples can name other subjects).
     """
+    check_prefix_source(source)
     if n_prefixes <= 0:
         return ["{}"]
     if source == "world":
@@ -168,8 +175,6 @@ def context_templates(handle: Any, *, n_prefixes: int, length: int, seed: int,
             raise WorkbenchError(f"prefix source 'world' needs a zoo model trained on a world ({handle.spec} has "
                                  "none); use prefix_source='generated'")
         return ["{}"] + [f"{text} {{}}" for text in world.filler(n_prefixes, seed=seed + 7919, sentences=(1, 1))]
-    if source != "generated":
-        raise WorkbenchError(f"prefix source {source!r}; expected 'generated' or 'world'")
     texts = sample_texts(handle, n_prefixes, length=length, seed=seed)
     return ["{}"] + [f"{_clean_prefix(t)}. {{}}" if _clean_prefix(t) else "{}" for t in texts]
 

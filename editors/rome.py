@@ -34,6 +34,7 @@ from editors.mlp_update import (
     PrefixSource,
     ValueConfig,
     check_layer,
+    check_prefix_source,
     context_templates,
     in_layout,
     key_statistics,
@@ -89,8 +90,7 @@ class ROME:
                 raise WorkbenchError(f"ROME {name}={getattr(self, name)}; expected a positive number")
         if self.n_prefixes < 0:
             raise WorkbenchError(f"ROME n_prefixes={self.n_prefixes}; expected >= 0")
-        if self.prefix_source not in ("generated", "world"):
-            raise WorkbenchError(f"ROME prefix_source={self.prefix_source!r}; expected 'generated' or 'world'")
+        check_prefix_source(self.prefix_source, "ROME ")
 
     def resolved_layer(self, handle: Any) -> int:
         return check_layer(handle, handle.arch.n_layers // 2 if self.layer is None else self.layer)

@@ -724,8 +724,8 @@ def trojan_surgery(
                 chosen = choose_gates(gates_, sel_score, base_acc=base_sel_acc, clean_budget=margin, mode=mask_mode,
                                       max_units=n_units)
                 pick = next(g_ for g_ in chosen[2] if g_["k"] == len(chosen[0]))
-                drop_ = base_sel_acc - pick["clean"]  # every fit is judged as choose_gates judges its options
-                key = (pick["asr"], drop_) if drop_ <= margin + 1e-9 else (2.0 + drop_, pick["asr"])
+                # every fit is judged as choose_gates judges its options
+                key = _option_key(pick["asr"], base_sel_acc - pick["clean"], pick["k"], margin)
                 if best_fit is None or key < best_fit[0]:
                     best_fit = (key, gates_, trace_, chosen, gate_cfg)
                 full_drop = base_sel_acc - chosen[2][-1]["clean"]  # the largest option: the gates' joint solution
@@ -857,6 +857,12 @@ def _curve_factors(gates: Mapping[str, torch.Tensor], pairs: Sequence[tuple[str,
 MASK_KS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96)
 
 
+def _option_key(asr: float, drop: float, k: int, clean_budget: float) -> tuple[float, float, int]:
+    """How `choose_gates` orders options: within the clean budget, lowest attack success (then the
+    smaller drop, fewer units); beyond it, the cheapest."""
+    return (asr, drop, k) if drop <= clean_budget + 1e-9 else (2.0 + drop, asr, k)
+
+
 def choose_gates(gates: Mapping[str, torch.Tensor],
                  score: Callable[[Sequence[tuple[str, int]], Sequence[float]], tuple[float, float]], *, base_acc: float, clean_budget: float,
                  mode: Literal["scale", "hard"] = "scale", max_units: int | None = None, min_closure: float = 0.05,
@@ -888,8 +894,7 @@ def choose_gates(gates: Mapping[str, torch.Tensor],
         fs = _curve_factors(gates, order[:k], mode)
         a, c = score(order[:k], fs)
         grid.append({"k": k, "asr": round(a, 4), "clean": round(c, 4)})
-        drop = base_acc - c  # within the budget: lowest attack success; if none is, the cheapest option
-        key = (a, drop, k) if drop <= clean_budget + 1e-9 else (2.0 + drop, a, k)
+        key = _option_key(a, base_acc - c, k, clean_budget)
         if best is None or key < best:
             best = key
     assert best is not None
@@ -1303,14 +1308,14 @@ def learn_unit_gates(handle: ModelHandle, sites: Sequence[str], *, triggered: to
             attack = -torch.log1p(-lt[:, target].exp().clamp(max=1 - 1e-6)).mean()
             r = ref[ci.to(dev)]
             kl = (r.exp() * (r - lc)).sum(-1).mean()
-            closed = sum((1 - cfg.max_gate * torch.sigmoid(v)).abs().sum() for v in logits.values())
-            loss = attack + cfg.kl_weight * kl + cfg.sparsity * closed
+            moved = sum((1 - cfg.max_gate * torch.sigmoid(v)).abs().sum() for v in logits.values())
+            loss = attack + cfg.kl_weight * kl + cfg.sparsity * moved
             opt.zero_grad()
             loss.backward()
             opt.step()
             if step % 10 == 0 or step == cfg.steps - 1:
                 trace.append({"step": step, "attack": round(float(attack.detach()), 5), "kl": round(float(kl.detach()), 6),
-                              "closed": round(float(closed.detach()), 3),
+                              "moved": round(float(moved.detach()), 3),
                               "asr": round(float((lt.argmax(-1) == target).float().mean()), 4)})
     finally:
         for n, p in model.named_parameters():

@@ -173,6 +173,8 @@ def test_world_prefixes_are_seeded_filler_sentences_without_subjects(tiny) -> No
 def test_world_prefixes_need_a_world_and_a_known_source(load_tiny) -> None:
     with pytest.raises(WorkbenchError, match="generated"):
         context_templates(load_tiny("gpt2"), n_prefixes=2, length=4, seed=0, source="world")
+    with pytest.raises(WorkbenchError, match="prefix_source='wiki'"):
+        context_templates(load_tiny("gpt2"), n_prefixes=2, length=4, seed=0, source="wiki")  # type: ignore[arg-type]
     with pytest.raises(WorkbenchError, match="prefix_source"):
         MEMIT(prefix_source="wiki")  # type: ignore[arg-type]
     with pytest.raises(WorkbenchError, match="value_contexts"):
