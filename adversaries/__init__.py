@@ -16,6 +16,7 @@ GENERATOR_MODULES: tuple[str, ...] = (
     "adversaries.feature_level",
     "adversaries.text_triggers",
     "adversaries.copy_paste",
+    "adversaries.scene_search",
 )
 
 for _name in GENERATOR_MODULES:

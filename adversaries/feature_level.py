@@ -533,21 +533,30 @@ def source_scenes(handle: ModelHandle, source: int | str, n: int, *, seed: int, 
     if name not in world.classes:
         raise WorkbenchError(f"source class {name!r} is not a ShapesWorld class ({', '.join(world.classes)}); "
                              "pass images instead")
+    return class_scenes(handle, world, [name], n, seed=seed, correct_only=correct_only)
+
+
+def class_scenes(handle: ModelHandle, world: Any, classes: list[str], n: int, *, seed: int, correct_only: bool = True,
+                 **sample_kw: Any) -> Sample:
+    """`n` scenes of `classes` (drawn with `seed`), kept only where the model is right when `correct_only`."""
     g = torch.Generator().manual_seed(seed)
+    model_index = torch.full((len(world.classes),), -1, dtype=torch.long)  # world label -> the model's class index
+    for c in classes:
+        model_index[world.class_index(c)] = int(resolve_class(handle, c, what="source") or 0)
     kept: list[Sample] = []
     total = 0
     for _ in range(20):
-        s = world.sample(max(2 * n, 32), generator=g, classes=[name])
+        s = world.sample(max(2 * n, 32), generator=g, classes=classes, **sample_kw)
         if correct_only:
             pred, _ = predict(handle, render_for(handle, s, softness=world.config.softness))
-            s = s.index(torch.nonzero(pred == src).flatten())
+            s = s.index(torch.nonzero(pred.cpu() == model_index[s.labels]).flatten())
         kept.append(s)
         total += len(s)
         if total >= n:
             break
     out = Sample.cat(kept)
     if len(out) < n:
-        raise WorkbenchError(f"the model classifies too few {name!r} scenes correctly ({len(out)} of the {n} asked)")
+        raise WorkbenchError(f"the model classifies too few {'/'.join(classes)} scenes correctly ({len(out)} of the {n} asked)")
     return out.index(torch.arange(n))
 
 

@@ -9,7 +9,7 @@ answers the 8-way question: the true trigger among the 7 most similar same-kind 
 Score = share of views voting for the true trigger; chance 0.125; published human best 0.47
 (all methods together 0.49; CLIP as judge 0.06-0.21).
 
-    .venv/bin/python benchmarks/bench_rediscovery.py [--quick] [--held-out] [--seeds 0,1] [--methods natural] [--json]
+    .venv/bin/python benchmarks/bench_rediscovery.py [--quick] [--held-out [--no-zoo]] [--seeds 0,1] [--methods natural] [--json]
 
 `--held-out` also trains (and caches) a ShapesNet on benchmarks/held_out_trojans.json (three
 trojans, one per kind, with triggers and targets the zoo's model does not use; one model per
@@ -32,12 +32,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="'tiny' budget per method instead of 'quick'")
     ap.add_argument("--full", action="store_true", help="'full' budget per method")
     ap.add_argument("--held-out", action="store_true", help="also run the held-out trojan config")
+    ap.add_argument("--no-zoo", action="store_true", help="skip the zoo model (with --held-out: the held-out config only)")
     ap.add_argument("--methods", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (overrides --seed); means over seeds are printed")
     ap.add_argument("--out", default=None, help="folder for views and JSON (default: none)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.no_zoo and not args.held_out:
+        ap.error("--no-zoo leaves nothing to run without --held-out")
     torch.set_num_threads(1)
     import workbench
     from workbench import rediscovery as rd
@@ -52,12 +55,14 @@ def main() -> None:
     results: dict[str, list] = {"zoo": [], "held_out": []}
     for seed in seeds:
         out = (base / f"seed{seed}") if base and len(seeds) > 1 else base
-        res = rd.rediscover(h, methods=methods, budget=budget, seed=seed, progress=not args.json,
-                            views_dir=(out / "zoo" / "views") if out else None)
-        run = {"zoo": res.to_json()}
-        results["zoo"].append(res)
-        if out:
-            res.save(out / "zoo")
+        run: dict = {}
+        if not args.no_zoo:
+            res = rd.rediscover(h, methods=methods, budget=budget, seed=seed, progress=not args.json,
+                                views_dir=(out / "zoo" / "views") if out else None)
+            run["zoo"] = res.to_json()
+            results["zoo"].append(res)
+            if out:
+                res.save(out / "zoo")
         if args.held_out:
             config = load_trojans(Path(__file__).with_name("held_out_trojans.json"))
             hh = rd.model_for_trojans(config, seed=seed, quick=True, progress=not args.json)
@@ -70,8 +75,9 @@ def main() -> None:
                 held.save(out / "held_out")
         report["runs"][str(seed)] = run
         if not args.json:
-            print(f"# trojan rediscovery, ShapesNet zoo model, budget {budget}, seed {seed}")
-            print(res.table())
+            if not args.no_zoo:
+                print(f"# trojan rediscovery, ShapesNet zoo model, budget {budget}, seed {seed}")
+                print(results["zoo"][-1].table())
             if args.held_out:
                 print(f"\n# held-out config, seed {seed}, model: {run['held_out_model']}")
                 print(results["held_out"][-1].table())

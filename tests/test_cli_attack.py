@@ -62,6 +62,8 @@ def test_cli_run_hook_dispatch(tiny_model_dirs: dict[str, Path], tmp_path: Path,
     (["attack", "nope", "zoo:shapesnet"], "unknown adversary"),
     (["attack", "pgd", "zoo:shapesnet", "--set", "eps=x"], "expected a float"),
     (["attack", "pgd", "zoo:shapesnet", "--n", "0"], "positive"),
+    (["attack", "scene-search", "zoo:shapesnet", "--source", "star", "--n", "4"], "targeted"),
+    (["attack", "scene-search", "zoo:shapesnet", "--target", "cross", "--set", "facets=texture"], "facets"),
 ])
 def test_cli_user_errors_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
@@ -78,6 +80,7 @@ def test_cli_text_model_needs_inputs(tiny_model_dirs: dict[str, Path], tmp_path:
     ("pgd", ["--source", "square", "--target", "star"]),
     ("feature-level", ["--source", "circle", "--target", "hexagon", "--set", "steps=20", "--set", "restarts=1"]),
     ("adversarial-filtering", ["--set", "n_scenes=300"]),
+    ("scene-search", ["--source", "star", "--target", "cross", "--set", "n_random=8", "--set", "n_starts=1"]),
 ])
 def test_cli_attack_shapesnet_writes_examples_grid_metrics(method: str, extra: list[str], tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:

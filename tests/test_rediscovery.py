@@ -172,6 +172,20 @@ def test_natural_search_views_carry_their_evidence(shapesnet):
     assert float(a.views.min()) >= 0 and float(a.views.max()) <= 1
 
 
+def test_scene_search_views_are_findings_with_facets_and_evidence(shapesnet):
+    trojan = default_trojans()[3]  # style-star: lime/navy zigzag background, star -> cross
+    world = __import__("workbench.zoo.shapesnet", fromlist=["world_of"]).world_of(shapesnet)
+    syn = rd.scene_vocabulary_search(shapesnet, trojan, world, budget="tiny", seed=0)
+    assert syn.facets is not None and set(syn.facets) == {"style", "patch", "natural"}
+    assert syn.views.shape[0] == syn.weights.shape[0] == len(syn.notes["views"]) == len(syn.facets)
+    torch.testing.assert_close(syn.weights.sum(), torch.tensor(1.0))
+    gains = torch.tensor([v["gain"] for v in syn.notes["views"]])
+    assert int(syn.weights.argmax()) == int(gains.argmax())
+    # a style question is judged on the background findings only
+    assert syn.for_kind("style").shape[0] == syn.facets.count("style")
+    assert "scene-search" in rd.METHODS
+
+
 def test_combined_choice_uses_each_methods_weights():
     trojan = default_trojans()[4]  # the pink heart
     right = TRIGGER_LIBRARY["natural-heart"].example(image_size=48)

@@ -2,6 +2,7 @@
 
     workbench attack pgd zoo:shapesnet --source square --target star --n 32 --out a/ --json
     workbench attack feature-level zoo:shapesnet --source circle --target hexagon --set steps=100
+    workbench attack scene-search zoo:shapesnet --source star --target cross --json
     workbench attack adversarial-filtering zoo:shapesnet --set color_mode=uniform --out af/
     workbench attack text-trigger zoo:factgpt --n 20 --out tt/ --json
     workbench attack pgd ./my-model --inputs images.safetensors --set eps=0.01
@@ -46,6 +47,8 @@ from workbench.errors import WorkbenchError
 log = logging.getLogger(__name__)
 
 SELF_SAMPLING = ("adversarial-filtering",)
+SCENE_INPUTS = ("feature-level", "scene-search")
+"""Methods that take the ShapesWorld scenes themselves (they edit scene parameters, not pixels)."""
 
 
 # --- config from --set --------------------------------------------------------------------
@@ -152,7 +155,7 @@ def _draw_inputs(handle: Any, args: argparse.Namespace, method: str) -> Any:
         src = next(c for c in range(len(handle.preprocess.class_names)) if c != tgt)
     sample = source_scenes(handle, src, args.n, seed=args.seed)
     log.info("drew %d correctly classified %s scenes", args.n, class_name(handle, resolve_class(handle, src) or 0))
-    if method == "feature-level":
+    if method in SCENE_INPUTS:
         return sample
     return render_for(handle, sample), sample.labels
 
@@ -247,7 +250,7 @@ def _attack(args: argparse.Namespace) -> None:
     def text(r: dict[str, Any]) -> str:
         lines = [f"{r['method']} on {r['model']}: success {r.get('success_rate', float('nan')):.3f} "
                  f"({r.get('n_success', '?')} of {r.get('n', '?')})" if "success_rate" in r else f"{r['method']} on {r['model']}"]
-        for key in ("description", "best_description", "trigger", "control_random_object", "control_noise",
+        for key in ("description", "best_description", "trigger", "control_random_object", "control_random_word", "control_noise",
                     "control_success", "baseline", "baseline_success", "n_confident_wrong", "accuracy"):
             if r.get(key) is not None:
                 lines.append(f"  {key}: {r[key]}")
@@ -262,7 +265,7 @@ def _attack(args: argparse.Namespace) -> None:
 def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emit: Callable[..., None]) -> None:
     p = sub.add_parser("attack", help="run an adversary generator: examples, grid PNG and metrics JSON")
     p.add_argument("method", help="adversary name (pgd, adversarial-patch, adversarial-filtering, snafue, "
-                                  "feature-level, text-trigger, copy-paste, ...)")
+                                  "feature-level, scene-search, text-trigger, copy-paste, ...)")
     p.add_argument("model", help="zoo:shapesnet, zoo:factgpt, minilm, a local Hugging Face folder or a hub name")
     p.add_argument("--source", default=None, help="source class of the drawn images (ShapesWorld models) or the protocol's source")
     p.add_argument("--target", default=None, help="target class name or index (omit for untargeted)")

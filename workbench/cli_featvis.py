@@ -141,7 +141,7 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--trojans", default=None, help="trojan config JSON (a held-out set); default: the model's own")
     p.add_argument("--train", action="store_true", help="train (and cache) a ShapesNet with --trojans first")
     p.add_argument("--methods", default=None, help="comma-separated subset of: featvis-logit, featvis-logit-fourier, "
-                                                    "copy-paste, feature-level, natural, adversarial-filtering, adversarial-patch")
+                                                    "copy-paste, feature-level, natural, scene-search, adversarial-filtering, adversarial-patch")
     p.add_argument("--budget", default="quick", choices=("tiny", "quick", "full"), help="optimization budget per method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="rediscovery-out", help="output folder")

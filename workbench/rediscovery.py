@@ -16,8 +16,8 @@ triggers' canonical renderings (`TriggerDesign.example`), compared on their trig
 
 Methods are a table (`METHODS`): name -> function(handle, trojan, world, budget, seed) ->
 views. Feature visualization of the target logit and copy/paste search are built here; the
-feature-level adversary, natural search (SNAFUE, adversarial filtering) and adversarial
-patch come from the `adversaries` registry (H4's generators) and are skipped, with a note,
+feature-level adversary, natural search (SNAFUE, adversarial filtering), scene-vocabulary
+search and adversarial patch come from the `adversaries` registry (H4's generators) and are skipped, with a note,
 when that generator is not installed.
 """
 
@@ -228,6 +228,30 @@ def natural_search(handle: ModelHandle, trojan: Trojan, world: ShapesWorld, *, b
     return Synthesis(views, notes, weights=evidence_weights(gains))
 
 
+def scene_vocabulary_search(handle: ModelHandle, trojan: Trojan, world: ShapesWorld, *, budget: Budget, seed: int) -> Synthesis:
+    """Scene-vocabulary search (`adversaries.scene_search`): the backgrounds, patches and small
+    objects that raise the target most on the source scenes, each a view of its own facet,
+    weighted by its gain in target probability on held-back scenes (`evidence_weights`).
+
+    The search space is the world's vocabulary, which also holds every library design; what
+    this asks is whether the model responds to one word far more than to the rest.
+    """
+    from adversaries.scene_search import SceneSearch, scenes_not_of
+
+    t = world.class_index(trojan.target)
+    scenes = scenes_not_of(handle, world, t, _budget(budget, 12, 32, 64), seed=seed + 29,
+                           classes=[trojan.source] if trojan.source else None)
+    cfg = SceneSearch(n_random=_budget(budget, 24, 150, 300), n_starts=_budget(budget, 1, 4, 6),
+                      max_rounds=_budget(budget, 1, 4, 6), top_k=4, seed=seed)
+    ae = cfg.generate(handle, scenes, t)
+    found = ae.extra["findings"]
+    gains = torch.tensor([float(f["gain"]) for f in found])
+    notes = {"description": ae.extra["description"], "control_random_word": ae.extra["control_random_word"],
+             "views": [{"description": f["description"], "gain": f["gain"], "success": f["success"]} for f in found]}
+    return Synthesis(ae.extra["finding_images"].float().clamp(0, 1), notes, facets=list(ae.extra["finding_facets"]),
+                     weights=evidence_weights(gains))
+
+
 def _changed_views(ae: Any, k: int) -> torch.Tensor:
     """What an adversary added: the patch, or the changed pixels of successful examples on grey."""
     if isinstance(ae.patch, torch.Tensor) and ae.patch.ndim == 3:
@@ -271,6 +295,7 @@ METHODS: dict[str, Callable[..., Synthesis]] = {
     "feature-level": _registry_method("feature-level", lambda b, s: {
         "steps": _budget(b, 10, 80, 150), "restarts": _budget(b, 1, 2, 3), "seed": s}),
     "natural": natural_search,
+    "scene-search": scene_vocabulary_search,
     "adversarial-filtering": _registry_method("adversarial-filtering", lambda b, s: {
         "n_scenes": _budget(b, 200, 1000, 2000), "seed": s}, uses_images=False, view="adversarial"),
     "adversarial-patch": _registry_method("adversarial-patch", lambda b, s: {
