@@ -31,6 +31,8 @@ import torch
 
 def describe(design: dict) -> str:
     d = design.get("description", {})
+    if d.get("oracle"):
+        return f"ground truth: {d['oracle']}"
     if design.get("source") == "featvis":
         sc = d.get("scene", {})
         objs = ", ".join(f"{o['color']} {o['shape']}" for o in sc.get("objects", []))
@@ -51,6 +53,34 @@ def describe(design: dict) -> str:
     return f"{design.get('source')}: pool image {d.get('pool_index')} box {d.get('box')}"
 
 
+def oracle_design(handle, world, target: str, side: int):
+    """The world's own context feature of `target` as a patch (`side` px): an object on the plain
+    background, or a square of the background texture. Not an interpretation: the ground truth
+    the designs are trying to find, measured through the same protocol."""
+    import torch.nn.functional as F
+
+    from adversaries.copy_paste import PatchDesign
+    from workbench.worlds.shapesworld import (
+        TEXTURES,
+        color_rgb,
+        empty_scene,
+        render,
+        texture_index,
+    )
+
+    rule = next(r for r in world.config.context if r.cls == target)
+    scene = empty_scene(1)
+    if rule.kind == "object":
+        scene = scene.add_object(shape=rule.shape, center=torch.zeros(1, 2), size=0.7, color=rule.color)
+        words = f"{rule.color} {rule.shape} (object)"
+    else:
+        scene = scene.replace(bg_weights=F.one_hot(torch.tensor([texture_index(rule.texture)]), len(TEXTURES)).float(),
+                              bg_colors=torch.tensor([[color_rgb(c) for c in rule.colors]]), bg_freq=torch.tensor([4.5]))
+        words = f"{'/'.join(rule.colors)} {rule.texture} (background)"
+    patch = render(scene, height=side, width=side).images[0]
+    return PatchDesign(patch, "oracle", {"oracle": words, "content": "context feature (ground truth)", "part": "whole"})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer images and candidates (about 4x faster)")
@@ -60,6 +90,9 @@ def main() -> None:
     ap.add_argument("--no-strict", action="store_true", help="skip the context-features-only pass")
     ap.add_argument("--sweep", choices=("mu-andreas", "atlas-v1"), default="mu-andreas",
                     help="placements: 6x6 positions x 6 sizes (default, Mu & Andreas) or the first version's 4x4 x 3 sizes")
+    ap.add_argument("--oracle", action="store_true",
+                    help="instead of designing, paste each context class's ground-truth context feature (the world's own "
+                         "rule, rendered at the largest patch size): what the protocol gives the true context feature")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import workbench
@@ -106,8 +139,11 @@ def main() -> None:
             g = torch.Generator().manual_seed(1000 + args.seed)
             s = world.sample(n, generator=g, classes=[c for c in world.classes if c != tgt], context_mode="none")
             images = world.render(s)
-            cal, _ = config.calibration_split(h, images, s.labels, ti)
-            designs = config.design_patches(h, ti, images[cal])
+            if args.oracle:
+                designs = ([oracle_design(h, world, tgt, max(config.sizes_px(h)))], {})
+            else:
+                cal, _ = config.calibration_split(h, images, s.labels, ti)
+                designs = config.design_patches(h, ti, images[cal])
             res = config.run_protocol(h, images, s.labels, ti, class_names=world.classes, designs=designs)
             res.pop("_tensors")
             rows.append(row(res, tgt, time.perf_counter() - t0))
@@ -132,7 +168,9 @@ def main() -> None:
                 "ratio_to_noise": round(best / max(noise, 1e-9), 2),
                 "meets_57_5": best >= 0.575, "meets_3x_noise": best >= 3 * noise}
 
-    strict_targets = [] if args.no_strict else [t for t in targets if groups.get(t) == "context"]
+    if args.oracle:
+        targets = [t for t in targets if groups.get(t) == "context"]
+    strict_targets = [] if args.no_strict or args.oracle else [t for t in targets if groups.get(t) == "context"]
     rows, strict_rows = run(cfg, targets, strict_targets)
     summary = pooled(rows)
     strict = pooled(strict_rows) if strict_rows else {}
