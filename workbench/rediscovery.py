@@ -16,9 +16,9 @@ triggers' canonical renderings (`TriggerDesign.example`), compared on their trig
 
 Methods are a table (`METHODS`): name -> function(handle, trojan, world, budget, seed) ->
 views. Feature visualization of the target logit and copy/paste search are built here; the
-feature-level adversary, natural search (SNAFUE, adversarial filtering), scene-vocabulary
-search and adversarial patch come from the `adversaries` registry (H4's generators) and are skipped, with a note,
-when that generator is not installed.
+feature-level adversary, natural search (SNAFUE, adversarial filtering), the scene-vocabulary
+search and the adversarial patch come from the `adversaries` registry and are skipped, with
+a note, when that generator is not installed.
 """
 
 from __future__ import annotations
