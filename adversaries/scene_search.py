@@ -2,11 +2,11 @@
 
 A discrete counterpart of the feature-level adversary. ShapesWorld scenes are written in a
 small vocabulary (background texture and two colours; patch pattern and two colours; a
-small object's shape and colour). Gradients through soft mixtures of those words get stuck
-between them (the scene-parameter feature visualization ends on blends), so this generator
-searches the words themselves: a seeded random sample of the combinations, then coordinate
-ascent (change one word at a time, keep the best) from the best few, scored by the mean log
-probability of the target on the given scenes. Every candidate is inserted into the same
+small object's shape and colour). The scene-parameter feature visualization and the
+feature-level adversary follow gradients through soft mixtures of those words and snap to
+words at the end; this generator searches the words themselves: a seeded random sample of
+the combinations, then coordinate ascent (change one word at a time, keep the best) from the
+best few, scored by the mean log probability of the target on the given scenes. Every candidate is inserted into the same
 scenes at the same random placements (common random numbers), so two candidates differ only
 in what they are. The best few per kind are measured again on held-back scenes; those
 numbers, not the search scores, are reported.
