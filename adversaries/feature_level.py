@@ -542,7 +542,9 @@ def class_scenes(handle: ModelHandle, world: Any, classes: list[str], n: int, *,
     g = torch.Generator().manual_seed(seed)
     model_index = torch.full((len(world.classes),), -1, dtype=torch.long)  # world label -> the model's class index
     for c in classes:
-        model_index[world.class_index(c)] = int(resolve_class(handle, c, what="source") or 0)
+        idx = resolve_class(handle, c, what="source")
+        assert idx is not None  # a class name always resolves or raises
+        model_index[world.class_index(c)] = idx
     kept: list[Sample] = []
     total = 0
     for _ in range(20):

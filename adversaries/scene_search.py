@@ -237,7 +237,7 @@ class SceneSearch:
         soft = float(world.config.softness)
         images = render_for(handle, sample, softness=soft)
         clean_pred, _ = predict(handle, images)
-        base = target_stats(handle, render_for(handle, check_part, softness=soft), tgt, 1)[0]
+        base = target_stats(handle, images[perm[:n_check]], tgt, 1)[0]  # the held-back scenes, already rendered
         findings: list[dict[str, Any]] = []
         controls: dict[str, float] = {}
         bar = tqdm(desc="scene search", unit="cand", disable=not self.progress)
