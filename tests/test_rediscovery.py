@@ -42,6 +42,19 @@ def test_an_exact_picture_of_the_trigger_is_recognized(name):
     assert mc["score"] == 1.0 and mc["consensus_correct"]
 
 
+def test_weighted_share_never_exceeds_one():
+    # Weights whose float32 normalization sums to 1 + 1.2e-7: a share summed from such weights was
+    # once reported as 1.0000001 when every view voted right.
+    g = torch.Generator().manual_seed(0)
+    draws = (torch.rand(3, generator=g) for _ in range(1000))
+    weights = next(w for w in draws if float((w / w.sum()).sum()) > 1.0)
+    design = TRIGGER_LIBRARY["patch-checker"]
+    trojan = Trojan("t", design, target="circle")
+    views = design.example(image_size=48)[None].repeat(3, 1, 1, 1)
+    mc = rd.multiple_choice(trojan, views, None, seed=3, weights=weights)
+    assert mc["score"] == 1.0
+
+
 def test_unrelated_views_score_low_and_empty_views_score_zero():
     trojan = default_trojans()[4]  # the pink heart
     grey = torch.full((4, 3, 48, 48), 0.45)

@@ -353,7 +353,13 @@ def test_mask_surgery_beats_random_units_and_folds_exactly() -> None:
     h = wb.load("zoo:shapesnet", device="cpu", progress=False)
     before = model_fingerprint(h.model)
     cfg = GateConfig(steps=40, lr=0.2, batch_triggered=64, batch_clean=128)
-    kw = dict(method="mask", mask_config=cfg, n_select=64, n_ref=256, n_eval=128, n_clean=256, n_random_draws=2, progress=False)
+    # 64 selection scenes measure clean accuracy in steps of 1.6 points, so the 1-point default
+    # budget can leave no admissible cut at this small size: on one training of the zoo model
+    # (stop 17) every gate set that cut the attack cost 3-4 selection points and the choice was
+    # 2 units that cut nothing. The loose budget keeps this a test of the mechanism (gates cut,
+    # random units do not, the fold is exact) on any training; the 1-point budget is benchmarked.
+    kw = dict(method="mask", mask_config=cfg, n_select=64, n_ref=256, n_eval=128, n_clean=256, n_random_draws=2,
+              clean_budget=0.05, progress=False)
     r = trojan_surgery(h, "style-universal", return_delta=True, **kw)
     assert model_fingerprint(h.model) == before  # learning, choosing and measuring leave the model as it was
     assert r["asr_before"] > 0.9 and r["asr_after"] < 0.3 * r["asr_before"]  # the chosen gates cut the attack

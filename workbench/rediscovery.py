@@ -424,7 +424,10 @@ def multiple_choice(trojan: Trojan, views: torch.Tensor, judge: Judge | None, *,
     sims = similarity(views, option_pictures(options), judge)  # (M, 8)
     votes = sims.argmax(1)
     w = vote_weights(weights, len(views))
-    score = float((w * (votes == pos).float()).sum())
+    # The share as (true votes' weight) / (all weight): a float sum of weights normalized to 1 can
+    # land a rounding step above 1, this ratio cannot (it is exactly 1 when every vote is right).
+    w64 = w.double()
+    score = float((w64 * (votes == pos).double()).sum() / w64.sum())
     mean_pick = int((w[:, None] * sims).sum(0).argmax())
     return {
         "score": score,
