@@ -40,6 +40,16 @@ from workbench.requests import Rewrite  # noqa: E402
 KEYS = ("ES", "PS", "NS", "S", "EA", "PA", "NA", "GE")
 
 
+def _load_model(spec: str) -> Any:
+    """A zoo spec, or a FactGPT folder trained outside the zoo (`train_factgpt_variant.py`)."""
+    from workbench.zoo import factgpt
+
+    folder = Path(spec).expanduser()
+    if folder.is_dir() and (folder / factgpt.WORLD_FILE).is_file():
+        return factgpt.load(folder, spec=str(folder))
+    return load(spec, device="cpu", progress=True)
+
+
 def _import_editors() -> None:
     from workbench.cli_edit import _load_editors
 
@@ -88,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", default="10,100,1000", help="MEMIT sizes for time/memory")
     ap.add_argument("--seed", type=int, default=0, help="which facts are rewritten")
     ap.add_argument("--model", default="zoo:factgpt",
-                    help="a FactGPT zoo model (zoo:factgpt-large has room for 500 distinct-subject rewrites)")
+                    help="a FactGPT zoo model (zoo:factgpt-large has room for 500 distinct-subject rewrites), "
+                         "or a FactGPT folder trained by train_factgpt_variant.py")
     ap.add_argument("--distinct-subjects", action="store_true",
                     help="rewrite each subject at most once (CounterFact's and MEMIT's protocol)")
     ap.add_argument("--methods", default="rome,ft,ft-l,kn", help="single-edit methods (skipped if not registered)")
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     _import_editors()
     skip = set(filter(None, args.skip.split(",")))
-    handle = load(args.model, device="cpu", progress=True)
+    handle = _load_model(args.model)
     world = handle.info.get("world")
     if world is None:
         ap.error(f"{args.model} has no FactWorld; use a FactGPT zoo model (zoo:factgpt, zoo:factgpt-large)")

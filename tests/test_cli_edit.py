@@ -174,3 +174,16 @@ def test_edit_that_does_not_take_says_what_to_try(capsys, monkeypatch) -> None:
     code, out, err = run(capsys, *argv, "--layer", "auto", "--json")  # following the hint makes it take
     r = json.loads(out)
     assert code == 0 and r["metrics"]["ES"] == 100.0 and r["hint"] is None
+
+
+def test_hint_names_crowded_keys_for_a_batch_edit_that_took_partly() -> None:
+    from editors.memit import MEMIT
+    from workbench.cli_edit import _hint
+
+    editor = MEMIT(layers=(0,))
+    crowded = {"per_layer": [{"layer": 0, "self_share": 0.72}]}
+    hint = _hint(editor, {"ES": 85.4}, False, crowded)
+    assert "72%" in hint and "fewer edits" in hint.lower()
+    assert _hint(editor, {"ES": 85.4}, False, {"per_layer": [{"layer": 0, "self_share": 0.95}]}) is None
+    assert _hint(editor, {"ES": 100.0}, False, crowded) is None  # it took: nothing to suggest
+    assert "--layer auto" in _hint(editor, {"ES": 10.0}, False, crowded)  # not taking at all: the layer comes first

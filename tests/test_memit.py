@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from editors.memit import MEMIT, default_layers
+from editors.memit import MEMIT, default_layers, key_write_shares
 from workbench.counterfact import evaluate_rewrites
 from workbench.delta import LowRank
 from workbench.errors import WorkbenchError
@@ -42,6 +42,23 @@ def test_default_layers() -> None:
     assert default_layers(4) == (0, 1)
     assert default_layers(1) == (0,)
     assert all(0 <= x < n for n in range(1, 50) for x in default_layers(n))
+
+
+def test_key_write_shares_see_separable_and_shared_keys() -> None:
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    edited, orthogonal = basis[:4] * 3, basis[4:8] * 3
+    c = torch.eye(d) / d
+    sep = key_write_shares(edited, orthogonal, c, 1e-6)
+    assert sep["self"] == pytest.approx(1.0, abs=1e-4) and sep["leak"] < 1e-5
+    # an untouched key that is an edited key plus a little noise receives that key's share
+    twins = edited + 0.05 * torch.randn(4, d, generator=g)
+    shared = key_write_shares(edited, twins, c, 1e-6)
+    assert shared["leak"] > 0.9
+    # a stronger prior (lambda) writes less of each residual and leaks less
+    strong = key_write_shares(edited, twins, c, 50.0)
+    assert strong["self"] < sep["self"] and strong["leak"] < shared["leak"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -91,6 +108,9 @@ def test_memit_single_layer_fits_the_targets(load_tiny) -> None:
     moved = keys @ delta.dense(delta.names[0]).double().T  # out_in layout
     assert float(moved.norm(dim=1).min()) > 0
     assert delta.extra["per_layer"][0]["residual_norm"] == pytest.approx(float(moved.norm(dim=1).mean()), rel=0.05)
+    assert delta.extra["per_layer"][0]["self_share"] == pytest.approx(1.0, abs=1e-3)  # every key gets its whole residual
+    strong = MEMIT(**dict(TINY, mom2_update_weight=1e4)).fit(h, rws, texts=corpus())
+    assert 0 < strong.extra["per_layer"][0]["self_share"] < 0.5  # a strong prior writes only part of each
 
 
 def test_memit_bad_input(load_tiny) -> None:

@@ -295,23 +295,36 @@ def _edit(args: argparse.Namespace) -> None:
         "details": details,
         "edit_seconds": round(seconds, 3),
         "saved_model": saved_model,
-        "hint": _hint(editor, metrics, bool(traced)),
+        "hint": _hint(editor, metrics, bool(traced), details),
     }
     if store is not None:
         store.write_summary(result)
     args.emit(args, result, _text)
 
 
-def _hint(editor: Any, metrics: dict[str, Any], traced: bool) -> str | None:
-    """What to try when the edit did not take: where the key was read is the likely reason."""
+SELF_SHARE_HINT = 0.8  # below this mean share of its own residual, a batch edit cannot land fully
+
+
+def _hint(editor: Any, metrics: dict[str, Any], traced: bool, details: dict[str, Any] | None = None) -> str | None:
+    """What to try when the edit did not take: where the key was read is the likely reason;
+    for a batch edit that took only partly, that the edits' keys crowd each other."""
     es = metrics.get("ES")
-    if es is None or es >= 50 or traced or not hasattr(editor, "fact_token"):
+    if es is None:
         return None
-    where = getattr(editor, "layer", None)
-    where = getattr(editor, "layers", None) if where is None else where
-    return (f"the edit did not take (ES {es:.1f}): {type(editor).__name__} edited layer(s) {where} with its key at the "
-            f"{editor.fact_token.replace('_', ' ')} token; the fact may be stored elsewhere (see `workbench trace`): "
-            "try --layer auto, which traces first and edits where the trace peaks")
+    if es < 50 and not traced and hasattr(editor, "fact_token"):
+        where = getattr(editor, "layer", None)
+        where = getattr(editor, "layers", None) if where is None else where
+        return (f"the edit did not take (ES {es:.1f}): {type(editor).__name__} edited layer(s) {where} with its key at "
+                f"the {editor.fact_token.replace('_', ' ')} token; the fact may be stored elsewhere (see `workbench "
+                "trace`): try --layer auto, which traces first and edits where the trace peaks")
+    shares = [p["self_share"] for p in (details or {}).get("per_layer", []) if "self_share" in p]
+    if es < 99 and shares and min(shares) < SELF_SHARE_HINT:
+        return (f"each edit's key received on average {100 * min(shares):.0f}% of its own update (ES {es:.1f}): the "
+                "edited keys resemble each other or lambda is large, and what misses them lands on similar subjects. "
+                "Try fewer edits per batch, or a smaller mom2_update_weight (more efficacy, more damage to "
+                "neighbours); editors.memit.key_write_shares measures both before editing (on FactGPT: "
+                "benchmarks/memit_key_geometry.py)")
+    return None
 
 
 def _safe(name: str) -> str:

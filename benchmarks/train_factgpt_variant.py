@@ -1,0 +1,54 @@
+"""Train a FactGPT-large variant outside the zoo, to test what limits mass editing.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_factgpt_variant.py --d-model 256 --out runs/factgpt-dm256
+
+Same world, recipe and seed as `zoo:factgpt-large`; only the sizes given change. The folder
+loads with `workbench.zoo.factgpt.load` and is accepted by `bench_editing.py --model DIR` and
+`memit_key_geometry.py --model DIR`. Training takes about an hour of one CPU core at d_model
+256 (3,200 steps) or d_mlp 2048 (3,050 steps); it stops early once every fact is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workbench.zoo import factgpt, factgpt_large  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="new folder for the trained model (must not exist)")
+    ap.add_argument("--d-model", type=int, default=factgpt_large.CONFIG.d_model)
+    ap.add_argument("--d-mlp", type=int, default=factgpt_large.CONFIG.d_mlp)
+    ap.add_argument("--seed", type=int, default=factgpt_large.DEFAULT_SEED)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        ap.error(f"{out} exists; give a new folder (training never overwrites a model)")
+    if args.d_model % factgpt_large.CONFIG.n_heads:
+        ap.error(f"--d-model {args.d_model} must be a multiple of the {factgpt_large.CONFIG.n_heads} heads")
+    config = replace(factgpt_large.CONFIG, d_model=args.d_model, d_mlp=args.d_mlp)
+    start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"  # renamed into place only when complete
+    try:
+        info = factgpt.train(partial, seed=args.seed, config=config, progress=True)
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    info = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
+    print(json.dumps({**info, "wall_seconds": round(time.perf_counter() - start, 1)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
