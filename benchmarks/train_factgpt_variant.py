@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_factgpt_variant.py --d-model 256 --out runs/factgpt-dm256
 
-Same world, recipe and seed as `zoo:factgpt-large`; only the sizes given change. The folder
+Same world, recipe and seed as `zoo:factgpt-large`; only the sizes (or the world's shared
+last words) given change. The folder
 loads with `workbench.zoo.factgpt.load` and is accepted by `bench_editing.py --model DIR` and
 `memit_key_geometry.py --model DIR`. Training takes about an hour of one CPU core at d_model
 256 (3,200 steps) or d_mlp 2048 (3,050 steps); it stops early once every fact is known.
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="new folder for the trained model (must not exist)")
     ap.add_argument("--d-model", type=int, default=factgpt_large.CONFIG.d_model)
     ap.add_argument("--d-mlp", type=int, default=factgpt_large.CONFIG.d_mlp)
+    ap.add_argument("--shared-last-words", type=int, default=factgpt_large.CONFIG.world.shared_last_words,
+                    help="pool of last words the subjects' names share (0: every name's words are its own)")
     ap.add_argument("--seed", type=int, default=factgpt_large.DEFAULT_SEED)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -36,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{out} exists; give a new folder (training never overwrites a model)")
     if args.d_model % factgpt_large.CONFIG.n_heads:
         ap.error(f"--d-model {args.d_model} must be a multiple of the {factgpt_large.CONFIG.n_heads} heads")
-    config = replace(factgpt_large.CONFIG, d_model=args.d_model, d_mlp=args.d_mlp)
+    if args.shared_last_words < 0:
+        ap.error(f"--shared-last-words {args.shared_last_words}: expected 0 or more")
+    world = replace(factgpt_large.CONFIG.world, shared_last_words=args.shared_last_words)
+    config = replace(factgpt_large.CONFIG, d_model=args.d_model, d_mlp=args.d_mlp, world=world)
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"  # renamed into place only when complete

