@@ -72,11 +72,11 @@ def key_write_shares(edited: torch.Tensor, others: torch.Tensor, second_moment: 
     Lambda trades one for the other; where both are high at every lambda, as for 500 subjects
     of FactGPT-large (benchmarks/RESULTS.md, "MEMIT at 500"), no setting of the editor helps.
     """
-    k = edited.double()
-    a = float(mom2_update_weight) * second_moment.double() + k.T @ k
-    own = k @ torch.linalg.solve(a, k.T)
-    leak = others.double() @ torch.linalg.solve(a, k.T)
-    return {"self": float(own.diagonal().mean()), "leak": float(leak.pow(2).sum(1).sqrt().mean())}
+    kt = edited.double().T  # [d, N], as in `fit`
+    adj = solve_second_moment(second_moment, kt, extra=kt @ kt.T, scale=float(mom2_update_weight))  # A^-1 K^T
+    own = (kt.T @ adj).diagonal()
+    leak = others.double().to(adj.device) @ adj
+    return {"self": float(own.mean()), "leak": float(leak.pow(2).sum(1).sqrt().mean())}
 
 
 @register("memit")
