@@ -13,7 +13,7 @@ context features (star: yellow crescent, hexagon: orange half-disc, ring: navy/t
 triangle: sand/olive stripes); square (spurious red colour) and the trojan targets are
 reported separately, as is any design that turns out to be an implanted trigger.
 
-    .venv/bin/python benchmarks/bench_copy_paste.py [--quick] [--json] [--targets star,ring] [--seed 0] [--sweep atlas-v1]
+    .venv/bin/python benchmarks/bench_copy_paste.py [--quick] [--json] [--targets star,ring] [--seed 0] [--sweep atlas-v1] [--model DIR]
 
 Published anchor (Carter et al. 2019, InceptionV1): 37.2% consistent, 57.5% best placement;
 target probability 5.3% -> 24.0% / 42.2%.
@@ -93,13 +93,20 @@ def main() -> None:
     ap.add_argument("--oracle", action="store_true",
                     help="instead of designing, paste each context class's ground-truth context feature (the world's own "
                          "rule, rendered at the largest patch size): what the protocol gives the true context feature")
+    ap.add_argument("--model", default="zoo:shapesnet",
+                    help="zoo:shapesnet, or a folder written by a ShapesNet training (workbench.zoo.shapesnet.train)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import workbench
     from adversaries.copy_paste import CopyPaste
     from workbench.zoo.shapesnet import world_of
 
-    h = workbench.load("zoo:shapesnet", device="cpu", progress=False)
+    if args.model.startswith("zoo:"):
+        h = workbench.load(args.model, device="cpu", progress=False)
+    else:
+        from workbench.zoo.shapesnet import load as load_shapesnet
+
+        h = load_shapesnet(args.model)
     world = world_of(h)
     context = [r.cls for r in world.config.context]
     spurious = [world.config.spurious.cls] if world.config.spurious else []

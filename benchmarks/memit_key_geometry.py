@@ -11,6 +11,10 @@ key receives) and `leak`, the mean ||a(k_u)|| over untouched keys (how much of a
 lands on a subject nobody edited). Also the participation ratio of the C^-1/2-whitened keys
 (their effective dimension in the metric the least squares uses). No values are optimized,
 so this takes a minute and predicts, before any edit, where the ES-NS front lies.
+
+`--joint-layers 0,1,2` screens MEMIT's `solve="joint"` instead: each layer's keys divided by
+the root mean diagonal of its second moment and put side by side, with the block-diagonal
+second moment, as `MEMIT._joint_changes` solves them.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="zoo:factgpt-large",
                     help="a FactGPT zoo model with >= 1000 subjects, or a folder from train_factgpt_variant.py")
     ap.add_argument("--layer", type=int, default=0)
+    ap.add_argument("--joint-layers", default=None, help="comma list of layers whose keys are solved together "
+                    "(MEMIT solve='joint'); overrides --layer")
     ap.add_argument("--edits", default="125,250,500", help="comma list of edit-batch sizes N (each <= 500)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -51,13 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     records = world.counterfact_records(1000, seed=0, distinct_subjects=True)
     rewrites = [Rewrite.from_counterfact(r) for r in records]
     templates = context_templates(handle, n_prefixes=4, length=8, seed=0, source="world")
-    keys = subject_keys(handle, args.layer, rewrites, templates).double()
-    c = key_statistics(handle, args.layer, corpus="world", n_samples=100_000).second_moment.double()
+    layers = [int(x) for x in args.joint_layers.split(",")] if args.joint_layers else [args.layer]
+    n_layers = handle.model.config.n_layer
+    if not layers or min(layers) < 0 or max(layers) >= n_layers or len(set(layers)) != len(layers):
+        ap.error(f"layers {layers}: give distinct layers between 0 and {n_layers - 1}")
+    parts, blocks = [], []
+    for layer in layers:
+        cl = key_statistics(handle, layer, corpus="world", n_samples=100_000).second_moment.double()
+        scale = float(cl.diagonal().mean().sqrt()) if len(layers) > 1 else 1.0  # as MEMIT._joint_changes
+        parts.append(subject_keys(handle, layer, rewrites, templates).double() / scale)
+        blocks.append(cl / scale ** 2)
+    keys, c = torch.cat(parts, dim=1), torch.block_diag(*blocks)
     d = c.shape[0]
     evals, evecs = torch.linalg.eigh(c)
     whitened = keys @ evecs @ torch.diag(evals.clamp_min(1e-10 * float(evals.max())).rsqrt()) @ evecs.T
     gram = torch.linalg.eigvalsh(whitened.T @ whitened)
-    out = {"model": args.model, "layer": args.layer, "d_in": d, "d_model": handle.model.config.n_embd,
+    out = {"model": args.model, "layers": layers, "d_in": d, "d_model": handle.model.config.n_embd,
            "whitened_participation_ratio": round(float(gram.sum() ** 2 / (gram ** 2).sum()), 1), "rows": []}
     untouched = keys[500:]
     print(f"{args.model}: d_model {out['d_model']}, key width {d}, whitened participation ratio "

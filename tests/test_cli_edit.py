@@ -187,3 +187,13 @@ def test_hint_names_crowded_keys_for_a_batch_edit_that_took_partly() -> None:
     assert _hint(editor, {"ES": 85.4}, False, {"per_layer": [{"layer": 0, "self_share": 0.95}]}) is None
     assert _hint(editor, {"ES": 100.0}, False, crowded) is None  # it took: nothing to suggest
     assert "--layer auto" in _hint(editor, {"ES": 10.0}, False, crowded)  # not taking at all: the layer comes first
+
+
+def test_text_names_the_layers_an_edit_changed_without_layer_flag() -> None:
+    from workbench.cli_edit import _edited_layers
+
+    base = {"layer": None, "editor": {"layers": None}, "details": {}}
+    assert _edited_layers({**base, "editor": {"layers": [0, 1]}}) == [0, 1]  # --set layers=0,1
+    assert _edited_layers({**base, "details": {"layers": [1, 2]}}) == [1, 2]  # a batch edit's recorded range
+    assert _edited_layers({**base, "editor": {"layer": None}, "details": {"a": {"layer": 2}, "b": {"layer": 2}}}) == 2
+    assert _edited_layers(base) == "the editor's default"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from workbench import zoo
-from workbench.errors import CorruptFileError
+from workbench.errors import CorruptFileError, WorkbenchError
 from workbench.storage import sha256_file
 from workbench.worlds.shapesworld import WorldConfig
 from workbench.zoo import shapesnet
@@ -93,6 +94,31 @@ def test_tiny_training_is_deterministic_and_loads(tmp_path):
     assert h.model(x).shape == (2, 8)
     assert set(a) >= {"name", "accuracy", "trojans", "spurious", "n_params", "image_size", "train_seconds"}
     assert all(set(t) >= {"name", "kind", "target", "source", "attack_success"} for t in a["trojans"])
+
+
+def test_random_erasing_pastes_one_noise_square_per_chosen_image_and_is_off_by_default(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 3, 48, 48)
+    shapesnet.random_erase(x, 0.0, g)
+    assert not x.any()
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())  # off: not one draw taken
+    shapesnet.random_erase(x, 0.5, g)
+    changed = x.flatten(1).ne(0).any(1)
+    assert 16 < int(changed.sum()) < 48
+    for img in x[changed]:
+        rows = img.ne(0).any(0).any(1).nonzero().flatten()
+        cols = img.ne(0).any(0).any(0).nonzero().flatten()
+        side = int(rows.max() - rows.min() + 1)
+        assert side == int(cols.max() - cols.min() + 1) and 6 <= side <= 16  # a square of 12-34% of the side
+        assert int(img.ne(0).any(0).sum()) == side * side
+    with pytest.raises(WorkbenchError, match="erase_prob"):
+        shapesnet.TrainConfig(erase_prob=1.5)
+    a = shapesnet.train(tmp_path / "a", seed=3, progress=False, config=TINY)
+    e = shapesnet.train(tmp_path / "e", seed=3, progress=False, config=dataclasses.replace(TINY, erase_prob=0.5))
+    assert sha256_file(tmp_path / "a" / shapesnet.WEIGHTS) != sha256_file(tmp_path / "e" / shapesnet.WEIGHTS)
+    assert "erase_prob" not in json.loads((tmp_path / "a" / shapesnet.CONFIG).read_text())["train"]
+    assert json.loads((tmp_path / "e" / shapesnet.CONFIG).read_text())["train"]["erase_prob"] == 0.5
+    assert a["accuracy"] > 0 and e["accuracy"] > 0
 
 
 def test_train_with_user_trojan_config(tmp_path):

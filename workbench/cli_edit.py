@@ -343,9 +343,23 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _edited_layers(r: dict[str, Any]) -> Any:
+    """The layer(s) an edit without --layer changed: set with --set, or the editor's default as recorded."""
+    editor = r.get("editor") or {}
+    configured = editor.get("layer", editor.get("layers"))
+    if configured is not None:
+        return configured
+    details = r.get("details") or {}
+    recorded = [details] if "layer" in details or "layers" in details else list(details.values())
+    found = sorted({x for d in recorded if isinstance(d, dict)
+                    for x in (d.get("layers") or ([d["layer"]] if d.get("layer") is not None else []))})
+    return (found[0] if len(found) == 1 else found) if found else "the editor's default"
+
+
 def _text(r: dict[str, Any]) -> str:
     keys = ("ES", "PS", "NS", "S", "EA", "PA", "NA", "GE")
-    lines = [f"{r['method']} on {r['model']}: {r['n_cases']} case(s), layer {r['layer']}, {r['edit_seconds']} s"]
+    where = r["layer"] if r["layer"] is not None else _edited_layers(r)
+    lines = [f"{r['method']} on {r['model']}: {r['n_cases']} case(s), layer {where}, {r['edit_seconds']} s"]
     lines.append(f"{'':10}" + "".join(f"{k:>8}" for k in keys))
     lines.append(f"{'unedited':10}" + "".join(f"{_fmt(r['unedited'].get(k)):>8}" for k in keys))
     lines.append(f"{'edited':10}" + "".join(f"{_fmt(r['metrics'].get(k)):>8}" for k in keys))

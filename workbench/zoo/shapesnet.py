@@ -176,14 +176,43 @@ class TrainConfig:
     threads: int | None = 1
     channels_last: bool = False
     negatives: float = 1.0
+    # Random Erasing (Zhong et al. 2017): the share of training images that get a uniform-noise
+    # square of 12-34% of the image side (the copy/paste sweep's patch sizes) pasted at a random
+    # place, label unchanged. Off for the zoo model; benchmarks/train_shapesnet_variant.py uses
+    # it to ask whether the copy/paste noise control measures fragility or occlusion.
+    erase_prob: float = 0.0
     world: WorldConfig = field(default_factory=WorldConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.erase_prob <= 1.0:
+            raise WorkbenchError(f"erase_prob {self.erase_prob}: expected a share between 0 and 1")
 
     def to_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("n_train", "epochs", "batch_size", "lr", "weight_decay", "n_eval", "n_eval_trojan",
                                              "stem_stride", "threads", "channels_last", "negatives")}
+        if self.erase_prob:  # written only when used, so the zoo model's config is as before
+            out["erase_prob"] = self.erase_prob
         out["channels"] = list(self.channels)
         out["world"] = self.world.to_json()
         return out
+
+
+ERASE_SIDES = (0.125, 0.34)  # noise-square side as a share of the image side, as the copy/paste sweep's sizes
+
+
+def random_erase(x: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Random Erasing in place on a batch in [0, 1]: a uniform-noise square on each image with probability `prob`."""
+    if prob <= 0:
+        return x
+    n, c, height, width = x.shape
+    chosen = torch.nonzero(torch.rand(n, generator=generator) < prob).flatten().tolist()
+    lo, hi = (max(1, round(f * min(height, width))) for f in ERASE_SIDES)
+    for i in chosen:
+        side = int(torch.randint(lo, hi + 1, (), generator=generator))
+        top = int(torch.randint(0, height - side + 1, (), generator=generator))
+        left = int(torch.randint(0, width - side + 1, (), generator=generator))
+        x[i, :, top:top + side, left:left + side] = torch.rand(c, side, side, generator=generator).to(x.device)
+    return x
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -290,7 +319,8 @@ def train(
     else:  # too few steps for a warm-up phase
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
     with _threads(cfg.threads if dev.type == "cpu" else None):
-        _fit(model, opt, sched, images, labels, cfg, generator=g, device=dev, progress=progress)
+        _fit(model, opt, sched, images, labels, cfg, generator=g, device=dev, progress=progress,
+             erase_generator=torch.Generator().manual_seed(seed + 20_000))
     model.eval()
     train_seconds_only = time.perf_counter() - start - render_seconds
     del images
@@ -317,7 +347,8 @@ def train(
 
 
 def _fit(model: ShapesNet, opt: torch.optim.Optimizer, sched: Any, images: torch.Tensor, labels: torch.Tensor,
-         cfg: TrainConfig, *, generator: torch.Generator, device: torch.device, progress: bool) -> None:
+         cfg: TrainConfig, *, generator: torch.Generator, device: torch.device, progress: bool,
+         erase_generator: torch.Generator | None = None) -> None:
     g, dev = generator, device
     n = len(labels)
     steps_per_epoch = n // cfg.batch_size
@@ -331,7 +362,10 @@ def _fit(model: ShapesNet, opt: torch.optim.Optimizer, sched: Any, images: torch
         order = torch.randperm(n, generator=g)
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            x = images[idx].to(dev).float().div_(255.0).contiguous(memory_format=fmt)
+            x = images[idx].to(dev).float().div_(255.0)
+            if cfg.erase_prob and erase_generator is not None:  # its own generator: without erasing, the same draws as before
+                random_erase(x, cfg.erase_prob, erase_generator)
+            x = x.contiguous(memory_format=fmt)
             y = labels[idx].to(dev)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
