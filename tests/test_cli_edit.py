@@ -187,6 +187,9 @@ def test_hint_names_crowded_keys_for_a_batch_edit_that_took_partly() -> None:
     assert _hint(editor, {"ES": 85.4}, False, {"per_layer": [{"layer": 0, "self_share": 0.95}]}) is None
     assert _hint(editor, {"ES": 100.0}, False, crowded) is None  # it took: nothing to suggest
     assert "--layer auto" in _hint(editor, {"ES": 10.0}, False, crowded)  # not taking at all: the layer comes first
+    # half the edits taking is no better than a coin (ROME at its default layer on FactGPT-large: ES 50.0)
+    assert "--layer auto" in _hint(editor, {"ES": 50.0}, False, None)
+    assert _hint(editor, {"ES": 50.0}, True, None) is None  # the layer came from a trace already
 
 
 def test_text_names_the_layers_an_edit_changed_without_layer_flag() -> None:

@@ -311,7 +311,7 @@ def _hint(editor: Any, metrics: dict[str, Any], traced: bool, details: dict[str,
     es = metrics.get("ES")
     if es is None:
         return None
-    if es < 50 and not traced and hasattr(editor, "fact_token"):
+    if es <= 50 and not traced and hasattr(editor, "fact_token"):  # no better than a coin: likely the wrong place
         where = getattr(editor, "layer", None)
         where = getattr(editor, "layers", None) if where is None else where
         return (f"the edit did not take (ES {es:.1f}): {type(editor).__name__} edited layer(s) {where} with its key at "
