@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     records = world.counterfact_records(1000, seed=0, distinct_subjects=True)
     rewrites = [Rewrite.from_counterfact(r) for r in records]
     templates = context_templates(handle, n_prefixes=4, length=8, seed=0, source="world")
-    layers = [int(x) for x in args.joint_layers.split(",")] if args.joint_layers else [args.layer]
+    try:
+        layers = [int(x) for x in args.joint_layers.split(",")] if args.joint_layers else [args.layer]
+    except ValueError:
+        ap.error(f"--joint-layers {args.joint_layers!r}: give a comma list of layer numbers, e.g. 0,1")
     n_layers = handle.model.config.n_layer
     if not layers or min(layers) < 0 or max(layers) >= n_layers or len(set(layers)) != len(layers):
         ap.error(f"layers {layers}: give distinct layers between 0 and {n_layers - 1}")
