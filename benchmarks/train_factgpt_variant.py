@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -22,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workbench.storage import fill_new_folder  # noqa: E402
 from workbench.zoo import factgpt, factgpt_large  # noqa: E402
 
 
@@ -46,13 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     world = replace(factgpt_large.CONFIG.world, shared_last_words=args.shared_last_words)
     config = replace(factgpt_large.CONFIG, d_model=args.d_model, d_mlp=args.d_mlp, world=world)
     start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"  # renamed into place only when complete
-    try:
-        info = factgpt.train(partial, seed=args.seed, config=config, progress=True)
-        partial.rename(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    info = fill_new_folder(out, lambda tmp: factgpt.train(tmp, seed=args.seed, config=config, progress=True))
     info = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
     print(json.dumps({**info, "wall_seconds": round(time.perf_counter() - start, 1)}, indent=1))
     return 0

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -21,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workbench.storage import fill_new_folder  # noqa: E402
 from workbench.zoo import shapesnet  # noqa: E402
 
 
@@ -37,13 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--erase-prob {args.erase_prob}: expected a share between 0 and 1")
     config = replace(shapesnet.TrainConfig(), erase_prob=args.erase_prob)
     start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"  # renamed into place only when complete
-    try:
-        info = shapesnet.train(partial, seed=args.seed, config=config, progress=True)
-        partial.rename(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    info = fill_new_folder(out, lambda tmp: shapesnet.train(tmp, seed=args.seed, config=config, progress=True))
     keep = {k: info[k] for k in ("accuracy", "spurious", "train_seconds")}
     keep["trojans"] = {t["name"]: t["attack_success"] for t in info["trojans"]}
     print(json.dumps({**keep, "erase_prob": args.erase_prob, "wall_seconds": round(time.perf_counter() - start, 1)}, indent=1))

@@ -188,17 +188,7 @@ class MEMIT:
             if self.solve == "joint":
                 changes, layer_info = self._joint_changes(handle, rewrites, layers, templates, stats, targets, plain)
             for i, layer in enumerate(layers if self.solve == "sequential" else ()):
-                partial = WeightDelta.from_model(model, changes, method="memit-partial") if changes else None
-                if partial is not None:
-                    partial.apply(model)
-                try:
-                    keys = subject_keys(handle, layer, rewrites, templates, batch_size=self.batch_size,
-                                        fact_token=self.fact_token).double()
-                    current = site_at_subject(handle, value_site("resid_post", last), plain,
-                                              batch_size=self.batch_size).double()
-                finally:
-                    if partial is not None:
-                        partial.revert(model)
+                keys, current = self._keys_and_current(handle, changes, layer, last, rewrites, templates, plain)
                 resid = (targets - current) / (len(layers) - i)  # [N, d_out]
                 info, param = mlp_out(handle, layer)
                 kt = keys.T  # [d_in, N]
@@ -233,6 +223,22 @@ class MEMIT:
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()},
         }
         return WeightDelta.from_model(model, changes, method="memit", request=requests, extra=extra)
+
+    def _keys_and_current(self, handle: Any, changes: dict[str, Change], layer: int, value_layer: int,
+                          rewrites: Sequence[Rewrite], templates: list[str],
+                          plain: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys at `layer` and the value site's output at `value_layer`, read with the `changes` made so far."""
+        model = handle.model
+        partial = WeightDelta.from_model(model, changes, method="memit-partial") if changes else None
+        if partial is not None:
+            partial.apply(model)
+        try:
+            keys = subject_keys(handle, layer, rewrites, templates, batch_size=self.batch_size, fact_token=self.fact_token)
+            current = site_at_subject(handle, value_site("resid_post", value_layer), plain, batch_size=self.batch_size)
+        finally:
+            if partial is not None:
+                partial.revert(model)
+        return keys.double(), current.double()
 
     def _change(self, u: torch.Tensor, v: torch.Tensor, info: MLPOut) -> tuple[Change, float, str]:
         """The change u v^T ([d_out, N] x [d_in, N]) as factors or dense (`storage`), with its norm."""
@@ -283,15 +289,8 @@ class MEMIT:
             offset += info.d_in
             layer_lam, refit = lam, len(layers) > 1 and i == len(layers) - 1
             if refit:  # the last layer fits what is left, on the keys it sees with the earlier changes in place
-                partial = WeightDelta.from_model(handle.model, changes, method="memit-partial")
-                partial.apply(handle.model)
-                try:
-                    kt_last = subject_keys(handle, layer, rewrites, templates, batch_size=self.batch_size,
-                                           fact_token=self.fact_token).double().T
-                    current = site_at_subject(handle, value_site("resid_post", layer), plain,
-                                              batch_size=self.batch_size).double()
-                finally:
-                    partial.revert(handle.model)
+                keys_last, current = self._keys_and_current(handle, changes, layer, layer, rewrites, templates, plain)
+                kt_last = keys_last.T
                 resid = targets - current
                 layer_lam = lam * info.d_in / kt.shape[0]  # the same prior strength per key dimension
                 v = solve_second_moment(blocks[i] * s ** 2, kt_last, extra=kt_last @ kt_last.T, scale=layer_lam)

@@ -12,7 +12,7 @@ from workbench.devices import resolve_device
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_fingerprint, parameter_fingerprint, tensor_digest
 from workbench.registry import Registry
-from workbench.storage import atomic_write, atomic_write_json, cache_dir, sha256_file, sha256_json
+from workbench.storage import atomic_write, atomic_write_json, cache_dir, fill_new_folder, sha256_file, sha256_json
 
 
 def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path: Path) -> None:
@@ -99,3 +99,18 @@ def test_atomic_writes_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o644  # not mkstemp's 0600: reports are meant to be read
+
+
+def test_fill_new_folder_renames_only_a_complete_folder_and_never_overwrites(tmp_path: Path) -> None:
+    def fail(folder: Path) -> None:
+        (folder / "half.txt").write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fill_new_folder(tmp_path / "m", fail)
+    assert list(tmp_path.iterdir()) == []  # no folder, no temporary sibling left behind
+    assert fill_new_folder(tmp_path / "m", lambda folder: (folder / "w.txt").write_text("ok")) == 2
+    assert (tmp_path / "m" / "w.txt").read_text() == "ok" and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        fill_new_folder(tmp_path / "m", lambda folder: None)
+    assert (tmp_path / "m" / "w.txt").read_text() == "ok"

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 CACHE_ENV = "WORKBENCH_CACHE"
 
@@ -45,6 +48,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+def fill_new_folder(path: str | os.PathLike[str], fill: Callable[[Path], T]) -> T:
+    """Call `fill(tmp_folder)` and rename the folder onto `path` only when it returns.
+
+    `path` must not exist: a folder is never overwritten, and an interrupted or failing
+    `fill` leaves nothing at `path` (the hidden temporary sibling is removed).
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; give a new folder (it is never overwritten)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        result = fill(tmp)
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return result
 
 
 def _umask() -> int:
