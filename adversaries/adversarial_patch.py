@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adversaries.base import AdversarialExamples
-from adversaries.classifier import diverged_record, frozen, logits, predict, preprocess_of, resolve_targets, split_inputs
 from adversaries.registry import register
+from workbench.classifier import diverged_record, frozen, logits, predict, preprocess_of, resolve_targets, split_inputs
 from workbench.errors import WorkbenchError
 from workbench.handle import ImagePreprocess, ModelHandle
 

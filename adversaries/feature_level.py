@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adversaries.base import AdversarialExamples
-from adversaries.classifier import (
+from adversaries.registry import register
+from workbench.classifier import (
     class_name,
     diverged_record,
     from_unit,
@@ -48,7 +49,6 @@ from adversaries.classifier import (
     split_inputs,
     world_or_default,
 )
-from adversaries.registry import register
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.worlds.shapesworld import (

@@ -31,7 +31,9 @@ from torch import nn
 
 from adversaries.adversarial_patch import AdversarialPatch, apply_patch, patch_pixels, sample_placements, train_patch
 from adversaries.base import AdversarialExamples
-from adversaries.classifier import (
+from adversaries.feature_level import source_scenes
+from adversaries.registry import register
+from workbench.classifier import (
     class_name,
     from_unit,
     num_classes,
@@ -42,12 +44,11 @@ from adversaries.classifier import (
     split_inputs,
     world_or_default,
 )
-from adversaries.feature_level import source_scenes
-from adversaries.registry import register
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.hooks import capture
 from workbench.worlds.shapesworld import (
+    BACKGROUND_PALETTE,
     CLASS_SHAPES,
     PALETTE,
     ROLE_CONTEXT,
@@ -55,7 +56,6 @@ from workbench.worlds.shapesworld import (
     ROLE_MAIN,
     SHAPES,
     TEXTURES,
-    BACKGROUND_PALETTE,
     Sample,
     empty_scene,
     render,
@@ -286,7 +286,7 @@ def default_embedding_site(handle: ModelHandle) -> str:
 @torch.no_grad()
 def embed(handle: ModelHandle, images: torch.Tensor, site: str, *, batch_size: int = 512) -> torch.Tensor:
     """Flattened activations at `site` for images in the declared range, `(N, D)` on the CPU."""
-    from adversaries.classifier import eval_mode, to_model_input
+    from workbench.classifier import eval_mode, to_model_input
 
     pre = preprocess_of(handle)
     out = []

@@ -4,7 +4,7 @@ Budgets are stated in units of the model's declared input range width: with imag
 [0, 1], `eps=8/255` is the usual CIFAR budget; on a model that takes [-1, 1] the same
 config perturbs by 16/255 in absolute terms, i.e. the same share of the range. Images stay
 in `handle.preprocess.input_range` (clamped every step) and normalization is whatever the
-handle declares (see `adversaries.classifier`): nothing is guessed, which is where users of
+handle declares (see `workbench.classifier`): nothing is guessed, which is where users of
 torchattacks/ART most often go wrong.
 
     ae = PGD(eps=8/255, steps=10).generate(handle, images, target="star")
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adversaries.base import AdversarialExamples
-from adversaries.classifier import frozen, logits, predict, preprocess_of, resolve_targets, split_inputs
 from adversaries.registry import register
+from workbench.classifier import frozen, logits, predict, preprocess_of, resolve_targets, split_inputs
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from adversaries.base import AdversarialExamples
-from adversaries.classifier import (
+from adversaries.registry import register
+from workbench.classifier import (
     class_name,
     eval_mode,
     logits,
@@ -42,7 +43,6 @@ from adversaries.classifier import (
     resolve_targets,
     world_or_default,
 )
-from adversaries.registry import register
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.worlds.shapesworld import (

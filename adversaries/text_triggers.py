@@ -71,9 +71,9 @@ def target_token(handle: ModelHandle, target: Any) -> int:
 
 @torch.no_grad()
 def _last_logits(handle: ModelHandle, seqs: list[list[int]]) -> torch.Tensor:
-    from workbench.text_features import _batch, _pad_id
+    from workbench.tokens import pad_batch, pad_id
 
-    ids, mask = _batch(seqs, _pad_id(handle.tokenizer), handle.device)
+    ids, mask = pad_batch(seqs, pad_id(handle.tokenizer), handle.device)
     out = handle.model(input_ids=ids, attention_mask=mask).logits
     return out[torch.arange(len(seqs), device=out.device), mask.sum(1) - 1].float().cpu()
 

@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from editors.registry import available, get  # noqa: E402
-from workbench.counterfact import (  # noqa: E402
-    aggregate_cases, bootstrap_intervals, drop_batch_conflicts, evaluate_rewrites)
+from workbench.counterfact import aggregate_cases, bootstrap_intervals, drop_batch_conflicts, evaluate_rewrites  # noqa: E402
 from workbench.models import load  # noqa: E402
 from workbench.requests import Rewrite  # noqa: E402
 
@@ -51,7 +50,7 @@ def _load_model(spec: str) -> Any:
 
 
 def _import_editors() -> None:
-    from workbench.cli_edit import _load_editors
+    from workbench_cli.edit import _load_editors
 
     _load_editors()
 
@@ -182,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                         "config": _config(editor), "per_layer": delta.extra["per_layer"]}
 
     if "speed" not in skip:
-        from editors.rome import ROME
         import os
+
+        from editors.rome import ROME
 
         with tempfile.TemporaryDirectory() as cache:
             old = os.environ.get("WORKBENCH_CACHE")

@@ -43,8 +43,8 @@ def main() -> None:
         ap.error("--no-zoo leaves nothing to run without --held-out")
     torch.set_num_threads(1)
     import workbench
-    from workbench import rediscovery as rd
     from workbench.worlds.trojans import load_trojans
+    from workbench_protocols import rediscovery as rd
 
     budget = "tiny" if args.quick else ("full" if args.full else "quick")
     methods = args.methods.split(",") if args.methods else None

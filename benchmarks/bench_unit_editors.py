@@ -125,7 +125,7 @@ def erase(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def steer(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from editors.concept_erasure import example_sentences
     from editors.steering import ContrastPairs, dose_response, steering_direction
-    from workbench.cli_units import concept_axis_measure
+    from workbench_cli.units import concept_axis_measure
 
     h = _minilm()
     texts, sentiment, _ = example_sentences(400, seed=args.seed + 1)

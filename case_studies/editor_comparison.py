@@ -46,7 +46,7 @@ def _key(method: str) -> str:
 
 def edit_site(ctx: StudyContext, handle: Any) -> Any:
     """The trace-chosen edit site on FactGPT, computed once per run (studies 2 and 3 share it)."""
-    from workbench.edit_eval import rewrites_for, trace_edit_site
+    from workbench_protocols.editing import rewrites_for, trace_edit_site
 
     return ctx.remember("factgpt_edit_site", lambda: trace_edit_site(handle, rewrites_for(handle, 5, seed=7)))
 
@@ -127,7 +127,7 @@ class Study(CaseStudy):
         return {"handle": handle, "site": edit_site(ctx, handle), "n_layers": handle.arch.n_layers}
 
     def _rewrites(self, state: Mapping[str, Any], seed: int) -> list[Any]:
-        from workbench.edit_eval import rewrites_for
+        from workbench_protocols.editing import rewrites_for
 
         return rewrites_for(state["handle"], self.options()["cases_per_seed"], seed=200 + seed)
 
@@ -135,7 +135,7 @@ class Study(CaseStudy):
         return [str(rw.case_id) for rw in self._rewrites(state, seed)]
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
-        from workbench.edit_eval import edit_each, editor_for, unedited
+        from workbench_protocols.editing import edit_each, editor_for, unedited
 
         handle, site = state["handle"], state["site"]
         rw = next(r for r in self._rewrites(state, seed) if str(r.case_id) == key)

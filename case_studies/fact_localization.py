@@ -118,7 +118,7 @@ class Study(CaseStudy):
         return {"handle": handle, "n_layers": handle.arch.n_layers}
 
     def _rewrites(self, state: Mapping[str, Any], seed: int) -> list[Any]:
-        from workbench.edit_eval import rewrites_for
+        from workbench_protocols.editing import rewrites_for
 
         n = self.options()["cases_per_seed"]
         return rewrites_for(state["handle"], n, seed=100 + seed)
@@ -127,7 +127,7 @@ class Study(CaseStudy):
         return [str(rw.case_id) for rw in self._rewrites(state, seed)]
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
-        from workbench.edit_eval import EditSite, edit_each, editor_for, trace_peak, unedited
+        from workbench_protocols.editing import EditSite, edit_each, editor_for, trace_peak, unedited
 
         handle, n_layers = state["handle"], state["n_layers"]
         rw = next(r for r in self._rewrites(state, seed) if str(r.case_id) == key)

@@ -45,7 +45,7 @@ N_UNRELATED = 5
 @torch.no_grad()
 def answer_probs(handle: Any, prompts: Sequence[str], targets: Sequence[int]) -> list[float]:
     """p(target token) after each prompt."""
-    from workbench.counterfact import encode_prompt
+    from workbench.tokens import encode_prompt
 
     out = []
     for prompt, target in zip(prompts, targets):
@@ -57,8 +57,8 @@ def answer_probs(handle: Any, prompts: Sequence[str], targets: Sequence[int]) ->
 
 def gradient_x_activation(handle: Any, prompts: Sequence[str], target: int) -> torch.Tensor:
     """[n_layers, d_mlp] mean over prompts of activation x d p(target) / d activation (last position)."""
-    from workbench.counterfact import encode_prompt
     from workbench.hooks import patch
+    from workbench.tokens import encode_prompt
 
     n_layers = handle.arch.n_layers
     total = None
@@ -181,7 +181,7 @@ class Study(CaseStudy):
         return {"handle": handle, "world": handle.info["world"]}
 
     def _rewrites(self, state: Mapping[str, Any], seed: int) -> list[Any]:
-        from workbench.edit_eval import rewrites_for
+        from workbench_protocols.editing import rewrites_for
 
         return rewrites_for(state["handle"], self.options()["cases_per_seed"], seed=400 + seed)
 

@@ -143,7 +143,7 @@ class Study(CaseStudy):
         return [f"{m}-{n}" for n in self.sizes for m in METHODS]
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
-        from workbench.edit_eval import edit_batch, editor_for, rewrites_for, unedited
+        from workbench_protocols.editing import edit_batch, editor_for, rewrites_for, unedited
 
         handle, site = state["handle"], state["site"]
         method, n = key.rsplit("-", 1)
@@ -160,8 +160,8 @@ class Study(CaseStudy):
                 "rows": [{"i": i, **r, "NS_unedited": b["NS"]} for i, (r, b) in enumerate(zip(rows, base))]}
 
     def _sequential_rome(self, handle: Any, site: Any, n_layers: int, rewrites: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from workbench.edit_eval import case_s, editor_for, score_rewrites, trim_scores
         from workbench.errors import WorkbenchError
+        from workbench_protocols.editing import case_s, editor_for, score_rewrites, trim_scores
 
         editor = editor_for("rome", site, n_layers)
         refused: list[bool] = []

@@ -196,9 +196,9 @@ class Study(CaseStudy):
 
     def _snafue(self, handle: Any, pair: tuple[str, str], seed: int) -> dict[str, Any]:
         from adversaries.adversarial_patch import apply_patch, patch_pixels, sample_placements
-        from adversaries.classifier import predict, preprocess_of, render_for, resolve_class, world_or_default
         from adversaries.feature_level import source_scenes
         from adversaries.natural import SNAFUE, natural_patch_pool
+        from workbench.classifier import predict, preprocess_of, render_for, resolve_class, world_or_default
         from workbench.worlds.shapesworld import CLASS_SHAPES
 
         opts = self.options()

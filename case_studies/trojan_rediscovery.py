@@ -5,9 +5,9 @@ Finding: what a feature-synthesis method makes when asked about a trojan's targe
 feature visualization of the target logit (scene parameters, and lucid's Fourier
 default), copy/paste search, the feature-level adversary, natural search (SNAFUE),
 adversarial filtering, a trained adversarial patch and the scene-vocabulary search
-(`workbench.rediscovery.METHODS`).
+(`workbench_protocols.rediscovery.METHODS`).
 Measurement: the 8-way multiple choice of Casper et al. 2023, answered automatically
-(`workbench.rediscovery.multiple_choice`): the true trigger among the 7 same-kind library
+(`workbench_protocols.rediscovery.multiple_choice`): the true trigger among the 7 same-kind library
 designs most similar to the method's views, each view voting for the option it resembles
 most; the score is the share of votes for the true trigger. The judge (palette colour
 content plus the clean-world network of `workbench.judge`) never saw a trojan. Chance is
@@ -277,8 +277,8 @@ class Study(CaseStudy):
         return self._trojans(seed)
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
-        from workbench import rediscovery as rd
         from workbench.zoo.shapesnet import world_of
+        from workbench_protocols import rediscovery as rd
 
         handle, judge = state["handle"], state["judge"]
         world = world_of(handle)
@@ -329,9 +329,9 @@ class Study(CaseStudy):
 
         from safetensors.torch import load_file
 
-        from workbench import rediscovery as rd
         from workbench.storage import save_safetensors
         from workbench.worlds.trojans import TrojanSet
+        from workbench_protocols import rediscovery as rd
 
         groups: dict[str, list[str]] = {}
         for m, b in self.budgets().items():

@@ -106,15 +106,16 @@ def representations(handle: ModelHandle, site: str | Site, inputs: Any, *, pooli
     """Pooled site representations (N, d), or with pooling='none' every real token (rows, d) and
     the input index of each row."""
     from workbench.hooks import capture
-    from workbench.unit_selection import _batches, _call, _pool_tokens
+    from workbench.models import run_model
+    from workbench.unit_selection import input_batches, pool_tokens
 
     resolved = resolve_site(handle, site)
     rows, owners = [], []
     seen = 0
     with torch.no_grad():
-        for batch, mask in _batches(handle, inputs, batch_size):
+        for batch, mask in input_batches(handle, inputs, batch_size):
             with capture(handle, [resolved], stop=True) as acts:
-                _call(handle.model, batch)
+                run_model(handle.model, batch)
             act = acts[resolved.name].float()
             if act.ndim == 4:  # images: channels are the features; pool over space
                 act = act.flatten(2).transpose(1, 2)
@@ -127,7 +128,7 @@ def representations(handle: ModelHandle, site: str | Site, inputs: Any, *, pooli
                 rows.append(act.cpu()[m])
                 owners.append((torch.arange(act.shape[0])[:, None].expand_as(m) + seen)[m])
             else:
-                rows.append(_pool_tokens(act, mask, pooling).cpu())
+                rows.append(pool_tokens(act, mask, pooling).cpu())
             seen += act.shape[0]
     x = torch.cat(rows).cpu()
     return x, (torch.cat(owners) if pooling == "none" and owners else None)

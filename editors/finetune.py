@@ -24,12 +24,12 @@ import torch
 from torch.func import functional_call
 
 from editors.registry import register
-from workbench.counterfact import encode_prompt
 from workbench.delta import WeightDelta, assert_unchanged
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.requests import Rewrite, target_token_ids
-from workbench.sites import SITE_MAPS, SiteMap
+from workbench.sites import require_causal_lm
+from workbench.tokens import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +37,6 @@ WeightChoice = Literal["mlp_out", "mlp_in", "both"]
 
 
 # ---- shared checks (also used by editors.knowledge_neuron_edit) -------------------------
-
-def require_causal_lm(handle: ModelHandle, method: str) -> SiteMap:
-    """The handle's SiteMap, or a clear error when this editor cannot work on the model."""
-    if handle.kind != "causal_lm":
-        raise WorkbenchError(
-            f"{method} edits causal language models (next-token prediction); {handle.spec} is a {handle.kind!r} model"
-        )
-    if handle.tokenizer is None:
-        raise WorkbenchError(f"{method} needs the model's tokenizer; {handle.spec} was loaded without one")
-    site_map = handle.arch.site_map
-    if site_map is None or "mlp_out" not in site_map.weights:
-        raise WorkbenchError(
-            f"{method} needs to know where the MLP weights of {handle.spec} (family {handle.arch.family!r}) live; "
-            f"supported families: {', '.join(sorted(SITE_MAPS))}. To add one, put a workbench.sites.SiteMap "
-            "with weight roles mlp_in/mlp_out for its config.model_type into workbench.sites.SITE_MAPS"
-        )
-    return site_map
-
 
 def as_rewrites(request: Rewrite | Sequence[Rewrite], method: str) -> list[Rewrite]:
     """One rewrite or several, as a non-empty list (an error names what was passed instead)."""
@@ -223,7 +205,7 @@ class FineTune:
         return None
 
     def param_names(self, handle: ModelHandle, layer: int) -> list[str]:
-        site_map = require_causal_lm(handle, self.method)
+        site_map = require_causal_lm(handle, self.method, weight_role="mlp_out")
         roles = {"mlp_out": ["mlp_out"], "mlp_in": ["mlp_in"],
                  "both": ["mlp_in", "mlp_gate", "mlp_out"]}[self.weights]
         roles = [r for r in roles if r in site_map.weights]
@@ -231,7 +213,7 @@ class FineTune:
 
     def fit(self, handle: ModelHandle, request: Rewrite | Sequence[Rewrite]) -> WeightDelta:
         """Train the change on the rewrite(s); the model is left exactly as it was."""
-        site_map = require_causal_lm(handle, self.method)
+        site_map = require_causal_lm(handle, self.method, weight_role="mlp_out")
         rewrites = as_rewrites(request, self.method)
         layer = default_layer(handle) if self.layer is None else self.layer
         n = site_map.n_layers(handle.model)

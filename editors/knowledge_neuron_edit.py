@@ -23,14 +23,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from editors.finetune import as_rewrites, request_json, require_causal_lm
+from editors.finetune import as_rewrites, request_json
 from editors.registry import register
 from workbench.delta import WeightDelta, assert_unchanged
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.knowledge_neurons import attribute_neurons
 from workbench.requests import Rewrite, target_token_ids
-from workbench.sites import as_out_in
+from workbench.sites import as_out_in, require_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ Neuron = tuple[int, int]
 
 def mlp_width(handle: ModelHandle, layer: int = 0) -> int:
     """Number of MLP intermediate neurons of a layer (columns of mlp_out in out_in layout)."""
-    site_map = require_causal_lm(handle, "knowledge-neuron edit")
+    site_map = require_causal_lm(handle, "knowledge-neuron edit", weight_role="mlp_out")
     weight, layout = site_map.weight(handle.model, "mlp_out", layer)
     return as_out_in(weight, layout).shape[1]
 
@@ -114,7 +114,7 @@ def neuron_delta(
     neurons are recorded in the delta's `extra["neurons"]`. Works for any neurons, so the
     same call with random neurons is the control for an attributed edit.
     """
-    site_map = require_causal_lm(handle, method)
+    site_map = require_causal_lm(handle, method, weight_role="mlp_out")
     chosen = _check_neurons(handle, neurons)
     with torch.no_grad():
         if mode == "suppress":
@@ -143,7 +143,7 @@ def _value(handle: ModelHandle, neuron: Neuron) -> torch.Tensor:
 def random_neurons(handle: ModelHandle, n: int, *, seed: int, layers: Sequence[int] | None = None,
                    exclude: Iterable[Sequence[int]] = ()) -> list[Neuron]:
     """`n` distinct neurons drawn uniformly (seeded) from `layers` (all by default), avoiding `exclude`."""
-    require_causal_lm(handle, "random_neurons")
+    require_causal_lm(handle, "random_neurons", weight_role="mlp_out")
     n_layers = handle.arch.site_map.n_layers(handle.model)
     layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     for layer in layers:
@@ -217,7 +217,7 @@ class KnowledgeNeuronEdit:
 
     def fit(self, handle: ModelHandle, request: Rewrite | Sequence[Rewrite]) -> WeightDelta:
         """Attribute, then edit; the model is left exactly as it was."""
-        require_causal_lm(handle, self.method)
+        require_causal_lm(handle, self.method, weight_role="mlp_out")
         rewrites = as_rewrites(request, self.method)
         if self.mode == "replace":
             missing = [i for i, rw in enumerate(rewrites) if not rw.target_true]

@@ -41,7 +41,6 @@ from editors.mlp_update import (
     locate,
     mlp_out,
     optimize_values,
-    require_causal_lm,
     site_at_subject,
     solve_second_moment,
     subject_keys,
@@ -52,6 +51,7 @@ from editors.registry import register
 from workbench.delta import Change, WeightDelta, assert_unchanged
 from workbench.errors import WorkbenchError
 from workbench.requests import Rewrite
+from workbench.sites import require_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class MEMIT:
         rewrites = [request] if isinstance(request, Rewrite) else list(request)
         if not rewrites:
             raise WorkbenchError("MEMIT needs at least one rewrite")
-        require_causal_lm(handle, "MEMIT")
+        require_causal_lm(handle, "MEMIT", weight_role="mlp_out")
         layers = self.resolved_layers(handle)
         for rw in rewrites:
             validate_rewrite(handle, rw)

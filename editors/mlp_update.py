@@ -31,12 +31,13 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from workbench.counterfact import _pad_id, encode_prompt, model_device, prompt_offset
 from workbench.delta import LowRank
+from workbench.devices import model_device
 from workbench.errors import WorkbenchError
 from workbench.hooks import capture, edit
 from workbench.requests import Rewrite, subject_token_span, target_token_ids
-from workbench.sites import SITE_MAPS, Layout, as_out_in
+from workbench.sites import Layout, as_out_in
+from workbench.tokens import encode_prompt, pad_batch, pad_id, prompt_offset, sample_tokens
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,6 @@ def key_site(layer: int) -> str:
 
 def value_site(kind: ValueSite, layer: int) -> str:
     return f"blocks.{layer}.mlp.hook_out" if kind == "mlp_out" else f"blocks.{layer}.hook_resid_post"
-
-
-def require_causal_lm(handle: Any, method: str) -> None:
-    """Refuse models the MLP editors cannot address, saying which ones they can."""
-    site_map = getattr(handle.arch, "site_map", None)
-    supported = ", ".join(sorted(k for k, v in SITE_MAPS.items() if k != "bert"))
-    if site_map is None or "mlp_out" not in site_map.weights:
-        raise WorkbenchError(
-            f"{method} needs an MLP mapping for this model (family {handle.arch.family!r}), and there is none. "
-            f"Supported families: {supported}. To add one, put a workbench.sites.SiteMap for its "
-            "config.model_type (with the mlp_out weight role and the blocks.{L}.mlp.hook_post site) into "
-            "workbench.sites.SITE_MAPS")
-    if handle.kind != "causal_lm" or handle.tokenizer is None:
-        raise WorkbenchError(f"{method} edits causal language models with a tokenizer; {handle.spec} is of kind "
-                             f"{handle.kind!r} (supported families: {supported})")
 
 
 def check_layer(handle: Any, layer: Any) -> int:
@@ -127,8 +113,6 @@ def sample_texts(
     over which key statistics are collected. Sampled from the `top_k` most likely tokens
     (ROME's code uses 5); `top_k=None` is greedy, which gives `n` copies of one text.
     """
-    from workbench.counterfact import _sample
-
     tok, model = handle.tokenizer, handle.model
     start = next((getattr(tok, a) for a in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if getattr(tok, a, None) is not None), 0)
@@ -142,7 +126,7 @@ def sample_texts(
             while len(out) < n:
                 b = min(batch_size, n - len(out))
                 ids = torch.full((b, 1), int(start), dtype=torch.long, device=device)
-                new = _sample(model, ids, length, top_k=top_k, generator=gen)
+                new = sample_tokens(model, ids, length, top_k=top_k, generator=gen)
                 out.extend(tok.decode(row.tolist(), skip_special_tokens=True) for row in new)
     finally:
         model.train(was_training)
@@ -222,16 +206,6 @@ def validate_rewrite(handle: Any, rewrite: Rewrite) -> None:
         target_token_ids(handle.tokenizer, rewrite.target_true)
 
 
-def _batch(rows: Sequence[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
 # --- keys ------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -245,14 +219,14 @@ def site_at_subject(
     """The activation at `site` at each prompt's subject-last position, [n, dim] (float32)."""
     model = handle.model
     device = model_device(model)
-    pad = _pad_id(handle.tokenizer)
+    pad = pad_id(handle.tokenizer)
     out = []
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(located), batch_size):
             chunk = located[start:start + batch_size]
-            ids, mask = _batch([c.ids for c in chunk], pad, device)
+            ids, mask = pad_batch([c.ids for c in chunk], pad, device)
             with capture(handle, [site], stop=True) as acts:
                 model(input_ids=ids, attention_mask=mask)
             act = acts[site]
@@ -396,7 +370,7 @@ def _optimize_chunk(handle: Any, rewrites: list[Rewrite], *, layer: int, site_ki
     """Optimize one delta per group (`groups[i]`: rewrite i's group); rows are returned per rewrite."""
     model, tok = handle.model, handle.tokenizer
     device = model_device(model)
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     site = value_site(site_kind, layer)
     n = len(rewrites)
     n_groups = max(groups) + 1
@@ -432,7 +406,7 @@ def _optimize_chunk(handle: Any, rewrites: list[Rewrite], *, layer: int, site_ki
     plain = [locate(tok, "{}", rw.prompt, rw.subject, config.fact_token) for rw in rewrites]
     init = site_at_subject(handle, site, plain)
 
-    ids, mask = _batch(rows, pad, device)
+    ids, mask = pad_batch(rows, pad, device)
     owner_t = torch.tensor(owner, device=device)
     subj_t = torch.tensor(subj_pos, device=device)
     arange_rows = torch.arange(len(rows), device=device)
@@ -550,13 +524,13 @@ def _fact_prompt_batches(handle: Any, world: Any, *, fact_token: FactToken, n: i
     if n < len(prompts):
         prompts = random.Random(seed).sample(prompts, n)
     device = model_device(handle.model)
-    pad = _pad_id(handle.tokenizer)
+    pad = pad_id(handle.tokenizer)
     located = [locate(handle.tokenizer, "{}", world.relation(p.relation_id).templates[p.template_index], p.subject,
                       fact_token) for p in prompts]
     batches = []
     for start in range(0, len(located), batch_size):
         chunk = located[start:start + batch_size]
-        ids, mask = _batch([c.ids for c in chunk], pad, device)
+        ids, mask = pad_batch([c.ids for c in chunk], pad, device)
         sample = torch.zeros_like(mask)
         sample[torch.arange(len(chunk)), torch.tensor([c.subject_last for c in chunk])] = 1
         batches.append({"input_ids": ids, "attention_mask": mask, "sample_mask": sample})

@@ -40,7 +40,6 @@ from editors.mlp_update import (
     key_statistics,
     mlp_out,
     optimize_values,
-    require_causal_lm,
     solve_second_moment,
     subject_keys,
     validate_rewrite,
@@ -49,6 +48,7 @@ from editors.registry import register
 from workbench.delta import WeightDelta, assert_unchanged
 from workbench.errors import WorkbenchError
 from workbench.requests import Rewrite
+from workbench.sites import require_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class ROME:
                 raise WorkbenchError(f"ROME edits one fact at a time; got {len(items)} requests "
                                      "(apply them one by one, or use MEMIT for many at once)")
             request = items[0]
-        require_causal_lm(handle, "ROME")
+        require_causal_lm(handle, "ROME", weight_role="mlp_out")
         layer = self.resolved_layer(handle)
         validate_rewrite(handle, request)
         model = handle.model

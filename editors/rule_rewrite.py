@@ -202,8 +202,8 @@ def colour_pairs(world: Any, n: int, *, seed: int, colour: str | None = None, ma
     and in their natural colour (values), optionally with a concept mask (e.g. "main": the main
     object's pixels; None uses every position, the measured default), and `n` natural scenes
     for the key statistics."""
+    from workbench.devices import torch_threads
     from workbench.worlds.shapesworld import color_rgb
-    from workbench.zoo.shapesnet import _threads
 
     sp = world.config.spurious
     if sp is None and colour is None:
@@ -217,7 +217,7 @@ def colour_pairs(world: Any, n: int, *, seed: int, colour: str | None = None, ma
     main = sample.scene.role == 1
     col[main] = (rgb + 0.05 * torch.randn(int(main.sum()), 3, generator=g)).clamp(0, 1)
     recoloured = sample.scene.replace(color=col)
-    with _threads(1):
+    with torch_threads(1):
         values = world.render(sample.scene)
         keys = world.render(recoloured)
         stats = world.render(world.sample(n, generator=g))

@@ -1324,9 +1324,9 @@ def learn_unit_gates(handle: ModelHandle, sites: Sequence[str], *, triggered: to
 
 
 def _render(world: Any, sample: Any) -> torch.Tensor:
-    from workbench.zoo.shapesnet import _threads
+    from workbench.devices import torch_threads
 
-    with _threads(1):
+    with torch_threads(1):
         x = world.render(sample)
     assert isinstance(x, torch.Tensor)
     return x

@@ -1,4 +1,4 @@
-"""Model-free toy studies for the harness tests (importable as `casestudy_toys:Name` with tests/ on the path).
+"""Model-free toy studies for the harness tests (importable as `tests.casestudy_toys:Name` with the repository root on the path).
 
 `ToyStudy` has a real effect (treatment beats control by `effect`); `NullToy` has none.
 `SlowToy` sleeps in each case and logs every case start to $TOY_LOG, so a test can kill
@@ -14,15 +14,7 @@ from typing import Any
 import torch
 
 from workbench.bootstrap import Metric, mean_of, paired_difference
-from workbench.casestudy import (
-    CaseStudy,
-    Comparison,
-    Control,
-    Prediction,
-    case_seed,
-    ci_above,
-    ci_within,
-)
+from workbench.casestudy import CaseStudy, Comparison, Control, Prediction, case_seed, ci_above, ci_within
 
 
 class ToyStudy(CaseStudy):

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from study_runs import reproduce
+from tests.study_runs import reproduce
 from workbench.handle import Architecture, ImagePreprocess, ModelHandle
 
 FAMILIES = ("gpt2", "gpt_neox", "llama", "bert")

@@ -40,10 +40,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from workbench import study_plots
 from workbench.bootstrap import Estimate, Metric, estimate
 from workbench.errors import WorkbenchError
 from workbench.results import RunStore
 from workbench.storage import atomic_write_json, atomic_write_text, sha256_file
+from workbench.study_plots import Figure
 
 log = logging.getLogger(__name__)
 
@@ -233,15 +235,6 @@ class Comparison:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"advantage": self.advantage}
-
-
-@dataclass(frozen=True)
-class Figure:
-    """A PNG for the report, with its caption (saved as `name` in the study folder)."""
-
-    name: str
-    caption: str
-    png: bytes
 
 
 # --- shared state across studies of one run ----------------------------------------------------
@@ -492,8 +485,6 @@ class CaseStudy:
                 "ours": None if ours is None else ours["value"], "ours_ci": None if ours is None else ours["ci"]}
 
     def _write_figures(self, store: RunStore, results: dict[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-        from workbench import study_plots
-
         figures = [study_plots.verdict_figure(results)]
         figures += study_plots.distribution_figures(results, rows, self.metrics())
         try:

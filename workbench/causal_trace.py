@@ -28,9 +28,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from workbench.devices import check_model_device
 from workbench.errors import WorkbenchError
 from workbench.hooks import capture, patch
 from workbench.requests import Rewrite, subject_token_span, target_token_ids
+from workbench.sites import require_causal_lm
+from workbench.tokens import last_logits_kwargs
 
 if TYPE_CHECKING:
     from workbench.handle import ModelHandle
@@ -198,24 +201,6 @@ class _Prepared:
     logits_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_model(handle: ModelHandle) -> None:
-    from workbench.sites import SITE_MAPS, site_map_for
-
-    site_map = getattr(handle.arch, "site_map", None) or site_map_for(handle.model)
-    if site_map is None:
-        family = getattr(getattr(handle.model, "config", None), "model_type", None) or handle.arch.family
-        raise WorkbenchError(
-            f"causal tracing needs the canonical sites of a transformer family; {family!r} has no site map. "
-            f"Supported families: {', '.join(sorted(SITE_MAPS))}. To add one, put a workbench.sites.SiteMap "
-            "for its config.model_type into workbench.sites.SITE_MAPS."
-        )
-    if handle.kind != "causal_lm":
-        raise WorkbenchError(f"causal tracing measures the next-token probability of a causal LM; "
-                             f"{handle.spec!r} is a {handle.kind} model")
-    if handle.tokenizer is None:
-        raise WorkbenchError(f"{handle.spec!r} has no tokenizer; causal tracing needs one")
-
-
 def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
     if isinstance(kinds, str):
         kinds = [k.strip() for k in kinds.split(",") if k.strip()]
@@ -239,19 +224,6 @@ def _check_options(noise: float, n_samples: int, window: int, batch_size: int | 
         raise WorkbenchError(f"batch_size {batch_size}: expected a positive number of rows per forward pass")
 
 
-def _check_device(handle: ModelHandle, device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return handle.device
-    from workbench.devices import resolve_device
-
-    want = resolve_device(device)
-    have = handle.device
-    if want.type != have.type or (want.index is not None and have.index is not None and want.index != have.index):
-        raise WorkbenchError(f"the model is on {have}, not {want}; load it with device={str(want)!r} "
-                             "(tracing runs where the model is)")
-    return have
-
-
 def embedding_std(handle: ModelHandle) -> float:
     """Standard deviation of all entries of the token embedding matrix (the noise unit)."""
     weight = handle.model.get_input_embeddings().weight
@@ -272,16 +244,6 @@ def _prefix_len(tokenizer: Any, text: str, ids: list[int]) -> int:
     plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     k = len(ids) - len(plain)
     return k if k >= 0 and ids[k:k + len(plain)] == plain else 0
-
-
-def _logits_kwargs(model: torch.nn.Module) -> dict[str, Any]:
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def _last_probs(model: torch.nn.Module, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -309,7 +271,7 @@ def _prepare(handle: ModelHandle, prompt: str, subject: str, *, target: str | No
     n_layers = handle.arch.n_layers
     sites = [SITE_TEMPLATES[k].format(L=layer) for k in kinds for layer in range(n_layers)]
     model = handle.model
-    kwargs = _logits_kwargs(model)
+    kwargs = last_logits_kwargs(model)
     with torch.no_grad(), capture(handle, sites) as acts:
         probs = _last_probs(model, input_ids, kwargs)[0]
     if target is None:
@@ -518,10 +480,10 @@ def causal_trace(
     (a causal LM never corrupts them, so their result is the corrupted run's), and computes
     the tokens before the subject once (a clean key/value cache shared by all rows).
     """
-    _check_model(handle)
+    require_causal_lm(handle, "causal tracing")
     kinds = _check_kinds(kinds)
     _check_options(noise, n_samples, window, batch_size)
-    dev = _check_device(handle, device)
+    dev = check_model_device(handle.device, device)
     prep = _prepare(handle, prompt, subject, target=target, kinds=kinds, noise=noise, n_samples=n_samples,
                     seed=seed, device=dev)
     restorations: list[Restoration] = [()]  # nothing restored: the corrupted run
@@ -577,10 +539,10 @@ def causal_trace_reference(
 ) -> CausalTrace:
     """The original per-(token, layer) scheme: one forward pass of 1 + n_samples rows per
     restoration (about 3 x tokens x layers passes). Same numbers as `causal_trace`; slow."""
-    _check_model(handle)
+    require_causal_lm(handle, "causal tracing")
     kinds = _check_kinds(kinds)
     _check_options(noise, n_samples, window, None)
-    dev = _check_device(handle, device)
+    dev = check_model_device(handle.device, device)
     prep = _prepare(handle, prompt, subject, target=target, kinds=kinds, noise=noise, n_samples=n_samples,
                     seed=seed, device=dev)
     corrupted = _reference_prob(handle, prep, (), seed=seed)
@@ -605,7 +567,7 @@ def restored_probability(
     """Answer probability (mean over noise draws) for arbitrary restorations, each a set of
     (site, token) pairs restored together; sites are any canonical names. For experiments
     beyond the standard trace (restoring several tokens or layers at once)."""
-    _check_model(handle)
+    require_causal_lm(handle, "causal tracing")
     _check_options(noise, n_samples, 1, batch_size)
     sites = sorted({site for r in restorations for site, _ in r})
     prep = _prepare(handle, prompt, subject, target=target, kinds=(), noise=noise, n_samples=n_samples,

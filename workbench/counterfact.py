@@ -32,48 +32,15 @@ from typing import Any
 
 import torch
 
+from workbench.devices import model_device
 from workbench.errors import WorkbenchError
 from workbench.requests import Rewrite, target_token_ids
+from workbench.tokens import context_length, encode_prompt, pad_batch, pad_id, sample_tokens
 
 SCORE_KEYS = ("ES", "PS", "NS", "S")
 MAGNITUDE_KEYS = ("EM", "PM", "NM")
 ACCURACY_KEYS = ("EA", "PA", "NA")
 _WORD = re.compile(r"\w+|[^\w\s]")
-
-
-# --- tokenization ---------------------------------------------------------------------------
-
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids a causal LM sees for `text`: leading special tokens (a BOS) kept, trailing ones dropped.
-
-    Targets are appended after these ids, so a tokenizer that also appends EOS must not
-    put it between the prompt and the target.
-    """
-    bare = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    full = list(tokenizer(text)["input_ids"])
-    for start in range(len(full) - len(bare) + 1):
-        if full[start:start + len(bare)] == bare:
-            return full[:start + len(bare)]
-    return bare
-
-
-def prompt_offset(tokenizer: Any, text: str) -> int:
-    """How many special tokens `encode_prompt` puts before the text's own tokens."""
-    return len(encode_prompt(tokenizer, text)) - len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 # --- scoring targets ------------------------------------------------------------------------
@@ -94,7 +61,7 @@ def score_continuations(
     """
     model = handle.model
     device = model_device(model)
-    pad = _pad_id(handle.tokenizer)
+    pad = pad_id(handle.tokenizer)
     logp_out = torch.zeros(len(pairs), dtype=torch.float64)
     top_out = torch.zeros(len(pairs), dtype=torch.bool)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
@@ -103,14 +70,8 @@ def score_continuations(
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in chunk]
-            length = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), length), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), length), dtype=torch.long)
-            for row, s in enumerate(seqs):
-                ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[row, : len(s)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            ids, mask = pad_batch([list(pairs[i][0]) + list(pairs[i][1]) for i in chunk], pad, device)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
             for row, i in enumerate(chunk):
                 n_prompt, target = len(pairs[i][0]), list(pairs[i][1])
@@ -160,7 +121,7 @@ def generate_texts(
     device = model_device(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     encoded = [encode_prompt(tok, p) for p in prompts]
-    limit = _context_length(model)
+    limit = context_length(model)
     out: list[str] = [""] * len(prompts)
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
@@ -174,48 +135,12 @@ def generate_texts(
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
                 ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
-                new = _sample(model, ids, steps, top_k=top_k, generator=gen)
+                new = sample_tokens(model, ids, steps, top_k=top_k, generator=gen)
                 for row, i in enumerate(chunk):
                     out[i] = tok.decode(new[row].tolist(), skip_special_tokens=True)
     finally:
         model.train(was_training)
     return out
-
-
-def _context_length(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for attr in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def _sample(model: torch.nn.Module, ids: torch.Tensor, steps: int, *, top_k: int | None,
-            generator: torch.Generator) -> torch.Tensor:
-    """`steps` new tokens after `ids` (batch of equal-length prompts), using the KV cache."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
-    new = torch.zeros((ids.shape[0], 0), dtype=torch.long, device=ids.device)
-    past = None
-    current = ids
-    for _ in range(steps):
-        output = model(input_ids=current, use_cache=True, **{cache_kw: past})
-        past = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-        logits = output.logits[:, -1].float().cpu()
-        if top_k is None:
-            nxt = logits.argmax(-1)
-        else:
-            k = min(top_k, logits.shape[-1])
-            vals, idx = logits.topk(k, dim=-1)
-            choice = torch.multinomial(torch.softmax(vals, dim=-1), 1, generator=generator).squeeze(-1)
-            nxt = idx.gather(-1, choice[:, None]).squeeze(-1)
-        nxt = nxt.to(ids.device)
-        new = torch.cat([new, nxt[:, None]], dim=1)
-        current = nxt[:, None]
-    return new
 
 
 # --- evaluation -----------------------------------------------------------------------------

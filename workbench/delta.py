@@ -25,7 +25,7 @@ from torch import nn
 
 from workbench.errors import FingerprintMismatchError, WorkbenchError
 from workbench.fingerprint import parameter_fingerprint
-from workbench.storage import _json_default, load_safetensors_checked, save_safetensors_checked
+from workbench.storage import json_default, load_safetensors_checked, save_safetensors_checked
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _jsonable(value: Any, what: str) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     try:
-        return json.loads(json.dumps(value, default=_json_default))
+        return json.loads(json.dumps(value, default=json_default))
     except (TypeError, ValueError) as exc:
         raise WorkbenchError(f"the delta's {what} must be JSON-serializable (it is saved with the delta): {exc}") from exc
 

@@ -1,7 +1,9 @@
-"""Device resolution: `--device cpu|cuda|auto` everywhere, nothing assumes the CPU."""
+"""Devices and threads: `--device cpu|cuda|auto` everywhere, nothing assumes the CPU."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -23,3 +25,34 @@ def resolve_device(spec: DeviceSpec | torch.device | None = "auto") -> torch.dev
         return torch.device(spec)
     except RuntimeError as exc:
         raise WorkbenchError(f"unknown device {spec!r}; expected cpu, cuda, cuda:N or auto") from exc
+
+
+def check_model_device(have: torch.device, device: DeviceSpec | torch.device | None) -> torch.device:
+    """The device a computation runs on: where the model is (`have`); refuses a request for another one."""
+    if device is None:
+        return have
+    want = resolve_device(device)
+    if want.type != have.type or (want.index is not None and have.index is not None and want.index != have.index):
+        raise WorkbenchError(f"the model is on {have}, not {want}; load it with device={str(want)!r} "
+                             "(the computation runs where the model is)")
+    return have
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run torch's CPU ops on `n` threads inside the block (`None`: leave as is); restored on exit."""
+    old = torch.get_num_threads()
+    if n is not None and n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from workbench.errors import WorkbenchError
-from workbench.sites import Site, _unwrap, resolve_sites
+from workbench.sites import Site, model_and_site_map, resolve_site, resolve_sites
 
 if TYPE_CHECKING:
     from workbench.handle import ModelHandle
@@ -157,7 +157,7 @@ def capture(
     collecting statistics) and ends the block there: run one forward per block.
     """
     names = _as_list(sites)
-    model, _ = _unwrap(target)
+    model, _ = model_and_site_map(target)
     resolved = resolve_sites(target, names)
     keys = [_key(s) for s in names]
     store: dict[str, torch.Tensor] = {}
@@ -242,7 +242,7 @@ def patch(
     (batch, seq)) restricts the replacement to those token positions; elsewhere the
     activation is left bit-for-bit unchanged.
     """
-    model, _ = _unwrap(target)
+    model, _ = model_and_site_map(target)
     keys = list(patches)
     resolved = resolve_sites(target, keys)
     with _hooked(model, [(site, _replacer(site, patches[key], positions)) for key, site in zip(keys, resolved)]):
@@ -257,7 +257,7 @@ def edit(target: Target, edits: Mapping[SiteLike, Callable[[torch.Tensor], torch
     a tensor the model still uses elsewhere, such as the residual stream); what it returns,
     or the modified copy when it returns None, replaces the activation.
     """
-    model, _ = _unwrap(target)
+    model, _ = model_and_site_map(target)
     keys = list(edits)
     resolved = resolve_sites(target, keys)
 
@@ -271,3 +271,41 @@ def edit(target: Target, edits: Mapping[SiteLike, Callable[[torch.Tensor], torch
 
     with _hooked(model, [(site, _replacer(site, editor(edits[key]), None)) for key, site in zip(keys, resolved)]):
         yield
+
+
+# --- what a site carries -----------------------------------------------------------------------------
+
+def describe_site(target: ModelHandle | nn.Module, name: str, *, inputs: Any = None) -> dict[str, Any]:
+    """Resolve one site and report its module path, side, layer and activation shape.
+
+    The shape comes from one forward pass on `inputs`, or on the handle's dummy input
+    (a short tokenized text, or a zeros image) when `inputs` is None.
+    """
+    from workbench.models import dummy_input, run_model
+
+    site = resolve_site(target, name)
+    model, _ = model_and_site_map(target)
+    if inputs is None:
+        if isinstance(target, nn.Module):
+            raise WorkbenchError("describe_site on a bare module needs inputs=...; pass a ModelHandle to use a dummy input")
+        inputs = dummy_input(target)
+    with torch.no_grad(), capture(target, [site], stop=True) as acts:
+        run_model(model, inputs)
+    act = acts.get(site.name)
+    return {
+        "name": site.name,
+        "module_path": site.module_path,
+        "side": site.side,
+        "layer": site.layer,
+        "canonical": site.canonical,
+        "shape": list(act.shape) if isinstance(act, torch.Tensor) else None,
+        "dtype": str(act.dtype).removeprefix("torch.") if isinstance(act, torch.Tensor) else None,
+    }
+
+
+def site_shape(target: ModelHandle | nn.Module, name: str, *, inputs: Any = None) -> tuple[int, ...]:
+    """The activation shape at one site on the dummy input (or `inputs`)."""
+    shape = describe_site(target, name, inputs=inputs)["shape"]
+    if shape is None:
+        raise WorkbenchError(f"site {name!r} produced no tensor on the given input")
+    return tuple(shape)

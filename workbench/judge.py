@@ -8,7 +8,7 @@ ShapesWorld pictures that each show one thing (an object of one of the 16 shapes
 of one of the 8 textures, or a patch of one of the 8 patterns) in random colours, places and
 sizes, and it names the thing (32-way). Its output probabilities are the embedding; it never
 saw a trojaned model, a poisoned image or a trigger paired with a target label (colours are
-judged separately, by palette content, in `workbench.rediscovery`).
+judged separately, by palette content, in `workbench_protocols.rediscovery`).
 
 Training takes about 20-40 s on one quiet CPU thread and is cached under the workbench cache
 (`judge/shapesworld-judge-v1-seed0/`, safetensors + JSON, checksum-verified), like the zoo.
@@ -56,7 +56,13 @@ def judge_data(n: int, *, seed: int, config: JudgeConfig | None = None) -> tuple
     """`n` pictures that each show one thing: an object of some shape, a textured background, or a
     patterned patch, in random colours, places and sizes (label: which thing, one of 32)."""
     from workbench.worlds.shapesworld import (
-        BACKGROUND_PALETTE, PALETTE, PATCH_PATTERNS, SHAPES, TEXTURES, empty_scene, render,
+        BACKGROUND_PALETTE,
+        PALETTE,
+        PATCH_PATTERNS,
+        SHAPES,
+        TEXTURES,
+        empty_scene,
+        render,
     )
 
     cfg = JudgeConfig() if config is None else config
@@ -142,12 +148,13 @@ def train_judge(out: Path, *, seed: int = 0, config: JudgeConfig | None = None, 
     """Render clean data, train the attribute network, save it to `out` (safetensors + JSON)."""
     from tqdm.auto import tqdm
 
-    from workbench.zoo.shapesnet import ShapesNetConfig, _threads, build_model
+    from workbench.devices import torch_threads
+    from workbench.zoo.shapesnet import ShapesNetConfig, build_model
 
     cfg = JudgeConfig() if config is None else config
     start = time.perf_counter()
     names = attribute_names()
-    with _threads(1):
+    with torch_threads(1):
         images, labels = judge_data(cfg.n_train, seed=seed, config=cfg)
         test_x, test_y = judge_data(600, seed=seed + 99, config=cfg)
         net_cfg = ShapesNetConfig(num_classes=len(names), channels=cfg.channels, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -185,11 +192,11 @@ def train_judge(out: Path, *, seed: int = 0, config: JudgeConfig | None = None, 
 
 def load_judge(*, seed: int = 0, cache: str | Path | None = None, progress: bool = False) -> Judge:
     """The cached judge (trained on first use, retrained when its checksum fails)."""
-    from workbench.zoo import _lock
-    from workbench.zoo.shapesnet import ShapesNetConfig, ShapesNet
+    from workbench.storage import exclusive_lock
+    from workbench.zoo.shapesnet import ShapesNet, ShapesNetConfig
 
     path = _entry(seed, cache)
-    with _lock(path):
+    with exclusive_lock(path.with_suffix(".lock")):
         meta = path / "judge.json"
         ok = False
         if meta.is_file() and (path / "model.safetensors").is_file():

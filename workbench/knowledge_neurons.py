@@ -25,9 +25,12 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 
+from workbench.devices import check_model_device
 from workbench.errors import WorkbenchError
 from workbench.hooks import capture, patch
 from workbench.requests import target_token_ids
+from workbench.sites import require_causal_lm
+from workbench.tokens import last_logits_kwargs
 
 if TYPE_CHECKING:
     from workbench.handle import ModelHandle
@@ -147,19 +150,7 @@ def _check_fraction(name: str, value: float) -> None:
 # --- attribution ----------------------------------------------------------------------------
 
 def _check(handle: ModelHandle, layers: Sequence[int] | None, steps: int, method: str) -> tuple[int, ...]:
-    from workbench.sites import SITE_MAPS, site_map_for
-
-    site_map = getattr(handle.arch, "site_map", None) or site_map_for(handle.model)
-    if site_map is None:
-        family = getattr(getattr(handle.model, "config", None), "model_type", None) or handle.arch.family
-        raise WorkbenchError(
-            f"knowledge-neuron attribution needs the MLP sites of a transformer family; {family!r} has no site map. "
-            f"Supported families: {', '.join(sorted(SITE_MAPS))}. To add one, put a workbench.sites.SiteMap "
-            "for its config.model_type into workbench.sites.SITE_MAPS."
-        )
-    if handle.kind != "causal_lm" or handle.tokenizer is None:
-        raise WorkbenchError(f"knowledge-neuron attribution here scores the next token of a causal LM with a "
-                             f"tokenizer; {handle.spec!r} is a {handle.kind} model")
+    require_causal_lm(handle, "knowledge-neuron attribution")
     if steps < 1:
         raise WorkbenchError(f"steps {steps}: expected a positive number of integration steps (paper: 20)")
     if method not in METHODS:
@@ -190,17 +181,11 @@ def _encode(handle: ModelHandle, prompt: str) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long, device=handle.device)
 
 
-def _logits_kwargs(model: torch.nn.Module) -> dict[str, Any]:
-    from workbench.causal_trace import _logits_kwargs as kwargs_for
-
-    return kwargs_for(model)
-
-
 def _probability_fn(handle: ModelHandle, input_ids: torch.Tensor, layer: int, target_id: int) -> Any:
     """f(x) = P(target | prompt, last-position MLP activation of `layer` set to x), x: [B, d_mlp]."""
     site = SITE.format(L=layer)
     model = handle.model
-    kwargs = _logits_kwargs(model)
+    kwargs = last_logits_kwargs(model)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         ids = input_ids.expand(x.shape[0], input_ids.shape[1])
@@ -219,7 +204,7 @@ def _probability_fn(handle: ModelHandle, input_ids: torch.Tensor, layer: int, ta
 def _activations(handle: ModelHandle, input_ids: torch.Tensor, layers: Sequence[int], target_id: int) -> tuple[dict[int, torch.Tensor], float]:
     sites = [SITE.format(L=layer) for layer in layers]
     with torch.no_grad(), capture(handle, sites) as acts:
-        out = handle.model(input_ids=input_ids, use_cache=False, **_logits_kwargs(handle.model))
+        out = handle.model(input_ids=input_ids, use_cache=False, **last_logits_kwargs(handle.model))
     logits = out.logits if hasattr(out, "logits") else out[0]
     prob = float(torch.softmax(logits[0, -1].float(), dim=-1)[target_id])
     return {layer: acts[SITE.format(L=layer)][0, -1] for layer in layers}, prob
@@ -251,9 +236,7 @@ def attribute_neurons(
     _check_fraction("threshold", threshold)
     _check_fraction("share", share)
     if device is not None:
-        from workbench.causal_trace import _check_device
-
-        _check_device(handle, device)
+        check_model_device(handle.device, device)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise WorkbenchError("attribute_neurons needs at least one prompt")

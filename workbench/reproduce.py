@@ -82,7 +82,16 @@ def render(run_dir: str | Path) -> dict[str, Any]:
     """Calibration, leaderboard, CSVs and report.html from the stored study results."""
     from workbench import study_plots
     from workbench.calibration import calibration, leaderboard
-    from workbench.report import Section, Table, badge, calibration_sections, fmt, leaderboard_sections, study_section, write_report
+    from workbench.report import (
+        Section,
+        Table,
+        badge,
+        calibration_sections,
+        fmt,
+        leaderboard_sections,
+        study_section,
+        write_report,
+    )
 
     run_dir = Path(run_dir)
     results = collect(run_dir)
@@ -106,10 +115,6 @@ def render(run_dir: str | Path) -> dict[str, Any]:
                 "calibration": calib["overall"], "leaderboard": board["methods"]}
     atomic_write_json(run_dir / RESULTS_FILE, {**overview, "results": results})
 
-    from case_studies import PLANNED, available
-
-    ran = {r["study"] for r in results}
-    missing = [(num, name, text) for num, name, text in PLANNED if name not in ran]
     sections: list[Section] = []
     top = Section("Overview", anchor="overview")
     top.blocks.append(
@@ -125,12 +130,6 @@ def render(run_dir: str | Path) -> dict[str, Any]:
                      "quick" if r.get("quick") else "full", fmt(r["timing"].get("sum_case_s"), 3)])
     top.blocks.append(Table(["#", "study", "verdict", "held", "failed", "inconclusive", "cases", "seeds", "mode",
                              "case seconds"], rows))
-    if missing:
-        names = available()
-        top.blocks.append(Table(["#", "study not in this run", "status"],
-                                [[num, text, "module present; not run here" if name in names else
-                                  "not written yet (its capability lands with another issue)"]
-                                 for num, name, text in missing]))
     sections.append(top)
     sections += calibration_sections(calib, study_plots.calibration_chart(calib["predictions"]))
     sections += leaderboard_sections(board, study_plots.leaderboard_chart(board["methods"]))
@@ -150,8 +149,7 @@ def render(run_dir: str | Path) -> dict[str, Any]:
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     return {"out": str(run_dir), "report": str(run_dir / "report.html"),
             "studies": overview["studies"], "calibration": calib["overall"],
-            "leaderboard": [{k: m[k] for k in ("method", "n", "win_rate", "win_rate_ci", "rank")} for m in board["methods"]],
-            "not_run": [name for _, name, _ in missing]}
+            "leaderboard": [{k: m[k] for k in ("method", "n", "win_rate", "win_rate_ci", "rank")} for m in board["methods"]]}
 
 
 def _csv(rows: Sequence[dict[str, Any]]) -> str:

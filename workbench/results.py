@@ -27,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from workbench.errors import CorruptFileError, WorkbenchError
-from workbench.storage import _json_default, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_json
+from workbench.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, json_default, sha256_json
 
 _SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 _MAX_NAME = 180  # file names stay well under the usual 255-byte limit
@@ -83,7 +83,7 @@ def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _normalize(obj: Any) -> Any:
     """Round-trip through JSON so tuples, Paths and numpy scalars compare as stored."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+    return json.loads(json.dumps(obj, sort_keys=True, default=json_default))
 
 
 class RunStore:

@@ -262,7 +262,8 @@ SITE_MAPS: dict[str, SiteMap] = {
 
 # --- resolution -------------------------------------------------------------------------
 
-def _unwrap(target: ModelHandle | nn.Module) -> tuple[nn.Module, SiteMap | None]:
+def model_and_site_map(target: ModelHandle | nn.Module) -> tuple[nn.Module, SiteMap | None]:
+    """The module behind a handle (or the module itself) and its family's SiteMap (None for CNNs)."""
     if isinstance(target, nn.Module):
         return target, site_map_for(target)
     model = getattr(target, "model", None)
@@ -271,6 +272,28 @@ def _unwrap(target: ModelHandle | nn.Module) -> tuple[nn.Module, SiteMap | None]
     arch = getattr(target, "arch", None)
     site_map = getattr(arch, "site_map", None)
     return model, site_map if site_map is not None else site_map_for(model)
+
+
+def require_causal_lm(handle: ModelHandle, purpose: str, *, weight_role: str | None = None) -> SiteMap:
+    """The SiteMap of a causal LM with a tokenizer; a clear error, naming what fits, for any other model.
+
+    `purpose` names the method in the message ("ROME", "causal tracing"); `weight_role` also
+    requires that role in the map (editors that write `mlp_out` need it).
+    """
+    causal = ", ".join(sorted(k for k in SITE_MAPS if k != "bert"))
+    if handle.kind != "causal_lm" or handle.tokenizer is None:
+        raise WorkbenchError(f"{purpose} works on causal language models with a tokenizer; {handle.spec!r} is a "
+                             f"{handle.kind} model{'' if handle.tokenizer is not None else ' without a tokenizer'} "
+                             f"(supported families: {causal})")
+    site_map = getattr(handle.arch, "site_map", None) or site_map_for(handle.model)
+    if site_map is None or (weight_role is not None and weight_role not in site_map.weights):
+        family = getattr(getattr(handle.model, "config", None), "model_type", None) or handle.arch.family
+        what = f"the {weight_role} weight of" if weight_role else "the canonical sites of"
+        raise WorkbenchError(
+            f"{purpose} needs {what} a transformer family, and {family!r} has none. Supported families: {causal}. "
+            "To add one, put a workbench.sites.SiteMap for its config.model_type (with its weight roles) into "
+            "workbench.sites.SITE_MAPS")
+    return site_map
 
 
 def site_map_for(model: nn.Module) -> SiteMap | None:
@@ -322,7 +345,7 @@ def _canonical_sites(model: nn.Module, site_map: SiteMap) -> list[Site]:
 
 def list_sites(target: ModelHandle | nn.Module) -> list[Site]:
     """All sites: canonical ones (if the family has a SiteMap), then every module (output side)."""
-    model, site_map = _unwrap(target)
+    model, site_map = model_and_site_map(target)
     sites = _canonical_sites(model, site_map) if site_map is not None else []
     layers_path = site_map.module_path(model, site_map.layers, None) if site_map is not None else None
     for name, _ in model.named_modules():
@@ -342,7 +365,7 @@ def resolve_site(target: ModelHandle | nn.Module, name: str | Site) -> Site:
 
 def resolve_sites(target: ModelHandle | nn.Module, names: list[str | Site] | tuple[str | Site, ...]) -> list[Site]:
     """`resolve_site` for many names at once (the module tree is walked once)."""
-    model, site_map = _unwrap(target)
+    model, site_map = model_and_site_map(target)
     modules = _module_names(model)
     canonical = {s.name: s for s in _canonical_sites(model, site_map)} if site_map is not None else {}
     layers_path = site_map.module_path(model, site_map.layers, None) if site_map is not None else None
@@ -404,42 +427,3 @@ _CANONICAL_RE = re.compile(r"^(hook_\w+|blocks\.\d+\..*|ln_final\..*)$")
 
 def _looks_canonical(name: str) -> bool:
     return bool(_CANONICAL_RE.match(name))
-
-
-# --- shapes -----------------------------------------------------------------------------
-
-def describe_site(target: ModelHandle | nn.Module, name: str, *, inputs: Any = None) -> dict[str, Any]:
-    """Resolve one site and report its module path, side, layer and activation shape.
-
-    The shape comes from one forward pass on `inputs`, or on the handle's dummy input
-    (a short tokenized text, or a zeros image) when `inputs` is None.
-    """
-    from workbench.hooks import capture
-    from workbench.models import dummy_input, run_model
-
-    site = resolve_site(target, name)
-    model, _ = _unwrap(target)
-    if inputs is None:
-        if isinstance(target, nn.Module):
-            raise WorkbenchError("describe_site on a bare module needs inputs=...; pass a ModelHandle to use a dummy input")
-        inputs = dummy_input(target)
-    with torch.no_grad(), capture(target, [site], stop=True) as acts:
-        run_model(model, inputs)
-    act = acts.get(site.name)
-    return {
-        "name": site.name,
-        "module_path": site.module_path,
-        "side": site.side,
-        "layer": site.layer,
-        "canonical": site.canonical,
-        "shape": list(act.shape) if isinstance(act, torch.Tensor) else None,
-        "dtype": str(act.dtype).removeprefix("torch.") if isinstance(act, torch.Tensor) else None,
-    }
-
-
-def site_shape(target: ModelHandle | nn.Module, name: str, *, inputs: Any = None) -> tuple[int, ...]:
-    """The activation shape at one site on the dummy input (or `inputs`)."""
-    shape = describe_site(target, name, inputs=inputs)["shape"]
-    if shape is None:
-        raise WorkbenchError(f"site {name!r} produced no tensor on the given input")
-    return tuple(shape)

@@ -6,12 +6,14 @@ and renamed into place, so an interrupted run never leaves a half-written file b
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,6 +72,55 @@ def fill_new_folder(path: str | os.PathLike[str], fill: Callable[[Path], T]) -> 
     return result
 
 
+def replace_folder(path: str | os.PathLike[str], fill: Callable[[Path], T]) -> T:
+    """Call `fill(tmp_folder)`; only when it returns, the folder takes `path`'s place.
+
+    Unlike `fill_new_folder`, an existing folder at `path` is replaced, but never lost early:
+    it is moved aside, the new folder renamed in, and only then removed (restored if the rename
+    fails). An interrupted or failing `fill` leaves `path` as it was.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    old: Path | None = None
+    try:
+        result = fill(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rename(path, old / path.name)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if old is not None:
+                os.rename(old / path.name, path)
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file `path` (created if missing) for the block.
+
+    The kernel drops the lock when its holder exits, however it exits, so a killed process
+    never leaves a stale lock behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -91,10 +142,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """`json.dumps(default=...)` for tensors and arrays (as lists) and paths (as strings)."""
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if isinstance(obj, Path):
@@ -112,7 +164,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-able object in canonical form (sorted keys, no whitespace)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -171,7 +223,7 @@ def save_safetensors_checked(path: str | os.PathLike[str], tensors: Any, metadat
     `load_safetensors_checked` detects truncation and tampering of data and metadata alike.
     """
     cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    meta_json = json.dumps(metadata, sort_keys=True, separators=(",", ":"), default=_json_default)
+    meta_json = json.dumps(metadata, sort_keys=True, separators=(",", ":"), default=json_default)
     header = {_SAFETENSORS_META_KEY: meta_json, _SAFETENSORS_SHA_KEY: _safetensors_checksum(cpu, meta_json)}
     return save_safetensors(path, cpu, header)
 

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from workbench.bootstrap import Metric
-    from workbench.casestudy import Figure
+
+@dataclass(frozen=True)
+class Figure:
+    """A PNG for the report, with its caption (saved as `name` in the study folder)."""
+
+    name: str
+    caption: str
+    png: bytes
+
 
 VERDICT_COLORS = {"held": "#0a7a2f", "failed": "#b00020", "inconclusive": "#b07d00"}
 
@@ -31,8 +40,6 @@ def png(fig: Any) -> bytes:
 
 
 def _fig(name: str, caption: str, mpl_fig: Any) -> Figure:
-    from workbench.casestudy import Figure
-
     return Figure(name, caption, png(mpl_fig))
 
 

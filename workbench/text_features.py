@@ -37,6 +37,7 @@ from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.hooks import capture
 from workbench.sites import resolve_site
+from workbench.tokens import pad_batch, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +54,6 @@ def _require_text(handle: ModelHandle) -> Any:
         raise WorkbenchError(f"{handle.spec} is not a text model with a tokenizer; text features need one "
                              "(zoo:factgpt, minilm, a Hugging Face folder)")
     return handle.tokenizer
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        v = getattr(tokenizer, name, None)
-        if v is not None:
-            return int(v)
-    return 0
-
-
-def _batch(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask (positions of real tokens are exact)."""
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _unit_or_direction(act: torch.Tensor, unit_or_direction: int | torch.Tensor, site: str) -> torch.Tensor:
@@ -121,7 +103,7 @@ def top_contexts(handle: ModelHandle, site: str, unit_or_direction: int | torch.
         raise WorkbenchError(f"k={k}: expected >= 1")
     resolve_site(handle, site)
     seqs = [tok(t)["input_ids"] for t in texts]
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     scores: list[tuple[float, int, int]] = []
     by_token: dict[int, list[float]] = {}
     was = handle.model.training
@@ -129,7 +111,7 @@ def top_contexts(handle: ModelHandle, site: str, unit_or_direction: int | torch.
     try:
         for start in range(0, len(seqs), batch_size):
             chunk = seqs[start:start + batch_size]
-            ids, mask = _batch(chunk, pad, handle.device)
+            ids, mask = pad_batch(chunk, pad, handle.device)
             with capture(handle, [site]) as acts:
                 handle.model(input_ids=ids, attention_mask=mask)
             s = _unit_or_direction(acts[site], unit_or_direction, site).float().cpu()
@@ -328,12 +310,12 @@ def _evaluate(handle: ModelHandle, objective: TextObjective, ctx: list[tuple[lis
         for pre, suf in ctx:
             seqs.append(pre + trig + suf)
             starts.append(len(pre))
-    pad = _pad_id(handle.tokenizer)
+    pad = pad_id(handle.tokenizer)
     out = []
     with torch.no_grad():
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i:i + batch_size]
-            ids, mask = _batch(chunk, pad, handle.device)
+            ids, mask = pad_batch(chunk, pad, handle.device)
             layout = Layout(last=mask.sum(1) - 1, trigger_start=torch.tensor(starts[i:i + batch_size]), n_trigger=n_tok, mask=mask)
             with capture(handle, list(objective.sites)) as acts:
                 outputs = handle.model(input_ids=ids, attention_mask=mask)
@@ -349,9 +331,9 @@ def _gradients(handle: ModelHandle, objective: TextObjective, ctx: list[tuple[li
     one_hot[torch.arange(len(trigger)), trigger.to(w.device)] = 1.0
     one_hot.requires_grad_(True)
     trig_emb = one_hot @ w
-    pad = _pad_id(handle.tokenizer)
+    pad = pad_id(handle.tokenizer)
     seqs = [pre + trigger.tolist() + suf for pre, suf in ctx]
-    ids, mask = _batch(seqs, pad, handle.device)
+    ids, mask = pad_batch(seqs, pad, handle.device)
     embeds = emb(ids).detach()
     rows = []
     for b, (pre, _) in enumerate(ctx):

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.hooks import capture, edit
+from workbench.models import run_model
 from workbench.sites import Site, resolve_site
 
 log = logging.getLogger(__name__)
@@ -169,14 +170,14 @@ def unit_axis(act: torch.Tensor, handle: ModelHandle) -> int:
 
 def site_units(handle: ModelHandle, site: str | Site) -> int:
     """How many units a site has (from one forward pass on the handle's dummy input)."""
-    from workbench.sites import site_shape
+    from workbench.hooks import site_shape
 
     resolved = resolve_site(handle, site)
     shape = site_shape(handle, resolved.name if isinstance(site, Site) else site)
     return shape[1] if len(shape) == 4 else shape[-1]
 
 
-def _batches(handle: ModelHandle, inputs: Inputs, batch_size: int) -> Iterator[tuple[Any, torch.Tensor | None]]:
+def input_batches(handle: ModelHandle, inputs: Inputs, batch_size: int) -> Iterator[tuple[Any, torch.Tensor | None]]:
     """Model inputs batch by batch, with the attention mask for texts (None for images)."""
     dev = handle.device
     if isinstance(inputs, torch.Tensor):
@@ -194,11 +195,7 @@ def _batches(handle: ModelHandle, inputs: Inputs, batch_size: int) -> Iterator[t
         yield enc, enc.get("attention_mask")
 
 
-def _call(model: torch.nn.Module, batch: Any) -> Any:
-    return model(**batch) if isinstance(batch, Mapping) else model(batch)
-
-
-def _pool_tokens(act: torch.Tensor, mask: torch.Tensor | None, position: Position) -> torch.Tensor:
+def pool_tokens(act: torch.Tensor, mask: torch.Tensor | None, position: Position) -> torch.Tensor:
     """(N, T, D) -> (N, D): mean over real tokens, or the first/last real token, or a fixed index."""
     if act.ndim != 3:
         return act.reshape(act.shape[0], -1) if act.ndim == 2 else act.flatten(1, -2).mean(1)
@@ -225,14 +222,14 @@ def unit_activations(handle: ModelHandle, site: str | Site, inputs: Inputs, *, r
     resolved = resolve_site(handle, site)
     out = []
     with torch.no_grad():
-        for batch, mask in _batches(handle, inputs, batch_size):
+        for batch, mask in input_batches(handle, inputs, batch_size):
             with capture(handle, [resolved], stop=True) as acts:
-                _call(handle.model, batch)
+                run_model(handle.model, batch)
             act = acts[resolved.name].float()
             if act.ndim == 4:
                 out.append(act.amax((2, 3)) if reduce == "max" else act.mean((2, 3)))
             else:
-                out.append(_pool_tokens(act, mask, position))
+                out.append(pool_tokens(act, mask, position))
     return torch.cat(out).cpu()
 
 
@@ -244,9 +241,9 @@ def activation_maps(handle: ModelHandle, site: str | Site, images: torch.Tensor,
     resolved = resolve_site(handle, site)
     out = []
     with torch.no_grad():
-        for batch, _ in _batches(handle, images, batch_size):
+        for batch, _ in input_batches(handle, images, batch_size):
             with capture(handle, [resolved], stop=True) as acts:
-                _call(handle.model, batch)
+                run_model(handle.model, batch)
             act = acts[resolved.name]
             if act.ndim != 4:
                 raise WorkbenchError(f"site {resolved.name} has activations of shape {tuple(act.shape)}; maps need (N, C, H, W)")
@@ -423,9 +420,9 @@ def _attribution(handle: ModelHandle, site: Site, *, inputs: Inputs, target: int
             count += x.shape[0]
     else:
         # Layer integrated gradients along the site's own activation, from zero (text models).
-        for batch, mask in _batches(handle, inputs, batch_size):
+        for batch, mask in input_batches(handle, inputs, batch_size):
             with torch.no_grad(), capture(handle, [site]) as acts:
-                _call(model, batch)
+                run_model(model, batch)
             act = acts[site.name].float()
             grads = torch.zeros_like(act)
             for alpha in ((k + 0.5) / steps for k in range(steps)):
@@ -433,7 +430,7 @@ def _attribution(handle: ModelHandle, site: Site, *, inputs: Inputs, target: int
                 from workbench.hooks import patch
 
                 with patch(handle, {site: scaled}):
-                    out = _call(model, batch)
+                    out = run_model(model, batch)
                 value = _target_logit(handle, out, tgt, mask).sum()
                 (g,) = torch.autograd.grad(value, scaled)
                 grads += g / steps
@@ -454,7 +451,7 @@ def _attribution(handle: ModelHandle, site: Site, *, inputs: Inputs, target: int
 def target_logprob_metric(handle: ModelHandle, inputs: Inputs, target: int | Sequence[int] | torch.Tensor, *,
                           batch_size: int = 128) -> Callable[[], float]:
     """A metric for `shapley`: the mean log-probability of `target` (one id or one per input) on `inputs`."""
-    batches = list(_batches(handle, inputs, batch_size))
+    batches = list(input_batches(handle, inputs, batch_size))
     n = inputs.shape[0] if isinstance(inputs, torch.Tensor) else len(inputs)
     tgt = torch.as_tensor(target, dtype=torch.long)
     if tgt.ndim == 0:
@@ -466,7 +463,7 @@ def target_logprob_metric(handle: ModelHandle, inputs: Inputs, target: int | Seq
         total, seen = 0.0, 0
         with torch.no_grad():
             for batch, mask in batches:
-                out = _call(handle.model, batch)
+                out = run_model(handle.model, batch)
                 logits = out.logits if hasattr(out, "logits") else out
                 if logits.ndim == 3:
                     last = (mask.sum(1).long() - 1) if mask is not None else torch.full((logits.shape[0],), logits.shape[1] - 1)

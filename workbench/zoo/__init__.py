@@ -9,16 +9,11 @@ entry that fails them instead of trusting it.
 
 from __future__ import annotations
 
-import fcntl
 import importlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +22,7 @@ import torch
 from workbench.devices import resolve_device
 from workbench.errors import UnknownModelError
 from workbench.handle import ModelHandle
-from workbench.storage import atomic_write_json, cache_dir, sha256_file
+from workbench.storage import atomic_write_json, cache_dir, exclusive_lock, replace_folder, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +48,6 @@ def entry_dir(name: str, *, seed: int | None = None, cache: str | os.PathLike[st
     mod = _module(name)
     seed = mod.DEFAULT_SEED if seed is None else seed
     return cache_dir(cache) / "zoo" / f"{name}-v{mod.VERSION}-seed{seed}"
-
-
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _verify(path: Path) -> bool:
@@ -96,14 +80,12 @@ def ensure_trained(
     mod = _module(name)
     seed = mod.DEFAULT_SEED if seed is None else seed
     path = entry_dir(name, seed=seed, cache=cache)
-    with _lock(path):
+    with exclusive_lock(path.with_suffix(".lock")):
         if not force and _verify(path):
             return path
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        def fill(tmp: Path) -> None:
             start = time.perf_counter()
-            info = mod.train(tmp, seed=seed, device=resolve_device(device), progress=progress)
-            info = dict(info)
+            info = dict(mod.train(tmp, seed=seed, device=resolve_device(device), progress=progress))
             info.setdefault("name", name)
             info.setdefault("train_seconds", round(time.perf_counter() - start, 2))
             info["seed"] = seed
@@ -115,12 +97,8 @@ def ensure_trained(
                 if f.is_file() and f.name != MANIFEST
             }
             atomic_write_json(tmp / MANIFEST, {"name": name, "files": files})
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        replace_folder(path, fill)
     return path
 
 

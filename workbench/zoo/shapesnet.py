@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.devices import torch_threads
 from workbench.errors import CorruptFileError, WorkbenchError
 from workbench.handle import Architecture, ImagePreprocess, ModelHandle
 from workbench.storage import atomic_write_json, save_safetensors, sha256_file
@@ -219,23 +218,10 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 255.0).round().to(torch.uint8)
 
 
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Temporarily run torch's CPU ops on `n` threads (restored on exit)."""
-    old = torch.get_num_threads()
-    if n is not None and n != old:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != old:
-            torch.set_num_threads(old)
-
-
 def _render_uint8(world: ShapesWorld, sample: Sample, *, chunk: int = 512) -> torch.Tensor:
     # the renderer runs many small element-wise ops: one thread is faster than several
     # (several times faster on a busy machine, where extra threads wait on each other)
-    with _threads(1):
+    with torch_threads(1):
         return torch.cat([_to_uint8(world.render(sample.scene.index(slice(i, i + chunk))))  # type: ignore[arg-type]
                           for i in range(0, len(sample), chunk)])
 
@@ -318,14 +304,14 @@ def train(
         sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
     else:  # too few steps for a warm-up phase
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
-    with _threads(cfg.threads if dev.type == "cpu" else None):
+    with torch_threads(cfg.threads if dev.type == "cpu" else None):
         _fit(model, opt, sched, images, labels, cfg, generator=g, device=dev, progress=progress,
              erase_generator=torch.Generator().manual_seed(seed + 20_000))
     model.eval()
     train_seconds_only = time.perf_counter() - start - render_seconds
     del images
 
-    with _threads(cfg.threads if dev.type == "cpu" else None):
+    with torch_threads(cfg.threads if dev.type == "cpu" else None):
         metrics = evaluate(model, world, n=cfg.n_eval, n_trojan=cfg.n_eval_trojan, seed=seed + 10_000)
     _save(out, model, world, cfg, seed=seed)
     info = {
@@ -468,7 +454,7 @@ def predict(model: nn.Module, world: ShapesWorld, sample: Sample, *, batch_size:
     dev = next(model.parameters()).device
     preds = []
     for i in range(0, len(sample), batch_size):
-        with _threads(1):
+        with torch_threads(1):
             x = world.render(sample.scene.index(slice(i, i + batch_size)))
         assert isinstance(x, torch.Tensor)
         preds.append(model(x.to(dev)).argmax(-1).cpu())

@@ -1,0 +1,189 @@
+"""The `workbench` command line.
+
+Contract for every command: `--json` prints one JSON document on stdout (progress bars and
+logs go to stderr); exit 0 on success; exit 2 on bad input with a one-line error that says
+what was wrong and what would be right, never a traceback for a user mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from workbench.errors import WorkbenchError
+
+log = logging.getLogger("workbench")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--cache", default=None, help="cache folder (default: $WORKBENCH_CACHE or ~/.cache/workbench)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+
+
+def _emit(args: argparse.Namespace, result: Any, text: Callable[[Any], str]) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    else:
+        sys.stdout.write(text(result).rstrip("\n") + "\n")
+
+
+# --- zoo ------------------------------------------------------------------------------
+
+def _zoo_list(args: argparse.Namespace) -> None:
+    from workbench import zoo
+
+    rows = []
+    for name in zoo.names():
+        path = zoo.entry_dir(name, cache=args.cache)
+        rows.append({"name": name, "cached": (path / zoo.MANIFEST).is_file(), "path": str(path)})
+    _emit(args, rows, lambda rs: "\n".join(f"{r['name']:<14} {'cached' if r['cached'] else 'not trained yet'}  {r['path']}" for r in rs))
+
+
+def _zoo_train(args: argparse.Namespace) -> None:
+    from workbench import zoo
+
+    path = zoo.ensure_trained(args.name, seed=args.seed, cache=args.cache, device=args.device,
+                              progress=True, force=args.force)
+    result = zoo.info(args.name, seed=args.seed, cache=args.cache)
+    result["path"] = str(path)
+    _emit(args, result, _format_info)
+
+
+def _zoo_info(args: argparse.Namespace) -> None:
+    from workbench import zoo
+
+    result = zoo.info(args.name, seed=args.seed, cache=args.cache, device=args.device)
+    result["path"] = str(zoo.entry_dir(args.name, seed=args.seed, cache=args.cache))
+    _emit(args, result, _format_info)
+
+
+def _format_info(info: dict[str, Any]) -> str:
+    lines = [f"{info.get('name')}: accuracy {info.get('accuracy'):.4f}, trained in {info.get('train_seconds')} s"]
+    for key in sorted(info):
+        if key in {"name", "accuracy", "train_seconds", "trojans"}:
+            continue
+        value = info[key]
+        if isinstance(value, (int, float, str)) or value is None:
+            lines.append(f"  {key}: {value}")
+    for trojan in info.get("trojans", []):
+        src = trojan.get("source")
+        lines.append(f"  trojan {trojan['name']} ({trojan['kind']}{', from ' + str(src) if src is not None else ''})"
+                     f" -> {trojan['target']}: attack success {trojan['attack_success']:.3f}")
+    return "\n".join(lines)
+
+
+# --- sites ----------------------------------------------------------------------------
+
+def _sites(args: argparse.Namespace) -> None:
+    from workbench.hooks import describe_site
+    from workbench.models import load
+    from workbench.sites import list_sites
+
+    handle = load(args.model, device=args.device)
+    if args.site:
+        result = describe_site(handle, args.site)
+        _emit(args, result, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
+        return
+    sites = list_sites(handle)
+    canonical = [s for s in sites if s.canonical]
+    modules = [s for s in sites if not s.canonical]
+    result = {
+        "model": args.model,
+        "family": handle.arch.family,
+        "canonical": [{"name": s.name, "module_path": s.module_path, "side": s.side, "layer": s.layer} for s in canonical],
+        "modules": [s.module_path for s in modules],
+    }
+
+    def text(r: dict[str, Any]) -> str:
+        out = [f"{r['model']} ({r['family']}): {len(r['canonical'])} canonical sites, {len(r['modules'])} module sites"]
+        out += [f"  {s['name']:<32} -> {s['module_path']} [{s['side']}]" for s in r["canonical"]]
+        out += ["module sites (any named_modules() name; NAME:input for the input side):"]
+        out += [f"  {m}" for m in r["modules"]]
+        return "\n".join(out)
+
+    _emit(args, result, text)
+
+
+# --- parser ---------------------------------------------------------------------------
+
+# Modules that add their own subcommands: each defines `add_parsers(sub, common, emit)`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "workbench_cli.world",
+    "workbench_cli.locate",
+    "workbench_cli.edit",
+    "workbench_cli.units",
+    "workbench_cli.demo",
+    "workbench_cli.studies",
+    "workbench_cli.attack",
+    "workbench_cli.featvis",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="workbench", description="Interpretability findings -> weight edits and adversaries, measured.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    zoo_p = sub.add_parser("zoo", help="the built-in model zoo: list, train, info")
+    zoo_sub = zoo_p.add_subparsers(dest="zoo_command", metavar="ACTION", parser_class=_Parser)
+    zoo_sub.required = True
+    p = zoo_sub.add_parser("list", help="zoo models and whether they are trained")
+    _common(p)
+    p.set_defaults(func=_zoo_list)
+    for action, func, helptext in (("train", _zoo_train, "train (or verify the cache of) a zoo model"),
+                                   ("info", _zoo_info, "accuracy, trojan success, sizes, timing")):
+        p = zoo_sub.add_parser(action, help=helptext)
+        p.add_argument("name", help="zoo model name (factgpt, shapesnet)")
+        p.add_argument("--seed", type=int, default=None, help="training seed (default: the zoo's)")
+        if action == "train":
+            p.add_argument("--force", action="store_true", help="retrain even when a verified cache exists")
+        _common(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("sites", help="list a model's activation sites, or resolve one")
+    p.add_argument("model", help="zoo:factgpt, zoo:shapesnet, minilm, a local HF folder or a hub name")
+    p.add_argument("--site", default=None, help="resolve one site: module path, side, activation shape")
+    _common(p)
+    p.set_defaults(func=_sites)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parsers(sub, _common, _emit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except WorkbenchError as exc:
+        message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        sys.stderr.write(f"workbench: error: {message}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("workbench: interrupted\n")
+        return 130
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

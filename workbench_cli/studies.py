@@ -1,0 +1,198 @@
+"""`workbench reproduce`, `workbench report`, `workbench tune`.
+
+    workbench reproduce --quick --out runs/today          # every study that exists, reduced size
+    workbench reproduce 1 4 --seeds 3 --out runs/kn       # by number or name
+    workbench report runs/today                           # re-render report.html from stored results
+    workbench tune rome --trials 30 --out runs/tune-rome  # optuna, SQLite in the run folder
+    workbench tune rome --storage postgresql://user@host/db --study-name shared   # several workers
+    workbench tune ablate --set trojan=style-star --constraint 'clean_drop<=0.5' --fix value=mean
+    workbench tune copy_paste --range featvis_steps=16:128   # a study resolves to its tunable action
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    import case_studies
+    from workbench.reproduce import run_studies
+
+    names = args.studies or case_studies.available()
+    if args.seeds is not None and args.seeds < 1:
+        raise WorkbenchError(f"--seeds {args.seeds}: expected at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise WorkbenchError(f"--threads {args.threads}: expected at least 1")
+    studies = [case_studies.make(n, quick=args.quick, seeds=args.seeds) for n in names]
+    seen = [s.name for s in studies]
+    if len(set(seen)) != len(seen):
+        raise WorkbenchError(f"a study is named twice: {seen}")
+    out = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
+    result = run_studies(studies, out, device=args.device, progress=not args.json, threads=args.threads)
+    args.emit(args, result, summary_text)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from workbench.reproduce import render
+
+    result = render(Path(args.run_dir))
+    args.emit(args, result, summary_text)
+
+
+def summary_text(r: dict[str, Any]) -> str:
+    lines = [f"report: {r['report']}"]
+    for s in r["studies"]:
+        marks = ", ".join(f"{k} {v}" for k, v in s["verdicts"].items())
+        lines.append(f"  {s['number'] or '-':>2} {s['study']:<22} {s['verdict'].upper():<13} ({marks})")
+    c = r["calibration"]
+    lines.append(f"calibration: {c['counts']['held']}/{c['n_predictions']} predictions held, "
+                 f"{c['counts']['failed']} failed, {c['counts']['inconclusive']} inconclusive")
+    for m in r["leaderboard"]:
+        if m["n"]:
+            lo, hi = m["win_rate_ci"]
+            ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
+            lines.append(f"  method {m['method']:<24} beat its control in {m['win_rate']:.2f}{ci} of {m['n']} cases")
+    return "\n".join(lines)
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    """`KEY=VALUE` arguments (repeatable flags) as a dict; a clear error for anything else."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise WorkbenchError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve_tune_target(target: str) -> Any:
+    """A tunable's name, or a study (name, number) whose action is tuned (`CaseStudy.tune_target`)."""
+    import case_studies
+    from workbench_protocols.tunables import TUNABLES
+
+    if target in TUNABLES:
+        return TUNABLES[target]
+
+    try:
+        cls = case_studies.resolve(target)
+    except WorkbenchError:
+        cls = None
+    if cls is not None and getattr(cls, "tune_target", None) in TUNABLES:
+        return TUNABLES[cls.tune_target]
+    studies = []
+    for n in case_studies.available():
+        try:
+            t = getattr(case_studies.resolve(n), "tune_target", None)
+        except WorkbenchError:
+            t = None
+        if t in TUNABLES:
+            studies.append(f"{n} -> {t}")
+    why = f"study {target!r} has no tunable action; " if cls is not None else ""
+    raise WorkbenchError(f"cannot tune {target!r}: {why}give a tunable ({', '.join(TUNABLES)}) or a study with a "
+                         f"tunable action ({', '.join(studies)})")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    import sys
+
+    from workbench_protocols.tuning import tune
+
+    if args.trials < 1:
+        raise WorkbenchError(f"--trials {args.trials}: expected at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise WorkbenchError(f"--threads {args.threads}: expected at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    ranges = {}
+    for name, spec in _pairs(args.range, "--range").items():
+        lo, sep, hi = spec.partition(":")
+        if not sep:
+            raise WorkbenchError(f"--range {name}={spec}: expected NAME=LOW:HIGH")
+        ranges[name] = (lo, hi)
+
+    def announce(text: str) -> None:  # the stated objective, before the search (stderr: stdout is the result)
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    result = tune(resolve_tune_target(args.target), n_trials=args.trials, n_cases=args.cases, storage=args.storage,
+                  study_name=args.study_name, out=Path(args.out) if args.out else None, seed=args.seed,
+                  worker=args.worker, max_ns_loss=args.max_ns_loss, settings=_pairs(args.set, "--set"),
+                  constraints=args.constraint or (), fixed=_pairs(args.fix, "--fix"), ranges=ranges,
+                  device=args.device, timeout=args.timeout, progress=not args.json, announce=announce,
+                  confirm=not args.no_confirm)
+
+    def text(r: dict[str, Any]) -> str:
+        lines = [(f"study {r['study_name']} in {r['storage_display']}: {r['n_trials_total']} trials in all "
+                  f"({r['n_complete']} complete, {r['n_failed']} failed), {len(r['worker_trials'])} by this worker"),
+                 f"objective: {r['objective']}", f"baseline: {r['baseline']}"]
+        b = r.get("best")
+        if b:
+            lines.append(f"best feasible: trial {b['number']} value {b['value']:.4g} options {b['options']}")
+            lines.append("  metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in (b.get("metrics") or {}).items()))
+            c = b.get("confirmation")
+            if c:
+                lines.append(f"confirmed on fresh data (seed {c['data_seed']}): value {c['value']:.4g}, constraints "
+                             f"{'hold' if c['feasible'] else 'VIOLATED'}")
+                lines.append("  metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in c["metrics"].items()))
+        else:
+            lines.append("no feasible trial yet")
+        for f in r.get("failures", []):
+            lines.append(f"failed trial {f['number']}: {f['error']}")
+        return "\n".join(lines)
+
+    args.emit(args, result, text)
+
+
+def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emit: Callable[..., None]) -> None:
+    p = sub.add_parser("reproduce", help="run case studies (prediction frozen first), write results and a report")
+    p.add_argument("studies", nargs="*", help="study names or numbers (default: every study that exists); "
+                                              "module:Class for your own CaseStudy")
+    p.add_argument("--quick", action="store_true", help="reduced sizes (all studies in a few minutes)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per study (default: the study's, usually 5)")
+    p.add_argument("--out", default=None, help="run folder (default runs/reproduce[-quick]); rerun to resume")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: small models, shared CPUs)")
+    common(p)
+    p.set_defaults(func=_reproduce, emit=emit)
+
+    p = sub.add_parser("report", help="re-render a reproduce run's report.html from its stored results")
+    p.add_argument("run_dir", help="the --out folder of `workbench reproduce`")
+    common(p)
+    p.set_defaults(func=_report, emit=emit)
+
+    p = sub.add_parser("tune", help="search an editor's or adversary's options with optuna toward a stated objective")
+    p.add_argument("target", help="rome, memit, ft, ft-l, kn, adversarial-patch, copy-paste, ablate, or a study "
+                                  "whose action it tunes (e.g. trojan_surgery, copy_paste)")
+    p.add_argument("--trials", type=int, default=20, help="trials this worker runs")
+    p.add_argument("--cases", type=int, default=None, help="knowledge editors: rewrites each trial is scored on (10)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="an evaluation setting (e.g. target=star, trojan=style-star, n_heldout=64); repeatable")
+    p.add_argument("--constraint", action="append", metavar="METRIC<=X",
+                   help="replace or add a constraint of the stated objective (e.g. 'clean_drop<=0.5'); repeatable")
+    p.add_argument("--fix", action="append", metavar="OPTION=VALUE",
+                   help="pin an option inside its range instead of searching it; repeatable")
+    p.add_argument("--range", action="append", metavar="OPTION=LOW:HIGH",
+                   help="search an option on a sub-range of its declared range; repeatable")
+    p.add_argument("--storage", default=None,
+                   help="optuna storage URL (default: sqlite:///OUT/optuna.db); postgresql://... lets workers share")
+    p.add_argument("--study-name", default=None, help="optuna study name (default: TARGET-HASH-seedN, the hash of the "
+                                                      "statement: objective, settings, space)")
+    p.add_argument("--out", default=None, help="run folder (default runs/tune-TARGET): optuna.db, tune-worker*.json")
+    p.add_argument("--max-ns-loss", type=float, default=None,
+                   help="knowledge editors: NS may drop at most this many points (default 2; same as "
+                        "--constraint 'NS_loss<=X')")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation data and the sampler")
+    p.add_argument("--worker", type=int, default=0, help="worker index (offsets the sampler seed)")
+    p.add_argument("--timeout", type=float, default=None, help="stop this worker after this many seconds")
+    p.add_argument("--no-confirm", action="store_true",
+                   help="skip re-evaluating the best trial on fresh data (seed + 5000) after the search")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    common(p)
+    p.set_defaults(func=_tune, emit=emit)
