@@ -24,13 +24,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from adversaries.base import AdversarialExamples
 from adversaries.registry import register
 from workbench.classifier import diverged_record, frozen, logits, predict, preprocess_of, resolve_targets, split_inputs
 from workbench.errors import WorkbenchError
 from workbench.handle import ImagePreprocess, ModelHandle
+from workbench.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,6 @@ class AdversarialPatch:
     batch_size: int = 64
     eval_placements: int = 4
     seed: int = 0
-    progress: bool = False
 
     def __post_init__(self) -> None:
         if self.shape not in ("square", "circle"):
@@ -148,7 +147,10 @@ class AdversarialPatch:
         if self.steps < 1 or self.batch_size < 1 or self.eval_placements < 1:
             raise WorkbenchError("steps, batch_size and eval_placements must all be >= 1")
 
-    def generate(self, handle: ModelHandle, inputs: Any, target: Any = None) -> AdversarialExamples:
+    def generate(self, handle: ModelHandle, inputs: Any, target: Any = None, *,
+                 progress: bool = False) -> AdversarialExamples:
+        """Train the patch on `inputs` (images or (images, labels)) toward `target` (untargeted when None) and
+        measure it at fresh placements; `progress` shows the training steps."""
         pre = preprocess_of(handle)
         images, labels = split_inputs(handle, inputs)
         n = images.shape[0]
@@ -156,7 +158,8 @@ class AdversarialPatch:
         targets = resolve_targets(handle, target, n)
         clean_pred, clean_prob = predict(handle, images)
         ref = targets if targets is not None else (labels if labels is not None else clean_pred)
-        patch, trace, diverged = train_patch(handle, images, ref, targeted=targets is not None, side=side, config=self)
+        patch, trace, diverged = train_patch(handle, images, ref, targeted=targets is not None, side=side, config=self,
+                                             progress=progress)
         # evaluation at fresh placements (a different stream from training)
         g = torch.Generator().manual_seed(self.seed + 7919)
         hw = (pre.height, pre.width)
@@ -200,7 +203,7 @@ class AdversarialPatch:
 
 
 def train_patch(handle: ModelHandle, images: torch.Tensor, ref: torch.Tensor, *, targeted: bool, side: int,
-                config: AdversarialPatch) -> tuple[torch.Tensor, list[float], dict[str, Any] | None]:
+                config: AdversarialPatch, progress: bool = False) -> tuple[torch.Tensor, list[float], dict[str, Any] | None]:
     """Adam on sigmoid-parameterized patch logits; each step a random batch at random placements."""
     pre = preprocess_of(handle)
     lo, hi = (float(v) for v in pre.input_range)
@@ -213,7 +216,7 @@ def train_patch(handle: ModelHandle, images: torch.Tensor, ref: torch.Tensor, *,
     last_good = w.detach().clone()
     diverged = None
     with frozen(handle.model):
-        for step in tqdm(range(config.steps), desc="adversarial patch", disable=not config.progress, leave=False):
+        for step in progress_bar(range(config.steps), desc="adversarial patch", enabled=progress, leave=False):
             idx = torch.randint(n, (min(config.batch_size, n),), generator=g)
             pl = sample_placements(len(idx), height=pre.height, width=pre.width, patch_hw=(side, side), generator=g,
                                    scale_range=config.scale_range, rotation_max=config.rotation_max)

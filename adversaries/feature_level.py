@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from adversaries.base import AdversarialExamples
 from adversaries.registry import register
@@ -51,13 +50,13 @@ from workbench.classifier import (
 )
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
-from workbench.worlds.shapesworld import (
+from workbench.progress import progress_bar
+from workbench.worlds.scene import (
     CLASS_SHAPES,
     PALETTE,
     ROLE_MAIN,
     SHAPES,
     TEXTURES,
-    Sample,
     color_rgb,
     empty_scene,
     pixel_grid,
@@ -66,6 +65,7 @@ from workbench.worlds.shapesworld import (
     texture_fields,
     texture_index,
 )
+from workbench.worlds.shapesworld import Sample
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,6 @@ class FeatureLevel:
     occlusion_penalty: float = 2.0
     batch_size: int = 128
     seed: int = 0
-    progress: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.size_range
@@ -269,7 +268,10 @@ class FeatureLevel:
             raise WorkbenchError("no shapes left to optimize over; widen `shapes` or set exclude_target_shape=False")
         return shapes
 
-    def generate(self, handle: ModelHandle, inputs: Any, target: Any = None) -> AdversarialExamples:
+    def generate(self, handle: ModelHandle, inputs: Any, target: Any = None, *,
+                 progress: bool = False) -> AdversarialExamples:
+        """Fit one object on `inputs` (images, (images, labels) or ShapesWorld scenes) toward `target`
+        (untargeted when None); `progress` shows each restart's optimization steps."""
         preprocess_of(handle)  # refuses a model without image preprocessing before any work
         images, labels, sample = _as_images(handle, inputs)
         n = images.shape[0]
@@ -285,7 +287,8 @@ class FeatureLevel:
         best: tuple[float, dict[str, torch.Tensor], list[float], dict[str, Any] | None] | None = None
         for restart in range(self.restarts):
             params, trace, diverged = _optimize(handle, images, ref, targeted=tgt is not None, shapes=shapes,
-                                                config=self, seed=self.seed * 1000 + restart, softness=soft, main=main)
+                                                config=self, seed=self.seed * 1000 + restart, softness=soft, main=main,
+                                                progress=progress)
             score = _score(handle, images, ref, tgt is not None, params, shapes, self, soft)
             log.info("feature-level restart %d: continuous success %.3f", restart, score)
             if best is None or score > best[0]:
@@ -317,8 +320,8 @@ class FeatureLevel:
         if tgt is not None:
             extra["target_prob_before"] = float(clean_prob[rows, tgt].mean())
             extra["target_prob_after"] = float(adv_prob[rows, tgt].mean())
-        trojan = matching_trojan(handle, spec, tgt)
-        extra["matches_trojan"] = trojan
+        extra["matches_trojan"] = world_or_default(handle).matching_trojan(
+            target=None if tgt is None else class_name(handle, tgt), shapes=(spec.shape,))
         if sample is not None:
             extra["mean_occlusion_of_main"] = _occlusion(handle, sample, spec, soft)
         if diverged:
@@ -384,8 +387,8 @@ def _layer(pre: Any, d: dict[str, torch.Tensor], k: int, *, softness: float, jit
 
 
 def _optimize(handle: ModelHandle, images: torch.Tensor, ref: torch.Tensor, *, targeted: bool, shapes: list[str],
-              config: FeatureLevel, seed: int, softness: float,
-              main: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], list[float], dict[str, Any] | None]:
+              config: FeatureLevel, seed: int, softness: float, main: torch.Tensor | None = None,
+              progress: bool = False) -> tuple[dict[str, torch.Tensor], list[float], dict[str, Any] | None]:
     pre = preprocess_of(handle)
     g = torch.Generator().manual_seed(seed)
     dev = images.device
@@ -396,7 +399,7 @@ def _optimize(handle: ModelHandle, images: torch.Tensor, ref: torch.Tensor, *, t
     last_good = {k: v.detach().clone() for k, v in params.items()}
     diverged = None
     with frozen(handle.model):
-        for step in tqdm(range(config.steps), desc="feature-level", disable=not config.progress, leave=False):
+        for step in progress_bar(range(config.steps), desc="feature-level", enabled=progress, leave=False):
             frac = step / max(1, config.steps - 1)
             temp = math.exp(math.log(1.0) * (1 - frac) + math.log(config.final_temperature) * frac)
             d = _decode(params, shapes, config, temp)
@@ -486,21 +489,6 @@ def random_object_rate(handle: ModelHandle, images: torch.Tensor, ref: torch.Ten
     return sum(rates) / len(rates)
 
 
-def matching_trojan(handle: ModelHandle, spec: ObjectSpec, target: int | None) -> str | None:
-    """Name of an implanted natural-feature trojan whose trigger is this object (shape + colour, same target)."""
-    manifest = handle.info.get("world")
-    if not isinstance(manifest, dict):
-        return None
-    for t in manifest.get("trojans") or []:
-        trig = t.get("trigger", {})
-        if trig.get("kind") != "natural" or trig.get("shape") != spec.shape:
-            continue
-        if target is not None and t.get("target") != class_name(handle, target):
-            continue
-        return str(t.get("name"))
-    return None
-
-
 def _main_masks(handle: ModelHandle, sample: Sample, softness: float) -> torch.Tensor:
     """Visible coverage of each scene's main object, `(N, 1, H, W)`, at the model's size."""
     pre = preprocess_of(handle)
@@ -578,7 +566,7 @@ def fooling_rates(handle: ModelHandle, *, source: int | str, target: int | str, 
     for seed in seeds:
         fit = source_scenes(handle, source, n, seed=2 * seed + 100)
         held = source_scenes(handle, source, n, seed=2 * seed + 101)
-        run_cfg = FeatureLevel(**{**asdict(cfg), "seed": seed, "progress": False})
+        run_cfg = replace(cfg, seed=seed)
         ae = run_cfg.generate(handle, fit, tgt)
         spec = ObjectSpec.from_json(ae.extra["object"])
         soft = _softness(handle)

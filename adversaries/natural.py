@@ -47,7 +47,7 @@ from workbench.classifier import (
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.hooks import capture
-from workbench.worlds.shapesworld import (
+from workbench.worlds.scene import (
     BACKGROUND_PALETTE,
     CLASS_SHAPES,
     PALETTE,
@@ -56,10 +56,10 @@ from workbench.worlds.shapesworld import (
     ROLE_MAIN,
     SHAPES,
     TEXTURES,
-    Sample,
     empty_scene,
     render,
 )
+from workbench.worlds.shapesworld import Sample
 
 log = logging.getLogger(__name__)
 

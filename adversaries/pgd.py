@@ -26,13 +26,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from adversaries.base import AdversarialExamples
 from adversaries.registry import register
 from workbench.classifier import frozen, logits, predict, preprocess_of, resolve_targets, split_inputs
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
+from workbench.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ def pgd(handle: ModelHandle, images: torch.Tensor, ref: torch.Tensor, *, config:
     bad_steps = torch.zeros((), device=dev, dtype=torch.long)
     first_bad = torch.full((), -1, device=dev, dtype=torch.long)  # no host sync inside the loop
     n = images.shape[0]
-    bar = tqdm(total=config.steps * ((n + config.batch_size - 1) // config.batch_size), desc="pgd",
-               disable=not config.progress, leave=False)
+    bar = progress_bar(total=config.steps * ((n + config.batch_size - 1) // config.batch_size), desc="pgd",
+                       enabled=config.progress, leave=False)
     with frozen(handle.model):
         for start in range(0, n, config.batch_size):
             x0 = images[start:start + config.batch_size]

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from adversaries.base import AdversarialExamples
 from adversaries.registry import register
@@ -45,17 +44,18 @@ from workbench.classifier import (
 )
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
-from workbench.worlds.shapesworld import (
+from workbench.progress import progress_bar
+from workbench.worlds.scene import (
     BACKGROUND_PALETTE,
     CLASS_SHAPES,
     EXTRA_SHAPES,
     PALETTE,
     PATCH_PATTERNS,
     TEXTURES,
-    Sample,
     Scene,
     color_rgb,
 )
+from workbench.worlds.shapesworld import Sample
 from workbench.worlds.trojans import TriggerDesign
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class SceneSearch:
             for c in chunk:
                 g = torch.Generator().manual_seed(placement_seed)  # same placements for every candidate
                 design = design_of(facet, c, patch_size=self.patch_size, object_size=self.object_size)
-                scenes.append(design.apply(sample.scene, generator=g, world=world))
+                scenes.append(design.apply(sample.scene, generator=g))
             out += target_stats(handle, render_for(handle, Scene.cat(scenes), softness=soft), tgt, len(chunk))
         return out
 
@@ -240,7 +240,7 @@ class SceneSearch:
         base = target_stats(handle, images[perm[:n_check]], tgt, 1)[0]  # the held-back scenes, already rendered
         findings: list[dict[str, Any]] = []
         controls: dict[str, float] = {}
-        bar = tqdm(desc="scene search", unit="cand", disable=not self.progress)
+        bar = progress_bar(desc="scene search", unit="cand", enabled=self.progress)
         for facet in self.facets:
             seen = self._search(handle, world, search_part, facet, tgt, bar)
             ranked = sorted(seen, key=lambda c: -seen[c])[: self.top_k]
@@ -260,7 +260,7 @@ class SceneSearch:
         findings.sort(key=lambda f: -f["log_gain"])
         best = findings[0]
         design = design_of(best["facet"], tuple(best["words"]), patch_size=self.patch_size, object_size=self.object_size)
-        adv_scene = design.apply(sample.scene, generator=torch.Generator().manual_seed(self.seed * 31 + 3), world=world)
+        adv_scene = design.apply(sample.scene, generator=torch.Generator().manual_seed(self.seed * 31 + 3))
         adv = render_for(handle, adv_scene, softness=soft)
         adv_pred, _ = predict(handle, adv)
         pictures = torch.stack([design_of(f["facet"], tuple(f["words"]), patch_size=self.patch_size,

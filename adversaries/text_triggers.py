@@ -15,13 +15,12 @@ Success is measured on token ids (trigger ids + prompt ids, as searched) and, si
 decoded trigger can re-tokenize differently, also on the re-tokenized text
 (`success_retokenized`). The target's own token is never allowed in a trigger.
 
-`cli_run` is this generator's protocol for `workbench attack text-trigger zoo:factgpt`:
-it draws the prompts of one FactWorld relation and a target object itself.
+`workbench attack text-trigger zoo:factgpt` draws the prompts of one FactWorld relation and
+a target object itself (`workbench_cli.attack`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -95,7 +94,6 @@ class TextTrigger:
     holdout: float = 0.5
     n_controls: int = 10
     seed: int = 0
-    progress: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.holdout < 1:
@@ -103,7 +101,9 @@ class TextTrigger:
         if self.n_tokens < 1 or self.n_controls < 1:
             raise WorkbenchError("n_tokens and n_controls must be >= 1")
 
-    def generate(self, handle: ModelHandle, inputs: Any, target: Any) -> AdversarialExamples:
+    def generate(self, handle: ModelHandle, inputs: Any, target: Any, *, progress: bool = False) -> AdversarialExamples:
+        """Search a trigger on the fitted share of the prompts `inputs` that makes the model answer `target`
+        (a word or a token id), then measure it on all of them; `progress` shows the search."""
         from workbench.text_features import LogitObjective, allowed_tokens, token_search
 
         if handle.kind != "causal_lm":
@@ -121,7 +121,7 @@ class TextTrigger:
         allow = allowed_tokens(handle, exclude=exclude)
         res = token_search(handle, LogitObjective(target_ids=(tid,)), n_tokens=self.n_tokens, steps=self.steps,
                            seed=self.seed, contexts=[("", " " + prompts[i] if not prompts[i].startswith(" ") else prompts[i]) for i in fit],
-                           top_k=self.top_k, batch=self.batch, allowed=allow, progress=self.progress)
+                           top_k=self.top_k, batch=self.batch, allowed=allow, progress=progress)
         prompt_ids = [tok(" " + p if not p.startswith(" ") else p, add_special_tokens=False)["input_ids"] for p in prompts]
         bare_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         base = _last_logits(handle, bare_ids)
@@ -165,36 +165,3 @@ class TextTrigger:
             patch=res.text, loss_trace=[-s for s in res.trace], original_pred=base.argmax(-1),
             adversarial_pred=trig.argmax(-1), extra=extra,
         )
-
-    def cli_run(self, handle: ModelHandle, args: argparse.Namespace) -> dict[str, Any]:
-        """`workbench attack text-trigger zoo:factgpt [--source RELATION] [--target OBJECT] [--n N]`.
-
-        Picks a target object of one FactWorld relation (`--source`, default the first;
-        `--target`, default the object fewest subjects have), draws `--n` prompts (first
-        template) whose true answer is another object, runs `generate`, saves to `--out`.
-        """
-        world = handle.info.get("world")
-        if world is None or not hasattr(world, "relations"):
-            raise WorkbenchError(f"{handle.spec} carries no FactWorld; pass prompts through the Python API "
-                                 "(TextTrigger().generate(handle, prompts, target))")
-        rel = world.relation(args.source) if args.source else world.relations[0]
-        facts = [f for f in world.facts if f.relation_id == rel.relation_id]
-        target = args.target
-        if target is None:
-            counts = {o: sum(f.object == o for f in facts) for o in rel.objects}
-            target = min(rel.objects, key=lambda o: (counts[o], o))
-        elif target not in rel.objects:
-            raise WorkbenchError(f"--target {target!r} is not an object of relation {rel.relation_id!r}; "
-                                 f"objects: {', '.join(rel.objects)}")
-        facts = [f for f in facts if f.object != target]  # only facts whose answer must change
-        g = torch.Generator().manual_seed(args.seed)
-        pick = torch.randperm(len(facts), generator=g)[: max(1, args.n)].tolist()
-        chosen = [facts[i] for i in sorted(pick)]
-        prompts = [rel.templates[0].format(f.subject) for f in chosen]
-        ae = self.generate(handle, prompts, target)
-        if args.out:
-            ae.save(args.out)
-        out = ae.summary()
-        out.pop("config", None)
-        out.update({"relation": rel.relation_id, "prompts": prompts[:5]})
-        return out

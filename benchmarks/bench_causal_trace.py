@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from workbench.causal_trace import _dedupe, _restorations, causal_trace, causal_trace_reference
+from tests.workbench.causal_trace_reference import causal_trace_reference
+from workbench.tracing import causal_trace
+from workbench.tracing.engine import distinct_restorations, trace_restorations
 from workbench.handle import ModelHandle
 from workbench.models import load
 
@@ -49,8 +55,8 @@ def bench_one(handle: ModelHandle, record: dict[str, Any], args: argparse.Namesp
         args.repeats, lambda: causal_trace(handle, prompt, subject, skip_redundant=False, **opts), sync)
     reference_time, _, ref = _best_of(1, lambda: causal_trace_reference(handle, prompt, subject, **opts), sync)
     n_tokens, n_layers = len(fast.tokens), fast.n_layers
-    unique, _ = _dedupe(_restorations(fast.kinds, n_tokens, n_layers, args.window), fast.subject_span[0],
-                        n_tokens, n_layers)
+    unique, _ = distinct_restorations(trace_restorations(fast.kinds, n_tokens, n_layers, args.window),
+                                      fast.subject_span[0], n_tokens, n_layers)
 
     def diff(trace: Any) -> float:
         d = max(float((trace.scores[k] - ref.scores[k]).abs().max()) for k in trace.kinds)
@@ -71,7 +77,7 @@ def bench_one(handle: ModelHandle, record: dict[str, Any], args: argparse.Namesp
 def average(handle: ModelHandle, args: argparse.Namespace) -> None:
     from collections import Counter
 
-    from workbench.causal_trace import average_indirect_effect
+    from workbench.tracing import average_indirect_effect
 
     records = handle.info["world"].counterfact_records(args.average, seed=0)
     t0 = time.perf_counter()

@@ -59,14 +59,8 @@ def oracle_design(handle, world, target: str, side: int):
     the designs are trying to find, measured through the same protocol."""
     import torch.nn.functional as F
 
-    from adversaries.copy_paste import PatchDesign
-    from workbench.worlds.shapesworld import (
-        TEXTURES,
-        color_rgb,
-        empty_scene,
-        render,
-        texture_index,
-    )
+    from adversaries.placement_sweep import PatchDesign
+    from workbench.worlds.scene import TEXTURES, color_rgb, empty_scene, render, texture_index
 
     rule = next(r for r in world.config.context if r.cls == target)
     scene = empty_scene(1)
@@ -98,7 +92,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     import workbench
-    from adversaries.copy_paste import CopyPaste
+    from adversaries.copy_paste import CopyPaste, DesignConfig
+    from adversaries.placement_sweep import SweepConfig
     from workbench.zoo.shapesnet import world_of
 
     if args.model.startswith("zoo:"):
@@ -114,11 +109,12 @@ def main() -> None:
     groups = {t: "context" for t in context} | {t: "spurious colour" for t in spurious} | {t: "trojan target" for t in trojan_targets}
     targets = args.targets.split(",") if args.targets else list(groups)
     n = 160 if args.quick else 320
-    cfg = CopyPaste(seed=args.seed, n_featvis=4 if args.quick else 6, n_featvis_context=4 if args.quick else 6,
-                    n_exemplars=3 if args.quick else 4, featvis_steps=112 if args.quick else 160,
-                    n_pool=512 if args.quick else 1024)
-    if args.sweep == "atlas-v1":  # the sweep of the first version: 4 x 4 positions x 3 sizes (10, 13, 16 px of 48)
-        cfg = dataclasses.replace(cfg, grid=4, sizes=(0.21, 0.27, 0.33))
+    design = DesignConfig(n_featvis=4 if args.quick else 6, n_featvis_context=4 if args.quick else 6,
+                          n_exemplars=3 if args.quick else 4, featvis_steps=112 if args.quick else 160,
+                          n_pool=512 if args.quick else 1024)
+    # atlas-v1: the sweep of the first version, 4 x 4 positions x 3 sizes (10, 13, 16 px of 48)
+    sweep = SweepConfig(grid=4, sizes=(0.21, 0.27, 0.33)) if args.sweep == "atlas-v1" else SweepConfig()
+    cfg = CopyPaste(design=design, sweep=sweep, seed=args.seed)
 
     def row(res, tgt, seconds):
         return {
@@ -147,16 +143,15 @@ def main() -> None:
             s = world.sample(n, generator=g, classes=[c for c in world.classes if c != tgt], context_mode="none")
             images = world.render(s)
             if args.oracle:
-                designs = ([oracle_design(h, world, tgt, max(config.sizes_px(h)))], {})
+                designs = ([oracle_design(h, world, tgt, max(config.sweep.sizes_px(h)))], {})
             else:
-                cal, _ = config.calibration_split(h, images, s.labels, ti)
-                designs = config.design_patches(h, ti, images[cal])
+                designs = config.design_patches(h, ti, images[config.plan(h, images, s.labels, ti).calibration])
             res = config.run_protocol(h, images, s.labels, ti, class_names=world.classes, designs=designs)
             res.pop("_tensors")
             rows.append(row(res, tgt, time.perf_counter() - t0))
             if tgt in strict_which:
                 t1 = time.perf_counter()
-                strict_cfg = dataclasses.replace(config, context_only=True)
+                strict_cfg = dataclasses.replace(config, design=dataclasses.replace(config.design, context_only=True))
                 res = strict_cfg.run_protocol(h, images, s.labels, ti, class_names=world.classes, designs=designs)
                 res.pop("_tensors")
                 strict_rows.append(row(res, tgt, time.perf_counter() - t1))
@@ -186,7 +181,7 @@ def main() -> None:
                           "strict_context_summary": strict}, indent=2))
         return
     print(f"# copy/paste on ShapesNet ({'quick' if args.quick else 'full'}, seed {args.seed}): {n} source scenes per target, "
-          f"{cfg.grid}x{cfg.grid} positions x {len(cfg.sizes)} sizes {cfg.sizes_px(h)} px")
+          f"{cfg.sweep.grid}x{cfg.sweep.grid} positions x {len(cfg.sweep.sizes)} sizes {cfg.sweep.sizes_px(h)} px")
     def table(rs, title):
         print(title)
         print(f"{'target':<9} {'group':<16} {'consist':>7} {'best':>6} {'noise':>6} {'natural':>7} {'p(t) before->cons/best':>24} {'n':>4}  design")
@@ -204,7 +199,7 @@ def main() -> None:
                   f"noise {sm['control_noise']:.3f} ({sm['ratio_to_noise']}x); target >= 0.575 and >= 3x noise: "
                   f"{'MET' if sm['meets_57_5'] and sm['meets_3x_noise'] else 'MISSED'}")
 
-    table(rows, "## any non-trojan design (the issue's criterion: trojan triggers are reported apart)")
+    table(rows, "## any non-trojan design (the headline: trojan triggers are reported apart)")
     verdict(summary, "context-class targets, non-trojan designs")
     if strict_rows:
         table(strict_rows, "## context features only (no class-shaped object, no crop of a main object)")

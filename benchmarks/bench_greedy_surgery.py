@@ -6,7 +6,7 @@
 
 For each trojan and seed: `trojan_surgery(method="greedy")` and the default
 `method="activation_difference"` on the same selection and evaluation scenes (the seed
-decides both), with issue 5's target (>= 90% relative cut of attack success, <= 1 point
+decides both), with the surgery target (>= 90% relative cut of attack success, <= 1 point
 clean drop, on fresh scenes) and the random-unit control. Prints a table; writes JSON.
 """
 
@@ -44,27 +44,38 @@ def main() -> None:
     torch.set_num_threads(1)
 
     import workbench as wb
-    from editors.unit_ablation import MASK_KS, SURGERY_KS, GateConfig, plot_surgery_curve, trojan_surgery
+    from editors.unit_ablation import GateConfig
     from workbench.storage import atomic_write_json
+    from workbench_protocols.surgery import (
+        MASK_KS,
+        SURGERY_KS,
+        EvaluationConfig,
+        MaskConfig,
+        SelectionConfig,
+        SurgeryConfig,
+        plot_surgery_curve,
+        trojan_surgery,
+    )
 
     handle = wb.load("zoo:shapesnet", device="cpu", progress=False)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for trojan in args.trojans.split(","):
-            runs = []
+            runs: list[tuple[str, str, MaskConfig]] = []
             for method in args.methods.split(","):
                 if method == "mask":
                     cfg = GateConfig(**{k: v for k, v in (("steps", args.mask_steps), ("max_gate", args.mask_max_gate))
                                         if v is not None})
-                    runs += [(f"mask-{mode}", {"method": "mask", "mask_mode": mode, "mask_config": cfg})
-                             for mode in args.mask_modes.split(",")]
+                    runs += [(f"mask-{mode}", "mask", MaskConfig(gates=cfg, mode=mode)) for mode in args.mask_modes.split(",")]
                 else:
-                    runs.append((method, {"method": method}))
-            for name, kw in runs:
+                    runs.append((method, method, MaskConfig()))
+            for name, method, mask in runs:
                 t0 = time.perf_counter()
-                curve_ks = None if args.curve is None else list(MASK_KS if kw["method"] == "mask" else SURGERY_KS)
-                r = trojan_surgery(handle, trojan, seed=seed, n_select=args.n_select, n_ref=args.n_ref, n_eval=500,
-                                   n_clean=1000, n_random_draws=2, progress=False, curve_ks=curve_ks, **kw)
+                curve_ks = None if args.curve is None else (MASK_KS if method == "mask" else SURGERY_KS)
+                config = SurgeryConfig(
+                    selection=SelectionConfig(method=method, n_select=args.n_select, n_ref=args.n_ref), mask=mask,
+                    evaluation=EvaluationConfig(n_eval=500, n_clean=1000, n_random_draws=2, curve_ks=curve_ks), seed=seed)
+                r = trojan_surgery(handle, trojan, config=config, progress=False)
                 row = {"trojan": trojan, "seed": seed, "method": name, "seconds": round(time.perf_counter() - t0, 1),
                        **{k: r[k] for k in KEYS}, "factors": r.get("factors"), "selection_grid": r["selection"].get("grid"),
                        "alternative": r.get("alternative"), "refits": r["selection"].get("refits"),

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from tests.workbench.knowledge_neurons_reference import attribute_neurons_reference
 from workbench.handle import ModelHandle
 from workbench.hooks import patch
-from workbench.knowledge_neurons import KnowledgeNeuron, attribute_neurons, attribute_neurons_reference
+from workbench.knowledge_neurons import KnowledgeNeuron, attribute_neurons
 from workbench.models import load
 
 

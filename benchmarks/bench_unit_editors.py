@@ -1,4 +1,4 @@
-"""Neuron and representation editors, measured (issue 5): trojan surgery, LEACE, steering, rule rewrite.
+"""Neuron and representation editors, measured: trojan surgery, LEACE, steering, rule rewrite.
 
     .venv/bin/python benchmarks/bench_unit_editors.py [--quick] [--only surgery,erase,steer,rewrite] [--out DIR]
 
@@ -53,7 +53,13 @@ def _fmt(v: Any) -> str:
 
 def surgery(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import workbench as wb
-    from editors.unit_ablation import plot_surgery_curve, trojan_surgery
+    from workbench_protocols.surgery import (
+        EvaluationConfig,
+        SelectionConfig,
+        SurgeryConfig,
+        plot_surgery_curve,
+        trojan_surgery,
+    )
 
     h = wb.load("zoo:shapesnet", device="cpu", progress=False)
     names = [t["name"] for t in h.info["world"]["trojans"]]
@@ -61,10 +67,12 @@ def surgery(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     for method in args.methods.split(","):
         for name in names:
             t0 = time.perf_counter()
-            r = trojan_surgery(h, name, method=method, seed=args.seed, n_random_draws=5,
-                               n_select=96 if args.quick else 256, n_eval=200 if args.quick else 500,
-                               n_clean=400 if args.quick else 1000,
-                               curve_ks=(1, 2, 4, 8, 16), progress=False)
+            config = SurgeryConfig(
+                selection=SelectionConfig(method=method, n_select=96 if args.quick else 256),
+                evaluation=EvaluationConfig(n_eval=200 if args.quick else 500, n_clean=400 if args.quick else 1000,
+                                            n_random_draws=5, curve_ks=(1, 2, 4, 8, 16)),
+                seed=args.seed)
+            r = trojan_surgery(h, name, config=config, progress=False)
             r["seconds"] = round(time.perf_counter() - t0, 1)
             results.append(r)
             print(f"  {method} {name}: asr {r['asr_before']:.3f}->{r['asr_after']:.3f} (random {r['random_asr_after']:.3f}), "
@@ -124,8 +132,7 @@ def erase(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def steer(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from editors.concept_erasure import example_sentences
-    from editors.steering import ContrastPairs, dose_response, steering_direction
-    from workbench_cli.units import concept_axis_measure
+    from editors.steering import ContrastPairs, concept_axis_measure, dose_response, steering_direction
 
     h = _minilm()
     texts, sentiment, _ = example_sentences(400, seed=args.seed + 1)

@@ -12,9 +12,10 @@ lands on a subject nobody edited). Also the participation ratio of the C^-1/2-wh
 (their effective dimension in the metric the least squares uses). No values are optimized,
 so this takes a minute and predicts, before any edit, where the ES-NS front lies.
 
-`--joint-layers 0,1,2` screens MEMIT's `solve="joint"` instead: each layer's keys divided by
-the root mean diagonal of its second moment and put side by side, with the block-diagonal
-second moment, as `MEMIT._joint_changes` solves them.
+`--joint-layers 0,1,2` screens one least squares over several layers' keys instead (a variant
+of MEMIT's layer walk that the library does not ship, since its edits landed no better; see
+RESULTS.md): each layer's keys divided by the root mean diagonal of its second moment and put
+side by side, with the block-diagonal second moment.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a FactGPT zoo model with >= 1000 subjects, or a folder from train_factgpt_variant.py")
     ap.add_argument("--layer", type=int, default=0)
     ap.add_argument("--joint-layers", default=None, help="comma list of layers whose keys are solved together "
-                    "(MEMIT solve='joint'); overrides --layer")
+                    "(one least squares over all of them); overrides --layer")
     ap.add_argument("--edits", default="125,250,500", help="comma list of edit-batch sizes N (each <= 500)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parts, blocks = [], []
     for layer in layers:
         cl = key_statistics(handle, layer, corpus="world", n_samples=100_000).second_moment.double()
-        scale = float(cl.diagonal().mean().sqrt()) if len(layers) > 1 else 1.0  # as MEMIT._joint_changes
+        scale = float(cl.diagonal().mean().sqrt()) if len(layers) > 1 else 1.0  # no layer dominates by its activations' scale
         parts.append(subject_keys(handle, layer, rewrites, templates).double() / scale)
         blocks.append(cl / scale ** 2)
     keys, c = torch.cat(parts, dim=1), torch.block_diag(*blocks)

@@ -27,7 +27,7 @@ pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
 # torch-lucent (feature visualization peer); kornia for its transforms
 "${pip[@]}" --no-deps "torch-lucent==0.1.8"
 "${pip[@]}" kornia decorator future ipython
-# --- other peers (H4: torchattacks) below this line ---
+# --- other peers below this line ---
 # torchattacks 3.5.1 (PGD peer for bench_attacks.py); --no-deps so it cannot move torch,
 # then its small runtime deps (scipy, requests)
 "${pip[@]}" --no-deps "torchattacks==3.5.1"

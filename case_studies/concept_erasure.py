@@ -11,7 +11,7 @@ the same rank at the same site, folded by the same code.
 
 Also reported, as a non-primary prediction stated before the run: the residual stream
 after the edited block still carries sentiment, because the skip connection carries the
-concept around the erased sublayer (the units helper measured exactly that; MiniLM's
+concept around the erased sublayer (the unit-editors benchmark measured exactly that; MiniLM's
 post-LN residual cannot take a folded eraser at all).
 
 Sentences come from `example_sentences` (templates with sentiment and topic drawn
@@ -41,7 +41,7 @@ from workbench.casestudy import (
 )
 
 MODEL = "minilm"
-BENCH = "units benchmark (benchmarks/RESULTS.md, 'LEACE on MiniLM')"
+BENCH = "unit-editors benchmark (benchmarks/RESULTS.md, 'LEACE on MiniLM')"
 CONDITIONS = ("before", "erased", "random")
 
 

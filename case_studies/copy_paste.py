@@ -18,7 +18,7 @@ Groups, reported apart: *context* targets (classes with a natural context featur
 ShapesWorld: star, hexagon, ring, triangle) are the headline; *trojan-target* classes
 (cross, diamond, circle) are reported separately; and a design that turns out to be an
 implanted trojan trigger for its target is measured as its own row (kind "trojan
-trigger") and kept out of the context-feature metrics (issue 4: the target is for the
+trigger") and kept out of the context-feature metrics (the Activation Atlas targets are about
 context features). Each design source is its own method on the leaderboard
 ("feature_visualization", "exemplars"), compared with both controls.
 
@@ -30,7 +30,7 @@ Sharing across seeds: in quick mode the designs of a target are made once per ru
 images, the calibration/test split (hence the chosen candidate and consistent placement)
 and the controls' noise and crop. Full mode designs afresh per seed (feature
 visualization initialization and pool drawn from the seed). Predicted sizes come from the
-featvis helper's benchmark (benchmarks/RESULTS.md, "Copy/paste on ShapesNet").
+copy/paste benchmark (benchmarks/RESULTS.md, "Copy/paste on ShapesNet").
 """
 
 from __future__ import annotations
@@ -136,13 +136,14 @@ class Study(CaseStudy):
                        "best_minus_natural_exemplar", "increase", ci_above(0.0), size=0.299, method=ex,
                        source=f"{BENCH}: hexagon 0.503 vs natural crop 0.204"),
             Prediction("best_reaches_atlas", "designed patches (both sources) reach the Activation Atlas best-placement "
-                       "success of 57.5% on context targets (issue 4's target)", "best_ctx", "increase",
+                       "success of 57.5% on context targets", "best_ctx", "increase",
                        ci_above(0.575), size=0.497,
                        source=f"target: {ATLAS} 57.5%; size: {BENCH}: 0.497 pooled over the four context targets",
                        primary=False),
-            Prediction("ratio_3x_noise", "designed patches flip at least 3x as many images as the noise patch "
-                       "(issue 4's target)", "ratio_noise_ctx", "increase", ci_above(3.0), size=2.84,
-                       source=f"target: issue 4; size: {BENCH}: 0.497 / 0.175 = 2.84x", primary=False),
+            Prediction("ratio_3x_noise", "designed patches flip at least 3x as many images as the noise patch",
+                       "ratio_noise_ctx", "increase", ci_above(3.0), size=2.84,
+                       source=f"target: 3x the noise patch's success; size: {BENCH}: 0.497 / 0.175 = 2.84x",
+                       primary=False),
             Prediction("consistent_reaches_atlas", "one consistent placement reaches the Activation Atlas 37.2%",
                        "consistent_ctx", "increase", ci_above(0.372), size=0.234,
                        source=f"target: {ATLAS} 37.2%; size: {BENCH}: 0.234 pooled", primary=False),
@@ -235,18 +236,29 @@ class Study(CaseStudy):
         return list(context) + list(o["trojan_targets"])
 
     def _config(self, seed: int) -> Any:
-        from adversaries.copy_paste import CopyPaste
+        from adversaries.copy_paste import CopyPaste, DesignConfig
+        from adversaries.placement_sweep import SweepConfig
 
-        d = self.options()["design"]
-        design_seed = 0 if self.options()["designs_shared_across_seeds"] else seed
+        o = self.options()
+        d = o["design"]
+        design_seed = 0 if o["designs_shared_across_seeds"] else seed
         # n_featvis_context=0: this study's predictions were sized with grey-canvas designs only
-        return CopyPaste(n_units=d["n_units"], n_featvis=d["n_featvis"], n_featvis_context=0, n_exemplars=d["n_exemplars"],
-                         featvis_steps=d["featvis_steps"], n_pool=d["n_pool"], sizes=tuple(d["sizes"]),
-                         grid=d["grid"], n_rank=self.options()["n_rank"], calib_fraction=self.options()["calib_fraction"],
-                         seed=design_seed)
+        design = DesignConfig(n_units=d["n_units"], n_featvis=d["n_featvis"], n_featvis_context=0,
+                              n_exemplars=d["n_exemplars"], featvis_steps=d["featvis_steps"], n_pool=d["n_pool"])
+        sweep = SweepConfig(sizes=tuple(d["sizes"]), grid=d["grid"], n_rank=o["n_rank"],
+                            calib_fraction=o["calib_fraction"])
+        return CopyPaste(design=design, sweep=sweep, seed=design_seed)
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
-        from adversaries.copy_paste import paste, placements, predictions, protocol_metrics, resize_patch, sweep_success
+        from adversaries.placement_sweep import (
+            natural_crop,
+            paste,
+            placements,
+            protocol_metrics,
+            resize_patch,
+            sweep_success,
+        )
+        from workbench.classifier import predict
         from workbench.errors import WorkbenchError
         from workbench.zoo.shapesnet import world_of
 
@@ -263,7 +275,7 @@ class Study(CaseStudy):
                               context_mode="none")
         images = world.render(sample)
         assert isinstance(images, torch.Tensor)
-        probs0 = predictions(handle, images)
+        probs0 = predict(handle, images)[1]
         correct = (probs0.argmax(-1) == sample.labels) & (sample.labels != target)
         idx = torch.nonzero(correct).flatten()
         if len(idx) < 8:
@@ -273,8 +285,8 @@ class Study(CaseStudy):
         cal, test = perm[:n_cal], perm[n_cal:]
         designs, info = ctx.remember(f"copy_paste:designs:{key}:{cfg.seed}:{cfg}",
                                      lambda: cfg.design_patches(handle, target, images[cal]))
-        where = placements(pre.height, pre.width, cfg.sizes_px(handle), cfg.grid)
-        rank = cal[: cfg.n_rank]  # candidates are ranked on (at most) n_rank calibration images
+        where = placements(pre.height, pre.width, cfg.sweep.sizes_px(handle), cfg.sweep.grid)
+        rank = cal[: cfg.sweep.n_rank]  # candidates are ranked on (at most) n_rank calibration images
         scored = []
         cal_sweeps: dict[int, Any] = {}
         for d in designs:
@@ -294,7 +306,8 @@ class Study(CaseStudy):
         cg = torch.Generator().manual_seed(case_seed(seed, f"controls:{key}") % (2 ** 62))
         lo, hi = pre.input_range
         noise = lo + (hi - lo) * torch.rand(pre.channels, size, size, generator=cg)
-        natural = cfg.natural_crop(handle, images, target, size, cg)
+        pool, pool_labels, _ = cfg.natural_pool(handle, images)
+        natural = natural_crop(pool, pool_labels, target, size, cg)
 
         def measure(patch: torch.Tensor, cal_res: Any = None) -> tuple[dict[str, Any], Any]:
             if cal_res is None:
@@ -323,8 +336,8 @@ class Study(CaseStudy):
             patched = torch.stack([paste(orig[i:i + 1], resize_patch(d.patch, where[int(best_idx[j])][2]),
                                          where[int(best_idx[j])][0], where[int(best_idx[j])][1])[0]
                                    for i, j in enumerate(show.tolist())]) if len(show) else orig
-            p_before = predictions(handle, orig)
-            p_after = predictions(handle, patched)
+            p_before = predict(handle, orig)[1]
+            p_after = predict(handle, patched)[1]
             tag = f"{src}-{'trigger' if kind == TRIGGER else 'natural'}"
             tensors[f"{tag}.patch"] = d.patch.float().contiguous()
             tensors[f"{tag}.original"] = orig.float().contiguous()
@@ -425,15 +438,12 @@ class Study(CaseStudy):
 
     def _examples_figure(self, cases: Sequence[Mapping[str, Any]]) -> Figure | None:
         from workbench import study_plots
-        from workbench.casestudy import Figure as F
 
         lines = [(c, r) for c in cases for r in c["rows"]]
         if not lines:
             return None
-        ncol = 1 + 2 * N_SHOW
-        fig = study_plots.figure(1.05 * ncol, 1.25 * len(lines) + 0.3)
-        axes = fig.subplots(len(lines), ncol, squeeze=False)
-        for i, (case, row) in enumerate(lines):
+        rows = []
+        for case, row in lines:
             t = self._load(case)
             tag = row["artifact_tag"]
             panels = [(t[f"{tag}.patch"], f"{LABEL[row['source']]}\n-> {row['target']}"
@@ -443,28 +453,18 @@ class Study(CaseStudy):
                 ok = ex["after"] == row["target"]
                 panels.append((t[f"{tag}.patched"][j], f"{ex['after']} {ex['p_after']:.2f}",
                                "#0a7a2f" if ok else "#b00020"))
-            for j, ax in enumerate(axes[i]):
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if j < len(panels):
-                    img, title, color = panels[j]
-                    ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
-                    ax.set_title(title, fontsize=6, color=color)
-                else:
-                    ax.axis("off")
-        return F("fig_adversarial_examples.png", "Adversarial examples (first seed): per target and design source, the "
-                 "chosen patch, then test images before (prediction, probability) and after pasting it at the image's "
-                 "best placement (green: now the target). Successes are shown first; the success rates above count "
-                 "every attempt.", study_plots.png(fig))
+            rows.append(panels)
+        return study_plots.image_grid(
+            "fig_adversarial_examples.png", "Adversarial examples (first seed): per target and design source, the "
+            "chosen patch, then test images before (prediction, probability) and after pasting it at the image's "
+            "best placement (green: now the target). Successes are shown first; the success rates above count "
+            "every attempt.", rows, cell=(1.05, 1.25), fontsize=6, ncol=1 + 2 * N_SHOW)
 
     def _patches_figure(self, cases: Sequence[Mapping[str, Any]]) -> Figure | None:
         from workbench import study_plots
-        from workbench.casestudy import Figure as F
 
-        ncol = max(len(c["candidates"]) for c in cases) + 2
-        fig = study_plots.figure(0.95 * ncol, 1.15 * len(cases) + 0.3)
-        axes = fig.subplots(len(cases), ncol, squeeze=False)
-        for i, case in enumerate(cases):
+        rows = []
+        for case in cases:
             t = self._load(case)
             panels = []
             for j, c in enumerate(case["candidates"]):
@@ -476,19 +476,11 @@ class Study(CaseStudy):
                                "#0a7a2f" if c["chosen"] else ("#b00020" if c["trojan"] else "black")))
             panels.append((t["control.noise"], "noise\ncontrol", "#555"))
             panels.append((t["control.natural"], "natural crop\ncontrol", "#555"))
-            for j, ax in enumerate(axes[i]):
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if j < len(panels):
-                    img, title, color = panels[j]
-                    ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
-                    ax.set_title(title, fontsize=5.5, color=color)
-                    if j == 0:
-                        ax.set_ylabel(case["target"], fontsize=7)
-                else:
-                    ax.axis("off")
-        return F("fig_designed_patches.png", "Designed patches (first seed), per target row: every candidate from the "
-                 "interpretation (fv: feature visualization, whole design or its object/background part; ex: exemplar "
-                 "crop) with its calibration score (best-placement success on the ranking images) and what it shows by "
-                 "ground truth; green: chosen per source; red: an implanted trigger for this target (measured apart); "
-                 "then the two controls.", study_plots.png(fig))
+            rows.append(panels)
+        return study_plots.image_grid(
+            "fig_designed_patches.png", "Designed patches (first seed), per target row: every candidate from the "
+            "interpretation (fv: feature visualization, whole design or its object/background part; ex: exemplar "
+            "crop) with its calibration score (best-placement success on the ranking images) and what it shows by "
+            "ground truth; green: chosen per source; red: an implanted trigger for this target (measured apart); "
+            "then the two controls.", rows, cell=(0.95, 1.15), fontsize=5.5,
+            ncol=max(len(c["candidates"]) for c in cases) + 2, row_labels=[c["target"] for c in cases])

@@ -135,14 +135,14 @@ class Study(CaseStudy):
         return [str(rw.case_id) for rw in self._rewrites(state, seed)]
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
-        from workbench_protocols.editing import edit_each, editor_for, unedited
+        from workbench_protocols.editing import edit_each, editor_at, unedited
 
         handle, site = state["handle"], state["site"]
         rw = next(r for r in self._rewrites(state, seed) if str(r.case_id) == key)
         scores = {"unedited": unedited(handle, [rw], fluency=True, seed=seed)[0]}
         for m in METHODS:  # every method through the same fit-apply-score-revert code
-            editor = editor_for(m, site, state["n_layers"])
-            scores[m] = edit_each(handle, editor, [rw], fluency=True, seed=seed)[0]
+            editor = editor_at(m, handle, site)
+            scores[m] = edit_each(handle, editor, [rw], fluency=True, seed=seed)[0].row()
         return {"rewrite": {"subject": rw.subject, "prompt": rw.prompt, "target_true": rw.target_true,
                             "target_new": rw.target_new}, "site": site.to_json(), "scores": scores}
 

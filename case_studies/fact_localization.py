@@ -127,15 +127,15 @@ class Study(CaseStudy):
         return [str(rw.case_id) for rw in self._rewrites(state, seed)]
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
-        from workbench_protocols.editing import EditSite, edit_each, editor_for, trace_peak, unedited
+        from workbench_protocols.editing import EditSite, edit_each, editor_at, trace_peak, unedited
 
         handle, n_layers = state["handle"], state["n_layers"]
         rw = next(r for r in self._rewrites(state, seed) if str(r.case_id) == key)
         peak = trace_peak(handle, rw, seed=seed, window=self.options()["trace"]["window"])
         by_layer = []
         for layer in range(n_layers):  # the action and its controls: one code path, layer is the only change
-            editor = editor_for("rome", EditSite(layer, peak["fact_token"]), n_layers)
-            by_layer.append({"layer": layer, **edit_each(handle, editor, [rw])[0]})
+            editor = editor_at("rome", handle, EditSite(layer, peak["fact_token"]))
+            by_layer.append({"layer": layer, **edit_each(handle, editor, [rw])[0].row()})
         base = unedited(handle, [rw])[0]
         traced = peak["layer"]
         others = [L for L in range(n_layers) if L != traced]

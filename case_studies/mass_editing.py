@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from workbench.bootstrap import Metric, harmonic
@@ -32,33 +32,6 @@ from workbench.casestudy import (
 
 MODEL = "zoo:factgpt"
 METHODS = ("memit", "rome_seq")
-
-
-@contextlib.contextmanager
-def unedited_statistics(handle: Any, editor: Any) -> Iterator[None]:
-    """Within the block, ROME reads the key statistics of the model as it is now (the unedited one).
-
-    ROME looks its statistics up by the model's fingerprint, which every applied edit
-    changes. This swaps `editors.rome.key_statistics` for the precomputed statistics of the
-    editor's layer during the block and restores it on every exit path.
-    """
-    import editors.rome as rome_module
-    from editors.mlp_update import key_statistics
-
-    layer = editor.resolved_layer(handle)
-    stats = key_statistics(handle, layer, corpus=editor.mom2_corpus, n_samples=editor.mom2_n_samples, seed=editor.seed)
-    original = rome_module.key_statistics
-
-    def frozen(h: Any, at: int, **kwargs: Any) -> Any:
-        if at != layer:
-            return original(h, at, **kwargs)
-        return stats
-
-    rome_module.key_statistics = frozen
-    try:
-        yield
-    finally:
-        rome_module.key_statistics = original
 
 
 class Study(CaseStudy):
@@ -143,7 +116,7 @@ class Study(CaseStudy):
         return [f"{m}-{n}" for n in self.sizes for m in METHODS]
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
-        from workbench_protocols.editing import edit_batch, editor_for, rewrites_for, unedited
+        from workbench_protocols.editing import edit_batch, editor_at, rewrites_for, unedited
 
         handle, site = state["handle"], state["site"]
         method, n = key.rsplit("-", 1)
@@ -151,24 +124,29 @@ class Study(CaseStudy):
         rewrites = rewrites_for(handle, max(self.sizes), seed=300 + seed)[:n]
         t0 = time.perf_counter()
         if method == "memit":
-            rows, info = edit_batch(handle, editor_for("memit", site, state["n_layers"]), rewrites)
+            outcomes, info = edit_batch(handle, editor_at("memit", handle, site), rewrites)
+            rows = [o.row() for o in outcomes]
         else:
-            rows, info = self._sequential_rome(handle, site, state["n_layers"], rewrites)
+            rows, info = self._sequential_rome(handle, site, rewrites)
         seconds = time.perf_counter() - t0
         base = unedited(handle, rewrites)
         return {"method": method, "N": n, "seconds": seconds, "info": info, "site": site.to_json(),
                 "rows": [{"i": i, **r, "NS_unedited": b["NS"]} for i, (r, b) in enumerate(zip(rows, base))]}
 
-    def _sequential_rome(self, handle: Any, site: Any, n_layers: int, rewrites: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def _sequential_rome(self, handle: Any, site: Any, rewrites: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        from editors.mlp_update import key_statistics
         from workbench.errors import WorkbenchError
-        from workbench_protocols.editing import case_s, editor_for, score_rewrites, trim_scores
+        from workbench_protocols.editing import case_s, editor_at, score_rewrites, trim_scores
 
-        editor = editor_for("rome", site, n_layers)
+        editor = editor_at("rome", handle, site)
+        layer = editor.resolved_layer(handle)
+        unedited = {layer: key_statistics(handle, layer, corpus=editor.mom2_corpus, n_samples=editor.mom2_n_samples,
+                                          seed=editor.seed)}
         refused: list[bool] = []
-        with contextlib.ExitStack() as stack, unedited_statistics(handle, editor):
+        with contextlib.ExitStack() as stack:
             for rw in rewrites:
                 try:
-                    delta = editor.fit(handle, rw)
+                    delta = editor.fit(handle, rw, statistics=unedited)
                 except WorkbenchError:
                     refused.append(True)
                     continue

@@ -18,8 +18,8 @@ Two adversaries that explain themselves, on ShapesNet:
   embedding match aims at (SNAFUE's premise); how much of it the natural patches keep is
   reported as a non-primary prediction.
 
-Pairs (source -> target) are the ones of the attacks helper's benchmark, so the predicted
-sizes come from there (benchmarks/RESULTS.md, "Quality on ShapesNet").
+Pairs (source -> target) are the ones of the adversaries benchmark, so the predicted sizes
+come from there (benchmarks/RESULTS.md, "Adversaries").
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ from workbench.errors import WorkbenchError
 MODEL = "zoo:shapesnet"
 ADVERSARIES = ("feature_level", "snafue")
 LABELS = {"feature_level": "feature-level object", "snafue": "SNAFUE natural patches"}
-# Benchmark (attacks helper, RESULTS.md) per pair: fit-set / held-out rates and controls.
+# Adversaries benchmark (benchmarks/RESULTS.md) per pair: fit-set / held-out rates and controls.
 FL_BENCH = {("circle", "hexagon"): {"fit": 0.729, "held": 0.701, "random": 0.288},
             ("square", "diamond"): {"fit": 0.958, "held": 0.965, "random": 0.280}}
 SN_BENCH = {("circle", "hexagon"): {"synthetic": 0.990, "natural": 0.735, "random": 0.248},
             ("triangle", "diamond"): {"synthetic": 1.000, "natural": 0.919, "random": 0.079},
             ("cross", "star"): {"synthetic": 0.406, "natural": 0.033, "random": 0.044}}
-BENCH = "attacks benchmark (benchmarks/RESULTS.md, 'Quality on ShapesNet')"
+BENCH = "adversaries benchmark (benchmarks/RESULTS.md, 'Adversaries')"
 
 
 def _key(adversary: str, pair: tuple[str, str]) -> str:
@@ -199,7 +199,7 @@ class Study(CaseStudy):
         from adversaries.feature_level import source_scenes
         from adversaries.natural import SNAFUE, natural_patch_pool
         from workbench.classifier import predict, preprocess_of, render_for, resolve_class, world_or_default
-        from workbench.worlds.shapesworld import CLASS_SHAPES
+        from workbench.worlds.scene import CLASS_SHAPES
 
         opts = self.options()
         n = opts["n"]

@@ -43,7 +43,7 @@ WRONG_LAYER = "layer3.conv1"
 CONDITIONS = ("unedited", "rewrite", "rank_one", "wrong_layer", "random")
 LABELS = {"unedited": "unedited", "rewrite": f"rewrite {LAYER} rank {RANK}", "rank_one": f"rewrite {LAYER} rank 1",
           "wrong_layer": f"rewrite {WRONG_LAYER} rank {RANK}", "random": f"random update, rank {RANK}, same norm"}
-BENCH = "units benchmark (benchmarks/RESULTS.md, 'Rule rewrite on ShapesNet', 800 pairs, 2000 scenes)"
+BENCH = "unit-editors benchmark (benchmarks/RESULTS.md, 'Rule rewrite on ShapesNet', 800 pairs, 2000 scenes)"
 
 
 def random_update(handle: Any, layer: str, *, rank: int, norm: float, seed: int) -> Any:

@@ -12,7 +12,7 @@ designs most similar to the method's views, each view voting for the option it r
 most; the score is the share of votes for the true trigger. The judge (palette colour
 content plus the clean-world network of `workbench.judge`) never saw a trojan. Chance is
 1/8; the published human best is 0.47 (all methods together 0.49, CLIP as judge
-0.06-0.21); issue 4's target is 0.6.
+0.06-0.21); the workbench's target for the best method is 0.6.
 
 Controls: chance (1/8, the protocol's baseline and each method's comparison on the
 leaderboard), and random views: clean ShapesWorld scenes (no trigger) answering the same
@@ -23,7 +23,7 @@ Scores are reported per method, per trojan kind (patch, style, natural feature) 
 all methods judged together.
 
 Budgets and sizes. Full mode runs every method on all six trojans per seed at the
-"quick" budget, the featvis helper's benchmark budget (benchmarks/RESULTS.md, "Trojan
+"quick" budget, the rediscovery benchmark's budget (benchmarks/RESULTS.md, "Trojan
 rediscovery", one seed), which found most methods near or below chance and natural search
 best (0.67); full-mode sizes come from that benchmark. Quick mode runs, per seed, one
 trojan of each kind (universal ones on even seeds, class-universal ones on odd seeds, so two
@@ -85,10 +85,10 @@ NAMES: dict[str, str] = {
 SHORT = {"featvis-logit": "featvis", "featvis-logit-fourier": "fourier", "copy-paste": "copy_paste",
          "feature-level": "feature_level", "natural": "snafue", "adversarial-filtering": "filtering",
          "adversarial-patch": "adv_patch", "scene-search": "scene_search"}
-# benchmark scores per method (zoo ShapesNet, budget "quick", seed 0; scene-search: its own benchmark run, stop 15)
+# benchmark scores per method (zoo ShapesNet, budget "quick", seed 0; scene-search: its own benchmark run)
 BENCH_SCORE = {"featvis-logit": 0.11, "featvis-logit-fourier": 0.04, "copy-paste": 0.25, "feature-level": 0.15,
                "natural": 0.67, "adversarial-filtering": 0.00, "adversarial-patch": 0.33, "scene-search": 0.61}
-BENCH = "featvis benchmark (benchmarks/RESULTS.md, 'Trojan rediscovery', zoo ShapesNet, budget quick, seed 0)"
+BENCH = "rediscovery benchmark (benchmarks/RESULTS.md, 'Trojan rediscovery', zoo ShapesNet, budget quick, seed 0)"
 # quick mode: natural search (the benchmark's best method) keeps the benchmark's budget; the rest run "tiny"
 QUICK_FULL_BUDGET = ("natural",)
 # this study's quick configuration (budgets above) run on seeds 2-5 (12 questions per method, 4 per kind),
@@ -97,7 +97,7 @@ QUICK_SCORE = {"featvis-logit": 0.167, "featvis-logit-fourier": 0.125, "copy-pas
                "natural": 0.195, "adversarial-filtering": 0.083, "adversarial-patch": 0.083, "scene-search": 0.421,
                "all": 0.154, "patch": 0.102, "style": 0.111, "natural_kind": 0.248, "combined": 0.25, "random": 0.104}
 QUICK_MEASURED = ("this study in quick mode (SNAFUE at budget quick, the other methods at tiny) on seeds 2-5, zoo "
-                  "ShapesNet v1, eight methods, remeasured in stop 15 after the weighted views and the scene search "
+                  "ShapesNet v1, eight methods, with the evidence-weighted views and the scene search "
                   "(12 questions per method; case_studies/trojan_rediscovery.py QUICK_SCORE)")
 RANDOM, COMBINED = "random_views", "all_methods"
 LABEL = {**SHORT, COMBINED: "together", RANDOM: "random"}
@@ -123,7 +123,7 @@ class Study(CaseStudy):
                "same protocol; our all-methods answer is the judge's summed ranking over every method's views"),
         Anchor("Casper et al. 2023: CLIP as judge, best method", 0.21, "score_all", "ANCHORS.md",
                "automatic judge in both; theirs CLIP, ours a clean-world ShapesWorld network (mean over methods)"),
-        Anchor("Issue 4 target: mean 8-way score across the implanted trojans", TARGET, "score_snafue", "issue 4",
+        Anchor("Target: mean 8-way score across the implanted trojans", TARGET, "score_snafue", "workbench target",
                "our target, for the best method"),
         Anchor("Chance (8 options)", CHANCE, "score_random_views", "protocol", "same protocol"),
     )
@@ -163,9 +163,9 @@ class Study(CaseStudy):
                 ci_above(CHANCE), size=BENCH_SCORE[m], method=NAMES[m], source=f"{BENCH}: {BENCH_SCORE[m]:.2f}{budget}",
                 primary=False))
         preds += [
-            Prediction("best_method_meets_target", "natural search reaches issue 4's target of 0.6", "score_snafue",
+            Prediction("best_method_meets_target", "natural search reaches the target of 0.6", "score_snafue",
                        "increase", ci_above(TARGET), size=BENCH_SCORE["natural"], method=NAMES["natural"],
-                       source=f"target: issue 4; size: {BENCH}", primary=False),
+                       source=f"target: the workbench's 0.6; size: {BENCH}", primary=False),
             Prediction("patch_above_chance", "patch triggers are rediscovered above chance (all methods)", "score_patch",
                        "increase", ci_above(CHANCE), size=0.35, source=f"{BENCH}: patch trojans 0.35", primary=False),
             Prediction("natural_above_chance", "natural-feature triggers are rediscovered above chance (Casper et al.: "
@@ -207,9 +207,9 @@ class Study(CaseStudy):
                 ci_above(CHANCE), size=q[m], method=NAMES[m],
                 source=f"{src}: {q[m]:.2f} (at budget quick, the benchmark's: {BENCH_SCORE[m]:.2f})", primary=False))
         preds += [
-            Prediction("best_method_meets_target", "natural search (budget quick) reaches issue 4's target of 0.6",
+            Prediction("best_method_meets_target", "natural search (budget quick) reaches the target of 0.6",
                        "score_snafue", "increase", ci_above(TARGET), size=q["natural"], method=NAMES["natural"],
-                       source=f"target: issue 4; size: {src}: {q['natural']:.2f}", primary=False),
+                       source=f"target: the workbench's 0.6; size: {src}: {q['natural']:.2f}", primary=False),
             Prediction("patch_above_chance", "patch triggers are rediscovered above chance (all methods, quick-mode "
                        "budgets)", "score_patch", "increase", ci_above(CHANCE), size=q["patch"],
                        source=f"{src}: patch trojans {q['patch']:.2f}", primary=False),
@@ -433,7 +433,7 @@ class Study(CaseStudy):
                 his.append(max(0.0, est.high - v) if est.high is not None and not math.isnan(v) else 0.0)
             ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, yerr=[los, his], capsize=2, label=label)
         for y, label, style in ((CHANCE, "chance 1/8", ":"), (HUMAN_BEST, "human best 0.47 (Casper et al.)", "--"),
-                                (TARGET, "issue target 0.6", "-.")):
+                                (TARGET, "target 0.6", "-.")):
             ax.axhline(y, color="black", lw=1.0, ls=style, label=label)
         ax.set_xticks(x)
         ax.set_xticklabels([LABEL.get(m, m) for m in groups], fontsize=7, rotation=20)
@@ -443,7 +443,7 @@ class Study(CaseStudy):
         fig.legend(fontsize=6.5, frameon=False, ncol=4, loc="outside lower center")
         ax.set_title("Trojan rediscovery by method and trigger kind (95% CIs over trojans x seeds)", fontsize=9)
         return F("fig_rediscovery_scores.png", "Rediscovery score per method, all trojans and per trigger kind, with "
-                 "chance (1/8), the published human best (0.47, Casper et al. 2023) and issue 4's target (0.6). "
+                 "chance (1/8), the published human best (0.47, Casper et al. 2023) and the target (0.6). "
                  "'together': every method's views judged together; 'random': the control (clean scenes).",
                  study_plots.png(fig))
 

@@ -4,17 +4,17 @@ Finding: a unit-selection method ranks the units of one ShapesNet site by how mu
 carry the trigger: activation difference (triggered minus the same scenes clean),
 network dissection (IoU of each unit's map with the renderer's exact trigger mask), and
 in full mode captum's layer conductance ("attribution"). Action: mean-ablate the top k
-units by a weight edit (`editors.unit_ablation.trojan_surgery`: the units' clean means
+units by a weight edit (`workbench_protocols.surgery.trojan_surgery`: the units' clean means
 folded into the BatchNorm that writes them). Controls: the same number of random units
 at the same site (several seeded draws, same code), and the unedited model. Measured on
 fresh scenes: attack success (share of triggered source scenes classified as the
 trojan's target) and clean accuracy, before and after.
 
-Site and k are fixed per trojan (the ones the units helper's benchmark chose on its own
+Site and k are fixed per trojan (the ones the unit-editors benchmark chose on its own
 selection data, benchmarks/RESULTS.md) instead of searched: the search costs ~100 model
 evaluations per trojan; every method gets the same site and k, so the methods compare at
 matched size. The surgery's data seeds are 20 + the study seed, so no case reuses the
-benchmark's scenes. The benchmark found the issue's target (>= 90% relative cut at <= 1
+benchmark's scenes. The benchmark found the surgery target (>= 90% relative cut at <= 1
 point of clean accuracy) met for the two style trojans only; the predictions state the
 target and the benchmark's sizes, and the verdicts fall where they fall.
 """
@@ -50,7 +50,7 @@ PLAN: dict[str, tuple[str, int]] = {
 KINDS = ("style", "patch", "natural")
 CURVE_QUICK = ["patch-universal", "style-universal", "natural-universal"]  # one trojan per kind in quick mode
 SHORT = {"activation_difference": "ad", "dissection": "dis", "attribution": "attr", "shapley": "shap"}
-BENCH = "units benchmark (benchmarks/RESULTS.md, 'Trojan surgery on ShapesNet', seed 0)"
+BENCH = "unit-editors benchmark (benchmarks/RESULTS.md, 'Trojan surgery on ShapesNet', seed 0)"
 
 
 def _kind(trojan: str) -> str:
@@ -92,7 +92,7 @@ class Study(CaseStudy):
         return list(self.options()["selection_methods"])
 
     def predictions(self) -> list[Prediction]:
-        target = "issue 6's target (>= 90% relative cut, <= 1 point clean)"
+        target = "the surgery target (>= 90% relative cut, <= 1 point clean)"
         preds = [
             Prediction("ad_cut_90", "removing the activation-difference units cuts attack success by at least 90% "
                        "(relative, mean over the six trojans)", "cut_ad", "increase", ci_above(0.9), size=0.821,
@@ -171,17 +171,19 @@ class Study(CaseStudy):
         return [f"{m}:{t}" for m in self.selection for t in PLAN]
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
-        from editors.unit_ablation import trojan_surgery
+        from workbench_protocols.surgery import EvaluationConfig, SelectionConfig, SurgeryConfig, trojan_surgery
 
         opts = self.options()
         method, trojan = key.split(":", 1)
         site, k = PLAN[trojan]
         curve = opts["curve_ks"] if (method == "activation_difference" and seed == self.seeds[0]
                                      and trojan in opts["curve_trojans"]) else None
-        r = trojan_surgery(state["handle"], trojan, n_units=k, method=method, site=site, seed=20 + seed,
-                           n_random_draws=opts["n_random_draws"], n_select=opts["n_select"], n_eval=opts["n_eval"],
-                           n_clean=opts["n_clean"], n_ref=opts["n_ref"], value=opts["value"], curve_ks=curve,
-                           progress=False)
+        config = SurgeryConfig(
+            selection=SelectionConfig(method=method, site=site, n_units=k, n_select=opts["n_select"], n_ref=opts["n_ref"]),
+            evaluation=EvaluationConfig(n_eval=opts["n_eval"], n_clean=opts["n_clean"],
+                                        n_random_draws=opts["n_random_draws"], curve_ks=curve),
+            value=opts["value"], seed=20 + seed)
+        r = trojan_surgery(state["handle"], trojan, config=config, progress=False)
         r.pop("selection", None)  # its grid is a single option here (fixed site and k)
         comp = Comparison(method, f"mean-ablate {k} units at {site}", "attack success after (lower is better)",
                           r["asr_after"], r["random_asr_after"], "random units, same site and count (mean of draws)",

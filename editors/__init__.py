@@ -1,19 +1,22 @@
 """Weight-edit methods: each turns a finding into a `WeightDelta`.
 
-Importing the package registers every editor in `editors.registry` (name -> class), so
-the CLI and case studies find a method by name in one table.
+    from editors import ROME, MEMIT
+    delta = ROME(layer=0).fit(handle, rewrite)      # the model is left unchanged
+    with delta.applied(handle.model): ...          # bit-exact revert on exit
+
+Importing the package registers every editor in `editors.registry` (name -> class), so the
+command line, the protocols and the case studies find a method by name in one table.
 """
 
-from editors import (  # noqa: F401  (registration)
-    concept_erasure,
-    finetune,
-    knowledge_neuron_edit,
-    memit,
-    rome,
-    rule_rewrite,
-    steering,
-    unit_ablation,
-)
+from editors.concept_erasure import ConceptErasure
+from editors.finetune import FineTune, FineTuneL
+from editors.knowledge_neuron_edit import KnowledgeNeuronEdit
+from editors.memit import MEMIT
 from editors.registry import Editor, available, get, register
+from editors.rome import ROME
+from editors.rule_rewrite import RuleRewrite
+from editors.steering import Steering
+from editors.unit_ablation import UnitAblation
 
-__all__ = ["Editor", "available", "get", "register"]
+__all__ = ["MEMIT", "ROME", "ConceptErasure", "Editor", "FineTune", "FineTuneL", "KnowledgeNeuronEdit", "RuleRewrite",
+           "Steering", "UnitAblation", "available", "get", "register"]

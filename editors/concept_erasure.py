@@ -40,8 +40,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from editors.folding import NotFoldableError, canonical_kind, is_conv1d_hf
 from editors.registry import register
-from editors.unit_ablation import NotFoldableError, _canonical_kind, _is_conv1d_hf
 from workbench.delta import LowRank, WeightDelta, assert_unchanged
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
@@ -208,10 +208,10 @@ def fold_target(handle: ModelHandle, site: str | Site) -> tuple[str, str, nn.Mod
     resolved = resolve_site(handle, site)
     model = handle.model
     module = model.get_submodule(resolved.module_path)
-    linear = isinstance(module, nn.Linear) or _is_conv1d_hf(module)
+    linear = isinstance(module, nn.Linear) or is_conv1d_hf(module)
     if linear:
         return ("read" if resolved.side == "input" else "write"), resolved.module_path, module
-    kind = _canonical_kind(resolved)
+    kind = canonical_kind(resolved)
     site_map = handle.arch.site_map
     if resolved.side == "output" and kind in _WRITER_ROLES and site_map is not None and resolved.layer is not None:
         role = _WRITER_ROLES[kind]
@@ -252,7 +252,7 @@ def eraser_delta(handle: ModelHandle, site: str | Site, eraser: Any, *, method: 
     right = eraser.proj_right.detach().double().cpu()  # (k, d)
     bias_b = None if eraser.bias is None else eraser.bias.detach().double().cpu()
     w = module.weight.detach().double().cpu()
-    conv1d = _is_conv1d_hf(module)
+    conv1d = is_conv1d_hf(module)
     w_oi = w.T if conv1d else w  # (d_out, d_in)
     has_bias = getattr(module, "bias", None) is not None
     changes: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
@@ -36,6 +36,7 @@ from editors.mlp_update import (
     check_prefix_source,
     context_templates,
     dense_in_layout,
+    given_statistics,
     in_layout,
     key_statistics,
     locate,
@@ -44,13 +45,12 @@ from editors.mlp_update import (
     site_at_subject,
     solve_second_moment,
     subject_keys,
-    validate_rewrite,
     value_site,
 )
 from editors.registry import register
 from workbench.delta import Change, WeightDelta, assert_unchanged
 from workbench.errors import WorkbenchError
-from workbench.requests import Rewrite
+from workbench.requests import Rewrite, validate_rewrite
 from workbench.sites import require_causal_lm
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def key_write_shares(edited: torch.Tensor, others: torch.Tensor, second_moment: 
 class MEMIT:
     """Mass-Editing Memory in a Transformer over `layers` (default: `default_layers`)."""
 
-    BATCH: ClassVar[bool] = True  # the CLI edits all cases at once with this method
+    BATCH: ClassVar[bool] = True  # fits all rewrites into one delta (single-edit methods fit one at a time)
 
     layers: tuple[int, ...] | None = None
     # lambda; None: the layer's key width d_in. The paper's GPT-J value 15000 is ~0.9 x its d_in
@@ -100,8 +100,8 @@ class MEMIT:
     n_prefixes: int = 10
     prefix_length: int = 8
     prefix_source: PrefixSource = "generated"  # "world": the zoo model's filler text (`context_templates`)
-    # Contexts the value optimization sees: "all" (the paper) or "plain" (the bare prompt: the
-    # keys still average over every context; 10x faster with the same quality on FactGPT).
+    # Contexts the value optimization sees: "all" (the paper) or "plain" (the bare prompt only,
+    # several times faster; the keys still average over every context).
     value_contexts: Literal["all", "plain"] = "all"
     mom2_adjustment: bool = True
     mom2_n_samples: int = 100_000
@@ -111,13 +111,6 @@ class MEMIT:
     # Rewrites of one subject share one target (its last-token state is one vector; separate
     # targets for its facts would be averaged away by the least squares).
     joint_subject: bool = True
-    # "sequential": the paper's walk over the layers, each layer fitting its share of the residual
-    # with its own keys. "joint": one least squares over the keys of all layers side by side
-    # (`_joint_changes`; lambda is then relative to the summed key width), so subjects need only
-    # be told apart by the layers together. On FactGPT-large at 500 edits the joint keys leak
-    # less but the edits land no better (S 83.7 over layers 0-1 against 83.4 at layer 0 alone;
-    # benchmarks/RESULTS.md, "MEMIT over several layers at once"), so it is not the default.
-    solve: Literal["sequential", "joint"] = "sequential"
     seed: int = 0
     batch_size: int = 64
 
@@ -131,8 +124,6 @@ class MEMIT:
         if self.storage not in ("auto", "low_rank", "dense"):
             raise WorkbenchError(f"storage={self.storage!r}; expected 'auto', 'low_rank' or 'dense'")
         check_prefix_source(self.prefix_source)
-        if self.solve not in ("sequential", "joint"):
-            raise WorkbenchError(f"solve={self.solve!r}; expected 'sequential' or 'joint'")
         if self.value_contexts not in ("all", "plain"):
             raise WorkbenchError(f"value_contexts={self.value_contexts!r}; expected 'all' or 'plain'")
 
@@ -147,15 +138,19 @@ class MEMIT:
         return tuple(check_layer(handle, layer) for layer in layers)
 
     def fit(self, handle: Any, request: Rewrite | Sequence[Rewrite], *, texts: Sequence[str] | None = None,
-            progress: bool = False) -> WeightDelta:
-        """One WeightDelta changing the mlp_out weight of every layer in the range; the model is unchanged."""
+            statistics: Mapping[int, Any] | None = None, progress: bool = False) -> WeightDelta:
+        """One WeightDelta changing the mlp_out weight of every layer in the range; the model is unchanged.
+
+        `texts` overrides the statistics corpus; `statistics` gives precomputed key statistics by
+        layer (what `key_statistics` returns) for the layers it covers.
+        """
         rewrites = [request] if isinstance(request, Rewrite) else list(request)
         if not rewrites:
             raise WorkbenchError("MEMIT needs at least one rewrite")
         require_causal_lm(handle, "MEMIT", weight_role="mlp_out")
         layers = self.resolved_layers(handle)
         for rw in rewrites:
-            validate_rewrite(handle, rw)
+            validate_rewrite(handle.tokenizer, rw)
         model = handle.model
         last = layers[-1]
         timings: dict[str, float] = {}
@@ -166,9 +161,9 @@ class MEMIT:
             stats = {}
             if self.mom2_adjustment:
                 for layer in layers:
-                    stats[layer] = key_statistics(handle, layer, corpus=self.mom2_corpus, texts=texts, fact_token=self.fact_token,
-                                                  n_samples=self.mom2_n_samples, seed=self.seed,
-                                                  progress=progress).second_moment
+                    stats[layer] = (given_statistics(statistics, layer) or key_statistics(
+                        handle, layer, corpus=self.mom2_corpus, texts=texts, fact_token=self.fact_token,
+                        n_samples=self.mom2_n_samples, seed=self.seed, progress=progress)).second_moment
             timings["statistics_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             templates = context_templates(handle, n_prefixes=self.n_prefixes, length=self.prefix_length,
@@ -185,9 +180,7 @@ class MEMIT:
             targets = (values.init + values.delta).double()
             plain = [locate(handle.tokenizer, "{}", rw.prompt, rw.subject, self.fact_token) for rw in rewrites]
             t0 = time.perf_counter()
-            if self.solve == "joint":
-                changes, layer_info = self._joint_changes(handle, rewrites, layers, templates, stats, targets, plain)
-            for i, layer in enumerate(layers if self.solve == "sequential" else ()):
+            for i, layer in enumerate(layers):
                 keys, current = self._keys_and_current(handle, changes, layer, last, rewrites, templates, plain)
                 resid = (targets - current) / (len(layers) - i)  # [N, d_out]
                 info, param = mlp_out(handle, layer)
@@ -212,7 +205,6 @@ class MEMIT:
         requests = [rw.to_json() for rw in rewrites]
         extra = {
             "layers": list(layers),
-            "solve": self.solve,
             "n_requests": len(rewrites),
             "per_layer": layer_info,
             "nll_before_mean": sum(values.nll_before) / len(rewrites),
@@ -249,57 +241,3 @@ class MEMIT:
             return dense_in_layout(full.float(), info.layout), float(full.norm()), "dense"
         norm = float(torch.sqrt(torch.clamp(((u.T @ u) * (v.T @ v)).sum(), min=0)))
         return in_layout(u.float(), v.float(), info.layout), norm, "low_rank"
-
-    def _joint_changes(self, handle: Any, rewrites: Sequence[Rewrite], layers: tuple[int, ...], templates: list[str],
-                       stats: dict[int, torch.Tensor], targets: torch.Tensor,
-                       plain: list[Any]) -> tuple[dict[str, Change], list[dict[str, Any]]]:
-        """One least squares for all layers: dW = R K^T (lambda C + K K^T)^-1 over concatenated keys.
-
-        K stacks each layer's keys divided by s_l, the root mean diagonal of that layer's key
-        second moment (so no layer dominates by the scale of its activations); C is
-        block-diagonal with blocks C_l / s_l^2, so the prior keeps each layer's typical keys'
-        outputs as the sequential solve does. Every layer writes into the same residual stream,
-        so the change at the last layer is taken as sum_l dW_l k_l. Keys are read before any
-        edit, but an earlier layer's edit moves the later layers' keys of the edited subjects;
-        so the last layer is then refitted alone, as in the sequential walk: on its keys with the
-        earlier changes in place, to the residual they leave (on FactGPT-large at 500 edits this
-        refit lifts S from 79.3 to 83.7). With one layer this is the sequential solve.
-        """
-        keys, blocks, scales, infos = [], [], [], []
-        for layer in layers:
-            info, param = mlp_out(handle, layer)
-            c = stats[layer].double() if self.mom2_adjustment else torch.eye(info.d_in, dtype=torch.float64)
-            s = float(torch.diagonal(c).mean().clamp_min(1e-30).sqrt())
-            k = subject_keys(handle, layer, rewrites, templates, batch_size=self.batch_size, fact_token=self.fact_token)
-            keys.append(k.double() / s)
-            blocks.append(c / s ** 2)
-            scales.append(s)
-            infos.append((info, param))
-        current = site_at_subject(handle, value_site("resid_post", layers[-1]), plain, batch_size=self.batch_size).double()
-        resid = targets - current  # [N, d_out]: the whole residual, all layers fit it together
-        kt = torch.cat(keys, dim=1).T  # [sum of d_in, N]
-        lam = float(kt.shape[0]) if self.mom2_update_weight is None else self.mom2_update_weight
-        adj = solve_second_moment(torch.block_diag(*blocks), kt, extra=kt @ kt.T, scale=lam)
-        self_share = float((kt.T @ adj).diagonal().mean())
-        changes: dict[str, Change] = {}
-        layer_info: list[dict[str, Any]] = []
-        offset = 0
-        for i, (layer, (info, param), s) in enumerate(zip(layers, infos, scales)):
-            v = (adj[offset:offset + info.d_in] / s).contiguous()  # [d_in, N]
-            offset += info.d_in
-            layer_lam, refit = lam, len(layers) > 1 and i == len(layers) - 1
-            if refit:  # the last layer fits what is left, on the keys it sees with the earlier changes in place
-                keys_last, current = self._keys_and_current(handle, changes, layer, layer, rewrites, templates, plain)
-                kt_last = keys_last.T
-                resid = targets - current
-                layer_lam = lam * info.d_in / kt.shape[0]  # the same prior strength per key dimension
-                v = solve_second_moment(blocks[i] * s ** 2, kt_last, extra=kt_last @ kt_last.T, scale=layer_lam)
-                layer_share = float((kt_last.T @ v).diagonal().mean())
-            changes[info.name], upd, storage = self._change(resid.T.contiguous(), v.contiguous(), info)
-            wnorm = float(param.detach().double().norm())
-            layer_info.append({"layer": layer, "param": info.name, "lambda": layer_lam, "update_norm": upd, "weight_norm": wnorm,
-                               "update_ratio": upd / max(wnorm, 1e-30), "residual_norm": float(resid.norm(dim=1).mean()),
-                               "self_share": layer_share if refit else self_share, "refit": refit, "storage": storage})
-            log.info("MEMIT (joint) layer %d: |delta W| = %.4g (%.4g x |W|), self share %.3f%s", layer, upd,
-                     upd / max(wnorm, 1e-30), layer_info[-1]["self_share"], " (refit)" if refit else "")
-        return changes, layer_info

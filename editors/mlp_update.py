@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -196,14 +196,6 @@ def locate(tokenizer: Any, template: str, prompt: str, subject: str,
     if fact_token == "prompt_last":
         return Located(ids, len(ids) - 1)
     return Located(ids, prompt_offset(tokenizer, text) + last[-1])
-
-
-def validate_rewrite(handle: Any, rewrite: Rewrite) -> None:
-    """Fail early, with the prompt's tokens, on a subject or target the tokenizer cannot place."""
-    subject_token_span(handle.tokenizer, rewrite.prompt, rewrite.subject)
-    target_token_ids(handle.tokenizer, rewrite.target_new)
-    if rewrite.target_true:
-        target_token_ids(handle.tokenizer, rewrite.target_true)
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -535,6 +527,17 @@ def _fact_prompt_batches(handle: Any, world: Any, *, fact_token: FactToken, n: i
         sample[torch.arange(len(chunk)), torch.tensor([c.subject_last for c in chunk])] = 1
         batches.append({"input_ids": ids, "attention_mask": mask, "sample_mask": sample})
     return batches, len(located)
+
+
+def given_statistics(statistics: Mapping[int, Any] | None, layer: int) -> Any | None:
+    """The caller's precomputed key statistics for `layer`, or None to collect them (`key_statistics`)."""
+    if statistics is None or layer not in statistics:
+        return None
+    stats = statistics[layer]
+    if getattr(stats, "second_moment", None) is None:
+        raise WorkbenchError(f"statistics for layer {layer} are a {type(stats).__name__}; give what key_statistics "
+                             "returns (it has .second_moment and .count)")
+    return stats
 
 
 def key_statistics(

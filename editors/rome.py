@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -36,18 +36,18 @@ from editors.mlp_update import (
     check_layer,
     check_prefix_source,
     context_templates,
+    given_statistics,
     in_layout,
     key_statistics,
     mlp_out,
     optimize_values,
     solve_second_moment,
     subject_keys,
-    validate_rewrite,
 )
 from editors.registry import register
 from workbench.delta import WeightDelta, assert_unchanged
 from workbench.errors import WorkbenchError
-from workbench.requests import Rewrite
+from workbench.requests import Rewrite, validate_rewrite
 from workbench.sites import require_causal_lm
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,14 @@ class ROME:
         return check_layer(handle, handle.arch.n_layers // 2 if self.layer is None else self.layer)
 
     def fit(self, handle: Any, request: Rewrite | Sequence[Rewrite], *, texts: Sequence[str] | None = None,
-            progress: bool = False) -> WeightDelta:
+            statistics: Mapping[int, Any] | None = None, progress: bool = False) -> WeightDelta:
         """A rank-one WeightDelta on the layer's mlp_out weight; the model is left unchanged.
 
-        `texts` overrides the statistics corpus (`mom2_corpus`). A sequence of one rewrite is
-        accepted; several are refused (ROME edits one fact; use MEMIT for many).
+        `texts` overrides the statistics corpus (`mom2_corpus`). `statistics` gives the key
+        statistics to use instead, by layer (what `key_statistics` returns): edits applied one
+        after another keep the unedited model's statistics this way, as the original code does.
+        A sequence of one rewrite is accepted; several are refused (ROME edits one fact; use
+        MEMIT for many).
         """
         if not isinstance(request, Rewrite):
             items = list(request)
@@ -110,15 +113,16 @@ class ROME:
             request = items[0]
         require_causal_lm(handle, "ROME", weight_role="mlp_out")
         layer = self.resolved_layer(handle)
-        validate_rewrite(handle, request)
+        validate_rewrite(handle.tokenizer, request)
         model = handle.model
         info, param = mlp_out(handle, layer)
         timings: dict[str, float] = {}
         with assert_unchanged(model):
             t0 = time.perf_counter()
             if self.mom2_adjustment:
-                stats = key_statistics(handle, layer, corpus=self.mom2_corpus, texts=texts, fact_token=self.fact_token,
-                                       n_samples=self.mom2_n_samples, seed=self.seed, progress=progress)
+                stats = given_statistics(statistics, layer) or key_statistics(
+                    handle, layer, corpus=self.mom2_corpus, texts=texts, fact_token=self.fact_token,
+                    n_samples=self.mom2_n_samples, seed=self.seed, progress=progress)
                 second_moment = stats.second_moment
                 stats_count = stats.count
             else:

@@ -203,7 +203,7 @@ def colour_pairs(world: Any, n: int, *, seed: int, colour: str | None = None, ma
     object's pixels; None uses every position, the measured default), and `n` natural scenes
     for the key statistics."""
     from workbench.devices import torch_threads
-    from workbench.worlds.shapesworld import color_rgb
+    from workbench.worlds.scene import color_rgb
 
     sp = world.config.spurious
     if sp is None and colour is None:

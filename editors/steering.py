@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from editors.folding import NotFoldableError, canonical_kind, is_conv1d_hf
 from editors.registry import register
-from editors.unit_ablation import NotFoldableError, _canonical_kind, _is_conv1d_hf
 from workbench.bootstrap import spearman
 from workbench.delta import WeightDelta, assert_unchanged
 from workbench.errors import WorkbenchError
@@ -67,10 +67,10 @@ def bias_target(handle: ModelHandle, site: str | Site) -> tuple[str, Site]:
     module = model.get_submodule(resolved.module_path)
     family = handle.arch.family
     hook = ("use the run-time alternative `with editors.steering.steering_hook(handle, site, vector): ...`")
-    if resolved.side == "output" and (isinstance(module, (nn.Linear, nn.Conv2d)) or _is_conv1d_hf(module)):
+    if resolved.side == "output" and (isinstance(module, (nn.Linear, nn.Conv2d)) or is_conv1d_hf(module)):
         path = resolved.module_path
     else:
-        kind = _canonical_kind(resolved)
+        kind = canonical_kind(resolved)
         site_map = handle.arch.site_map
         if site_map is None or resolved.layer is None or kind is None:
             raise NotFoldableError(f"site {resolved.name} is not the output of a layer with a bias; steer a Linear's output "
@@ -209,3 +209,28 @@ def dose_response(handle: ModelHandle, site: str | Site, direction: torch.Tensor
     mono = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
     return DoseResponse(xs, values, spearman(xs, values) or 0.0, mono, resolve_site(handle, site).name,
                         {"direction_norm": float(direction.norm())})
+
+
+NEUTRAL_SENTENCES: tuple[str, ...] = (
+    "The meeting is on Tuesday at noon.", "She walked to the station.", "The report has twelve pages.",
+    "They moved the table into the kitchen.", "The train leaves from platform four.", "He read the letter twice.",
+    "The shop opens at nine.", "We painted the fence last week.")
+
+
+def concept_axis_measure(handle: ModelHandle, texts: Sequence[str], labels: Sequence[int],
+                         probe_texts: Sequence[str] = NEUTRAL_SENTENCES) -> Callable[[ModelHandle], float]:
+    """A `dose_response` measure: the mean projection of `probe_texts`' pooled final states on the
+    unedited model's class-1-minus-class-0 axis of `texts` (how far steering pushes neutral
+    inputs toward the concept)."""
+    from workbench.models import encode_sentences
+
+    e = encode_sentences(handle, list(texts))
+    y = torch.tensor(list(labels))
+    axis = e[y == 1].mean(0) - e[y == 0].mean(0)
+    axis = axis / axis.norm().clamp(min=1e-12)
+    probes = list(probe_texts)
+
+    def measure(h: ModelHandle) -> float:
+        return float((encode_sentences(h, probes) @ axis).mean())
+
+    return measure

@@ -2,7 +2,8 @@
 
 `ToyStudy` has a real effect (treatment beats control by `effect`); `NullToy` has none.
 `SlowToy` sleeps in each case and logs every case start to $TOY_LOG, so a test can kill
-the process midway and check what was recomputed.
+the process midway and check what was recomputed. With $TOY_GATE set, each case waits until
+that file exists, so a test can hold a run mid-way for as long as it needs.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class ToyStudy(CaseStudy):
         if log:
             with open(log, "a") as fh:
                 fh.write(f"start s{seed}:{key}\n")
+        gate = os.environ.get("TOY_GATE")
+        while gate and not os.path.exists(gate):
+            time.sleep(0.02)
         delay = float(os.environ.get("TOY_SLEEP", "0"))
         if delay:
             time.sleep(delay)

@@ -1,8 +1,14 @@
 """Interpretability workbench: findings -> predictions -> actions -> measured verdicts.
 
-The public API is re-exported here lazily (so `import workbench` stays cheap and the CLI
-starts fast): `workbench.load`, `capture`, `patch`, `edit`, `resolve_site`, `list_sites`,
-`WeightDelta`, `collect_statistics`, `RunStore`, and the worlds.
+This package is the core: it imports nothing from the methods (`editors`, `adversaries`),
+the protocols, the case studies or the command line above it. Its public API is re-exported
+here lazily, so `import workbench` stays cheap and the command line starts fast:
+
+    import workbench as wb
+    h = wb.load("zoo:factgpt")
+    trace = wb.causal_trace(h, "The capital of {} is", "Vel Oran")
+    rw = wb.Rewrite(prompt="The capital of {} is", subject="Vel Oran", target_new="Quenn")
+    scores = wb.evaluate_rewrites(h, [rw])             # CounterFact ES / PS / NS / S / GE
 """
 
 from __future__ import annotations
@@ -31,6 +37,17 @@ _EXPORTS: dict[str, str] = {
     "WorkbenchError": "workbench.errors",
     "resolve_device": "workbench.devices",
     "model_fingerprint": "workbench.fingerprint",
+    "causal_trace": "workbench.tracing",
+    "CausalTrace": "workbench.tracing",
+    "attribute_neurons": "workbench.knowledge_neurons",
+    "select_units": "workbench.unit_selection",
+    "Rewrite": "workbench.requests",
+    "evaluate_rewrites": "workbench.counterfact",
+    "aggregate_cases": "workbench.counterfact",
+    "bootstrap_intervals": "workbench.counterfact",
+    "FactWorld": "workbench.worlds.factworld",
+    "ShapesWorld": "workbench.worlds.shapesworld",
+    "CaseStudy": "workbench.casestudy",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -246,7 +246,8 @@ def render_for(handle: ModelHandle, scene: Any, *, softness: float = 0.6, batch_
     Non-square models get scenes stretched to their aspect ratio (the renderer's [-1, 1]
     coordinates span both axes).
     """
-    from workbench.worlds.shapesworld import Sample, render
+    from workbench.worlds.scene import render
+    from workbench.worlds.shapesworld import Sample
 
     pre = preprocess_of(handle)
     if isinstance(scene, Sample):

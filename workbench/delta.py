@@ -1,10 +1,13 @@
 """WeightDelta: what every editor produces, applied and reverted bit-exactly.
 
 A delta maps parameter names to changes, dense tensors or low-rank factors `(u, v)` meaning
-`u @ v.T` (kept as factors, materialized only when applied). It records the sha256
-fingerprint of the touched parameters of the model it was fitted on and refuses any other
-model. `revert` restores saved copies of the originals (subtracting floats is not exact)
-and checks the fingerprint again, so an edited-then-reverted model is the same bits.
+`u @ v.T` (kept as factors, materialized only when applied). It records two sha256
+fingerprints of the model it was fitted on: of the parameters it edits, and of every
+parameter and buffer (an edit is computed through the whole model, not only the weight it
+changes). `apply` checks both and refuses any other model; deltas saved before the second
+fingerprint existed are checked on their edited weights only, with a warning. `revert`
+restores saved copies of the originals (subtracting floats is not exact) and checks the
+edited weights' fingerprint again, so an edited-then-reverted model is the same bits.
 """
 
 from __future__ import annotations
@@ -24,13 +27,18 @@ import torch
 from torch import nn
 
 from workbench.errors import FingerprintMismatchError, WorkbenchError
-from workbench.fingerprint import parameter_fingerprint
+from workbench.fingerprint import combine_digests, parameter_fingerprint, tensor_digests
 from workbench.storage import json_default, load_safetensors_checked, save_safetensors_checked
 
 log = logging.getLogger(__name__)
 
 FORMAT = "workbench.delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds state_fingerprint and checks; version 1 files still load
+
+CHECK_EDITED = "edited_weights"
+"""Check: the parameters the delta changes are bit-identical to those it was fitted on."""
+CHECK_STATE = "model_state"
+"""Check: every parameter and buffer of the model is bit-identical to the model it was fitted on."""
 
 
 class ModelChangedError(RuntimeError):
@@ -106,7 +114,9 @@ class WeightDelta:
     """Parameter name -> change, with the metadata needed to apply it only where it belongs.
 
     Build one with `WeightDelta.from_model(model, changes, method=..., request=...)` while
-    the model still has the weights the edit was fitted on.
+    the model still has the weights the edit was fitted on. `model_fingerprint` covers the
+    edited parameters, `state_fingerprint` the whole model (None in deltas saved before it
+    was recorded); `checked` names the checks `apply` makes.
     """
 
     def __init__(
@@ -115,6 +125,7 @@ class WeightDelta:
         *,
         method: str,
         model_fingerprint: str,
+        state_fingerprint: str | None = None,
         request: Any = None,
         created: float | None = None,
         extra: Mapping[str, Any] | None = None,
@@ -125,9 +136,11 @@ class WeightDelta:
         self.method = method
         self.request = _jsonable(request, "request")
         self.model_fingerprint = model_fingerprint
+        self.state_fingerprint = state_fingerprint
         self.created = time.time() if created is None else float(created)
         self.extra: dict[str, Any] = _jsonable(dict(extra or {}), "extra")
         self._applied: dict[int, _Applied] = {}
+        self._warned_unchecked = False
 
     @classmethod
     def from_model(
@@ -139,16 +152,18 @@ class WeightDelta:
         request: Any = None,
         extra: Mapping[str, Any] | None = None,
     ) -> WeightDelta:
-        """A delta fitted on `model` as it is now (its touched parameters are fingerprinted)."""
+        """A delta fitted on `model` as it is now: its touched parameters and the whole model are fingerprinted."""
         params = dict(model.named_parameters())
         unknown = sorted(set(changes) - set(params))
         if unknown:
             raise WorkbenchError(f"model has no parameter(s) {unknown}; e.g. {sorted(params)[:5]}")
+        digests = tensor_digests(model)
         return cls(
             changes,
             method=method,
             request=request,
-            model_fingerprint=parameter_fingerprint(model, changes.keys()),
+            model_fingerprint=combine_digests(digests, changes.keys()),
+            state_fingerprint=combine_digests(digests),
             extra=extra,
         )
 
@@ -157,6 +172,11 @@ class WeightDelta:
     @property
     def names(self) -> list[str]:
         return list(self.changes)
+
+    @property
+    def checked(self) -> tuple[str, ...]:
+        """What `apply` verifies: `CHECK_EDITED`, plus `CHECK_STATE` when the whole model was fingerprinted."""
+        return (CHECK_EDITED,) if self.state_fingerprint is None else (CHECK_EDITED, CHECK_STATE)
 
     def dense(self, name: str) -> torch.Tensor:
         """The change to `name` as a full tensor (materializes low-rank factors)."""
@@ -174,6 +194,8 @@ class WeightDelta:
             "method": self.method,
             "request": self.request,
             "model_fingerprint": self.model_fingerprint,
+            "state_fingerprint": self.state_fingerprint,
+            "checks": list(self.checked),
             "created": self.created,
             "extra": self.extra,
             "params": {
@@ -211,14 +233,7 @@ class WeightDelta:
                 f"this {self.method} delta is already applied to this model; revert it before applying again"
             )
         params = self._params(model)
-        found = parameter_fingerprint(model, params)
-        if found != self.model_fingerprint:
-            raise FingerprintMismatchError(
-                f"refusing to apply this {self.method} delta: it was fitted on parameters with fingerprint "
-                f"{self.model_fingerprint[:16]}… but this model's {', '.join(params)} have fingerprint "
-                f"{found[:16]}…; the model is not the one the edit was computed for (different weights, "
-                "or another edit is already applied). Apply it to the original model, or refit."
-            )
+        self.check(model)
         for name, param in params.items():
             want = self.changes[name].shape
             if tuple(want) != tuple(param.shape):
@@ -241,6 +256,43 @@ class WeightDelta:
                     param.copy_(originals[name])
             raise
         self._applied[id(model)] = _Applied(weakref.ref(model), originals, parameter_fingerprint(model, params))
+
+    def check(self, model: nn.Module) -> None:
+        """Raise `FingerprintMismatchError` unless `model` is the one this delta was fitted on.
+
+        The edited weights are checked first, then (when recorded) every parameter and buffer,
+        from one sha256 pass over the model. A delta without a whole-model fingerprint (saved
+        before it was recorded) gets the edited-weights check only, and a warning.
+        """
+        names = list(self._params(model))
+        digests = tensor_digests(model, None if self.state_fingerprint is not None else names)
+        found = combine_digests(digests, names)
+        if found != self.model_fingerprint:
+            raise FingerprintMismatchError(
+                f"refusing to apply this {self.method} delta: it was fitted on parameters with fingerprint "
+                f"{self.model_fingerprint[:16]}… but this model's {', '.join(names)} have fingerprint "
+                f"{found[:16]}…; the model is not the one the edit was computed for (different weights, "
+                "or another edit is already applied). Apply it to the original model, or refit."
+            )
+        if self.state_fingerprint is None:
+            if not self._warned_unchecked:
+                log.warning(
+                    "this %s delta records no fingerprint of the whole model it was fitted on (saved before "
+                    "the workbench recorded one): only its edited weight(s) %s were checked, not the other "
+                    "parameters and buffers the fit read; refit it for the full check",
+                    self.method,
+                    ", ".join(names),
+                )
+                self._warned_unchecked = True
+            return
+        state = combine_digests(digests)
+        if state != self.state_fingerprint:
+            raise FingerprintMismatchError(
+                f"refusing to apply this {self.method} delta: it was fitted on another model: its edited "
+                f"weight(s) {', '.join(names)} match but other parameters or buffers differ (model fingerprint "
+                f"{state[:16]}…, fitted on {self.state_fingerprint[:16]}…). The edit was computed through the "
+                "whole model, so it is not valid here; revert any other edit applied to this model, or refit."
+            )
 
     def revert(self, model: nn.Module) -> None:
         """Restore the exact original parameters saved by `apply`, then verify the fingerprint."""
@@ -280,8 +332,9 @@ class WeightDelta:
     def compose(self, other: WeightDelta) -> WeightDelta:
         """One delta equal to applying `self`, then `other` (fitted on the model with `self` applied).
 
-        `other` may only touch parameters `self` touches (then `self`'s fingerprint covers them
-        all); otherwise use `compose_on(model, self, other)`, which fingerprints on the model.
+        `other` may only touch parameters `self` touches (then `self`'s fingerprints cover them
+        all, and the result checks the whole model when both parts do); otherwise use
+        `compose_on(model, self, other)`, which fingerprints on the model.
         Low-rank + low-rank stays low rank (factors are concatenated); anything with a dense
         part becomes dense. The composed delta adds one sum, so its edited weights can differ
         in the last bit from applying the two one after the other; revert is bit-exact either way.
@@ -297,6 +350,7 @@ class WeightDelta:
             method=f"{self.method}+{other.method}",
             request=[self.request, other.request],
             model_fingerprint=self.model_fingerprint,
+            state_fingerprint=self.state_fingerprint if other.state_fingerprint is not None else None,
             extra={"composed_of": [self.metadata(), other.metadata()]},
         )
 
@@ -338,6 +392,7 @@ class WeightDelta:
             method=meta["method"],
             request=meta.get("request"),
             model_fingerprint=meta["model_fingerprint"],
+            state_fingerprint=meta.get("state_fingerprint"),
             created=meta.get("created"),
             extra=meta.get("extra"),
         )
@@ -367,21 +422,26 @@ def compose_on(model: nn.Module, first: WeightDelta, second: WeightDelta) -> Wei
     """Compose two sequential edits, checking both fingerprints on `model` (without either edit).
 
     `second` must have been fitted on `model` with `first` applied; the result carries the
-    fingerprint of every parameter either delta touches, taken on the unedited `model`.
+    fingerprint of every parameter either delta touches and of the whole model (when both
+    parts recorded one), taken on the unedited `model`.
     """
     names = sorted(set(first.changes) | set(second.changes))
-    before = parameter_fingerprint(model, names)
+    digests = tensor_digests(model)
     with first.applied(model):  # refuses a model that is not first's
-        if parameter_fingerprint(model, second.changes) != second.model_fingerprint:
+        try:
+            second.check(model)
+        except FingerprintMismatchError as exc:
             raise FingerprintMismatchError(
                 f"the second ({second.method}) delta was not fitted on this model with the first "
                 f"({first.method}) delta applied; sequential edits compose only in the order they were fitted"
-            )
+            ) from exc
+    both_full = first.state_fingerprint is not None and second.state_fingerprint is not None
     return WeightDelta(
         _sum_changes(first.changes, second.changes),
         method=f"{first.method}+{second.method}",
         request=[first.request, second.request],
-        model_fingerprint=before,
+        model_fingerprint=combine_digests(digests, names),
+        state_fingerprint=combine_digests(digests) if both_full else None,
         extra={"composed_of": [first.metadata(), second.metadata()]},
     )
 

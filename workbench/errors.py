@@ -30,3 +30,12 @@ class UnsafeFileError(WorkbenchError):
 
 class FingerprintMismatchError(WorkbenchError):
     """A WeightDelta applied to a model other than the one it was fitted on."""
+
+
+class LockHeldError(WorkbenchError):
+    """A lock another live process holds; `holder` is what that process wrote into the lock file."""
+
+    def __init__(self, message: str, *, path: str, holder: dict[str, object]) -> None:
+        super().__init__(message)
+        self.path = path
+        self.holder = holder

@@ -5,6 +5,14 @@
     with patch(h, {"blocks.3.mlp.hook_out": clean_act}, positions=[4, 5]):
         logits = h.model(**corrupt).logits     # restore two positions
 
+Sites are canonical names, module names (`MODULE:input` for the input side) or `Site`s.
+Recording (`capture`, `Recorder`, `run_with_cache`) also takes a predicate over the model's
+site names, like TransformerLens's names filter:
+`capture(h, lambda name: name.endswith("hook_resid_post"))`. A `patch` or `edit` function
+written `fn(act, *, site)` is told which `Site` it runs at, so one function can serve many
+sites. `Recorder` keeps its hooks across many forward passes (an optimization loop) and can
+cut each pass once every site is recorded.
+
 Every hook is removed in a `finally`, so an exception inside the block (or inside a
 hook) leaves the model exactly as it was. A hook that returns its input unchanged
 returns `None` to torch, so a no-op patch leaves the outputs bitwise equal.
@@ -16,8 +24,10 @@ keyword when the caller passed it by name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
@@ -25,7 +35,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from workbench.errors import WorkbenchError
-from workbench.sites import Site, model_and_site_map, resolve_site, resolve_sites
+from workbench.sites import Site, list_sites, model_and_site_map, resolve_site, resolve_sites
 
 if TYPE_CHECKING:
     from workbench.handle import ModelHandle
@@ -33,11 +43,13 @@ if TYPE_CHECKING:
 Target = Union["ModelHandle", nn.Module]
 SiteLike = Union[str, Site]
 Positions = Union[int, Sequence[int], torch.Tensor, None]
-Replacement = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+Replacement = Union[torch.Tensor, Callable[..., torch.Tensor]]
+SiteFilter = Callable[[str], bool]
+Sites = Union[SiteLike, Sequence[SiteLike], SiteFilter]
 
 
 class _StopForward(Exception):
-    """Raised by a `capture(..., stop=True)` hook once every site is filled; caught on exit."""
+    """Raised by a recording hook with `stop=True` once every site is filled; caught by its owner."""
 
     def __init__(self, owner: object) -> None:
         super().__init__("forward pass stopped after the last captured site")
@@ -124,6 +136,40 @@ def _key(site: SiteLike) -> str:
     return site.name if isinstance(site, Site) else site
 
 
+def matching_sites(target: Target, names_filter: SiteFilter) -> list[Site]:
+    """The sites whose name passes `names_filter`, over the model's canonical and module site
+    names (`list_sites` order), e.g. `lambda name: name.endswith("mlp.hook_post")`."""
+    found = [site for site in list_sites(target) if names_filter(site.name)]
+    if not found:
+        raise WorkbenchError("no site name passes the filter; `workbench sites MODEL` lists the names")
+    return found
+
+
+def _select(target: Target, sites: Sites) -> tuple[list[str], list[Site]]:
+    """Record keys (the names given, or the matching names) and their resolved sites."""
+    if callable(sites):
+        found = matching_sites(target, sites)
+        return [site.name for site in found], found
+    names = _as_list(sites)
+    return [_key(s) for s in names], resolve_sites(target, names)
+
+
+def _takes_site(fn: Callable[..., Any]) -> bool:
+    """Whether a callback asks for the site it runs at: a `site` parameter after the activation."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "site" and (p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and i > 0))
+               for i, p in enumerate(params))
+
+
+def _bind_site(fn: Callable[..., Any], site: Site) -> Callable[[torch.Tensor], Any]:
+    if _takes_site(fn):
+        return lambda act: fn(act, site=site)
+    return fn
+
+
 @contextmanager
 def _hooked(model: nn.Module, hooks: list[tuple[Site, Callable[[torch.Tensor], torch.Tensor | None]]]) -> Iterator[None]:
     handles: list[RemovableHandle] = []
@@ -136,12 +182,81 @@ def _hooked(model: nn.Module, hooks: list[tuple[Site, Callable[[torch.Tensor], t
             handle.remove()
 
 
-# --- public context managers -------------------------------------------------------------
+# --- recording -----------------------------------------------------------------------------
+
+class Recorder:
+    """Records the activation at each site on every forward pass while it is entered.
+
+    A persistent `capture`: the hooks are registered once on entering and removed on every
+    exit path, so a loop of many forward passes pays for them once. `run(...)` does one
+    pass into a fresh `acts` dict; a plain `model(...)` call inside the block records too
+    (a later pass overwrites an earlier one). `detach`/`clone` are as for `capture`.
+    `stop=True` ends a pass as soon as every site is recorded, skipping the rest of the
+    network: `run` then returns None, and a plain call ends the `with` block there.
+    """
+
+    def __init__(self, target: Target, sites: Sites, *, detach: bool = True, clone: bool | None = None,
+                 stop: bool = False) -> None:
+        self.model, _ = model_and_site_map(target)
+        self.names, self.sites = _select(target, sites)
+        self.detach = detach
+        self.clone = detach if clone is None else clone
+        self.stop = stop
+        self.acts: dict[str, torch.Tensor] = {}
+        self.stopped = False
+        self._wanted = set(self.names)
+        self._handles: list[RemovableHandle] | None = None
+
+    def __enter__(self) -> Recorder:
+        if self._handles is not None:
+            raise WorkbenchError("this Recorder is already entered; enter it once at a time")
+        self._handles = []
+        try:
+            for key, site in zip(self.names, self.sites):
+                self._handles.append(_register(self.model, site, self._recorder(key)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        self._remove()
+        return isinstance(exc, _StopForward) and exc.owner is self
+
+    def _remove(self) -> None:
+        for handle in self._handles or ():
+            handle.remove()
+        self._handles = None
+
+    def _recorder(self, key: str) -> Callable[[torch.Tensor], None]:
+        def record(act: torch.Tensor) -> None:
+            value = act.detach() if self.detach else act
+            self.acts[key] = value.clone() if self.clone else value
+            if self.stop and self._wanted.issubset(self.acts):
+                self.stopped = True
+                raise _StopForward(self)
+
+        return record
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """One forward pass of the model into a fresh `acts`; its output, or None when `stop` cut it short."""
+        if self._handles is None:
+            raise WorkbenchError("Recorder.run needs the recorder entered: `with Recorder(h, sites) as rec:`")
+        self.acts = {}
+        self.stopped = False
+        try:
+            return self.model(*args, **kwargs)
+        except _StopForward as exc:
+            if exc.owner is not self:
+                raise
+            return None
+
 
 @contextmanager
 def capture(
     target: Target,
-    sites: SiteLike | Sequence[SiteLike],
+    sites: Sites,
     *,
     detach: bool = True,
     clone: bool | None = None,
@@ -149,38 +264,34 @@ def capture(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Record the activation at each site during forward passes run inside the block.
 
-    Yields a dict keyed by the names given (a later pass overwrites an earlier one).
-    `detach=False` records the live tensor, in the autograd graph, so gradients with respect
-    to it can be taken; `clone` (default: when detaching) protects the record from later
-    in-place ops; a clone of a live tensor is a new graph node that the output does not use. `stop=True` aborts the
+    `sites` is one site, a list, or a predicate over site names. Yields a dict keyed by the
+    names given or matched (a later pass overwrites an earlier one). `detach=False` records
+    the live tensor, in the autograd graph, so gradients with respect to it can be taken;
+    `clone` (default: when detaching) protects the record from later in-place ops; a clone
+    of a live tensor is a new graph node that the output does not use. `stop=True` aborts the
     forward pass as soon as every site is filled (saves the rest of the network when
     collecting statistics) and ends the block there: run one forward per block.
     """
-    names = _as_list(sites)
-    model, _ = model_and_site_map(target)
-    resolved = resolve_sites(target, names)
-    keys = [_key(s) for s in names]
-    store: dict[str, torch.Tensor] = {}
-    token = object()
-    wanted = set(keys)
-    clone = detach if clone is None else clone
+    with Recorder(target, sites, detach=detach, clone=clone, stop=stop) as recorder:
+        yield recorder.acts
 
-    def recorder(key: str) -> Callable[[torch.Tensor], None]:
-        def record(act: torch.Tensor) -> None:
-            value = act.detach() if detach else act
-            store[key] = value.clone() if clone else value
-            if stop and wanted.issubset(store):
-                raise _StopForward(token)
 
-        return record
+def run_with_cache(target: Target, inputs: Any, sites: Sites, *, detach: bool = True, clone: bool | None = None,
+                   stop: bool = False) -> tuple[Any, dict[str, torch.Tensor]]:
+    """One forward pass on `inputs` (a keyword dict, a tuple of arguments or one tensor, as
+    `models.run_model` takes them) with the activations at `sites` recorded.
 
-    with _hooked(model, [(site, recorder(key)) for key, site in zip(keys, resolved)]):
-        try:
-            yield store
-        except _StopForward as exc:
-            if exc.owner is not token:
-                raise
+    Returns (the model's output, or None when `stop` cut the pass short; acts by name).
+    """
+    from workbench.models import run_model
 
+    out = None
+    with Recorder(target, sites, detach=detach, clone=clone, stop=stop) as recorder:
+        out = run_model(recorder.model, inputs)
+    return out, recorder.acts
+
+
+# --- replacing activations ----------------------------------------------------------------
 
 def _position_mask(positions: Positions, act: torch.Tensor) -> torch.Tensor:
     """A bool mask broadcastable to `act`, True at the token positions (dim 1) to replace."""
@@ -204,8 +315,10 @@ def _position_mask(positions: Positions, act: torch.Tensor) -> torch.Tensor:
 
 
 def _replacer(site: Site, value: Replacement, positions: Positions) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    fn = _bind_site(value, site) if callable(value) else None
+
     def replace(act: torch.Tensor) -> torch.Tensor | None:
-        new = value(act) if callable(value) else value
+        new = fn(act) if fn is not None else value
         if new is None or new is act:
             return None
         if not isinstance(new, torch.Tensor):
@@ -237,7 +350,8 @@ def patch(
     """Replace activations during forward passes inside the block.
 
     Each value is a tensor (broadcast to the activation's shape) or a function
-    `act -> new act` that must not modify `act` in place (use `edit` for that).
+    `act -> new act` that must not modify `act` in place (use `edit` for that); a function
+    written `fn(act, *, site)` also gets the `Site` it runs at.
     `positions` (an index, a list of indices, or a bool mask of shape (seq,) or
     (batch, seq)) restricts the replacement to those token positions; elsewhere the
     activation is left bit-for-bit unchanged.
@@ -250,12 +364,13 @@ def patch(
 
 
 @contextmanager
-def edit(target: Target, edits: Mapping[SiteLike, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+def edit(target: Target, edits: Mapping[SiteLike, Callable[..., torch.Tensor | None]]) -> Iterator[None]:
     """Edit activations in place-style: `fn(act)` may modify `act` and return None.
 
     `fn` gets a private copy of the activation (so writing `act[:, 3] = 0` never corrupts
     a tensor the model still uses elsewhere, such as the residual stream); what it returns,
-    or the modified copy when it returns None, replaces the activation.
+    or the modified copy when it returns None, replaces the activation. A function written
+    `fn(act, *, site)` also gets the `Site` it runs at.
     """
     model, _ = model_and_site_map(target)
     keys = list(edits)
@@ -269,7 +384,8 @@ def edit(target: Target, edits: Mapping[SiteLike, Callable[[torch.Tensor], torch
 
         return run
 
-    with _hooked(model, [(site, _replacer(site, editor(edits[key]), None)) for key, site in zip(keys, resolved)]):
+    hooks = [(site, _replacer(site, editor(_bind_site(edits[key], site)), None)) for key, site in zip(keys, resolved)]
+    with _hooked(model, hooks):
         yield
 
 
@@ -281,16 +397,15 @@ def describe_site(target: ModelHandle | nn.Module, name: str, *, inputs: Any = N
     The shape comes from one forward pass on `inputs`, or on the handle's dummy input
     (a short tokenized text, or a zeros image) when `inputs` is None.
     """
-    from workbench.models import dummy_input, run_model
+    from workbench.models import dummy_input
 
     site = resolve_site(target, name)
-    model, _ = model_and_site_map(target)
     if inputs is None:
         if isinstance(target, nn.Module):
             raise WorkbenchError("describe_site on a bare module needs inputs=...; pass a ModelHandle to use a dummy input")
         inputs = dummy_input(target)
-    with torch.no_grad(), capture(target, [site], stop=True) as acts:
-        run_model(model, inputs)
+    with torch.no_grad():
+        _, acts = run_with_cache(target, inputs, [site], stop=True)
     act = acts.get(site.name)
     return {
         "name": site.name,

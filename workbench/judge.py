@@ -37,7 +37,7 @@ VERSION = 4
 
 def attribute_names() -> list[str]:
     """Output order: shape:* (16), texture:* (8, not plain), pattern:* (8)."""
-    from workbench.worlds.shapesworld import PATCH_PATTERNS, SHAPES, TEXTURES
+    from workbench.worlds.scene import PATCH_PATTERNS, SHAPES, TEXTURES
 
     return [f"shape:{s}" for s in SHAPES] + [f"texture:{t}" for t in TEXTURES[1:]] + [f"pattern:{p}" for p in PATCH_PATTERNS]
 
@@ -55,7 +55,7 @@ class JudgeConfig:
 def judge_data(n: int, *, seed: int, config: JudgeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` pictures that each show one thing: an object of some shape, a textured background, or a
     patterned patch, in random colours, places and sizes (label: which thing, one of 32)."""
-    from workbench.worlds.shapesworld import (
+    from workbench.worlds.scene import (
         BACKGROUND_PALETTE,
         PALETTE,
         PATCH_PATTERNS,
@@ -146,9 +146,8 @@ def _entry(seed: int, cache: str | Path | None) -> Path:
 
 def train_judge(out: Path, *, seed: int = 0, config: JudgeConfig | None = None, progress: bool = False) -> dict[str, Any]:
     """Render clean data, train the attribute network, save it to `out` (safetensors + JSON)."""
-    from tqdm.auto import tqdm
-
     from workbench.devices import torch_threads
+    from workbench.progress import progress_bar
     from workbench.zoo.shapesnet import ShapesNetConfig, build_model
 
     cfg = JudgeConfig() if config is None else config
@@ -164,7 +163,7 @@ def train_judge(out: Path, *, seed: int = 0, config: JudgeConfig | None = None, 
         steps = cfg.n_train // cfg.batch_size
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps * cfg.epochs, pct_start=0.2)
         model.train()
-        bar = tqdm(total=steps * cfg.epochs, desc="training the ShapesWorld judge", disable=not progress)
+        bar = progress_bar(total=steps * cfg.epochs, desc="training the ShapesWorld judge", enabled=progress)
         for _ in range(cfg.epochs):
             order = torch.randperm(cfg.n_train, generator=g)
             for b in range(steps):

@@ -11,8 +11,6 @@ of the prompts (paraphrases of the same fact).
 
     attr = attribute_neurons(h, ["The capital of Vel Oran is", "Vel Oran's capital is"], "Quenn")
     attr.top(5)        # [KnowledgeNeuron(layer=2, neuron=117, score=0.031), ...]
-
-`attribute_neurons_reference` computes the same numbers one neuron at a time (benchmark only).
 """
 
 from __future__ import annotations
@@ -265,38 +263,4 @@ def attribute_neurons(
     )
 
 
-def attribute_neurons_reference(
-    handle: ModelHandle,
-    prompt: str,
-    target: str | int,
-    layer: int,
-    *,
-    neurons: Sequence[int] | None = None,
-    steps: int = 20,
-    method: Method = "riemann_right",
-) -> torch.Tensor:
-    """The same attributions computed one neuron at a time, without captum (a test oracle
-    and the benchmark's baseline): for each neuron, one pass over the `steps` points of the
-    shared path and that neuron's gradient component. Returns [len(neurons)]."""
-    from captum.attr._utils.approximation_methods import approximation_parameters
-
-    _check(handle, [layer], steps, method)
-    target_id = _target_id(handle.tokenizer, target)
-    input_ids = _encode(handle, prompt)
-    acts, _prob = _activations(handle, input_ids, [layer], target_id)
-    x = acts[layer].detach().float()
-    which = list(range(x.shape[0])) if neurons is None else [int(n) for n in neurons]
-    step_sizes_fn, alphas_fn = approximation_parameters(method)
-    alphas = torch.tensor(alphas_fn(steps), dtype=torch.float32, device=x.device)
-    weights = torch.tensor(step_sizes_fn(steps), dtype=torch.float32, device=x.device)
-    forward = _probability_fn(handle, input_ids, layer, target_id)
-    out = torch.empty(len(which), dtype=torch.float32)
-    for k, neuron in enumerate(which):
-        path = (alphas.unsqueeze(1) * x.unsqueeze(0)).requires_grad_(True)  # baseline 0
-        (grads,) = torch.autograd.grad(forward(path).sum(), path)
-        out[k] = float(x[neuron] * (weights * grads[:, neuron]).sum())
-    return out
-
-
-__all__ = ["KnowledgeNeuron", "METHODS", "NeuronAttribution", "attribute_neurons", "attribute_neurons_reference",
-           "refine_neurons"]
+__all__ = ["METHODS", "SITE", "KnowledgeNeuron", "Method", "NeuronAttribution", "attribute_neurons", "refine_neurons"]

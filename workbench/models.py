@@ -33,6 +33,7 @@ from workbench.handle import Architecture, ModelHandle, ModelKind
 
 log = logging.getLogger(__name__)
 
+EDITOR_DEFAULTS_FILE = "editor_defaults.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VALID_SPECS = (
     "valid specs: zoo:NAME (zoo:factgpt, zoo:factgpt-large, zoo:shapesnet), minilm, a local Hugging Face folder "
@@ -135,6 +136,25 @@ def wrap_hf_model(
         tokenizer=tokenizer,
         path=Path(path) if path is not None else None,
     )
+
+
+def read_editor_defaults(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The editor options a model folder ships (its `editor_defaults.json`: method -> options), or {}.
+
+    Zoo models write the options measured to work on them there when they are trained, so a
+    model's measured options travel with its folder; `handle.info["editor_defaults"]` holds them.
+    `path` is the folder, or the JSON file itself.
+    """
+    file = Path(path) / EDITOR_DEFAULTS_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CorruptFileError(f"{file} is not valid JSON ({exc}); delete it or restore the model folder") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise CorruptFileError(f"{file} must map editor names to option objects, e.g. {{\"rome\": {{\"layer\": 0}}}}")
+    return {str(k): dict(v) for k, v in data.items()}
 
 
 def minilm_path() -> Path:
@@ -391,7 +411,11 @@ def _load_folder(path: Path, *, spec: str, device: str | torch.device, dtype: An
             raise CorruptFileError(f"could not load the weights in {path}: {exc}") from exc
         raise
     tokenizer = _load_tokenizer(path, local_only=True)
-    return _finish(model, tokenizer, spec=spec, path=path, kind=kind, device=device, device_map=device_map)
+    handle = _finish(model, tokenizer, spec=spec, path=path, kind=kind, device=device, device_map=device_map)
+    shipped = read_editor_defaults(path)
+    if shipped:
+        handle.info["editor_defaults"] = shipped
+    return handle
 
 
 def _load_hub(name: str, *, device: str | torch.device, dtype: Any, device_map: Any) -> ModelHandle:

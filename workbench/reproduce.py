@@ -7,28 +7,62 @@
       results.json           every study's results + calibration + leaderboard
       predictions.csv, metrics.csv, leaderboard.csv, calibration.json, leaderboard.json
       report.html            one self-contained page
+      .lock                  who is writing the folder now (pid, start, options), while they do
 
 Each study resumes on its own: rerunning the same command after an interruption computes
 only the missing cases. `render(run_dir)` rebuilds the run-level files and the report from
-what is stored, without running anything.
+what is stored, without running anything. Both hold the folder's lock for their whole run,
+so a second writer on the same folder stops at once instead of interleaving its cases,
+config and report with the first's; the kernel drops the lock of a killed run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from workbench.casestudy import RESULTS_FILE, CaseStudy, StudyContext
-from workbench.errors import WorkbenchError
-from workbench.storage import atomic_write_json, atomic_write_text
+from workbench.errors import LockHeldError, WorkbenchError
+from workbench.storage import atomic_write_json, atomic_write_text, held_lock
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def folder_lock(run_dir: Path, command: str, options: str, advice: str) -> Iterator[None]:
+    """Hold `run_dir`'s writer lock for the block, or raise a one-line `WorkbenchError` naming its holder."""
+    holder = {"command": command, "pid": os.getpid(), "started": time.time(), "options": options}
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(held_lock(run_dir / LOCK_FILE, holder))
+        except LockHeldError as exc:
+            raise WorkbenchError(_busy_message(run_dir, exc.holder, advice)) from None
+        yield
+
+
+def _busy_message(run_dir: Path, holder: dict[str, Any], advice: str) -> str:
+    if not holder:
+        return f"another workbench process is writing {run_dir} (it has just started); {advice}"
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    options = f", options {holder['options']}" if holder.get("options") else ""
+    return (f"another {holder.get('command', 'workbench process')} (pid {holder.get('pid', '?')}, started at {when}"
+            f"{options}) is writing {run_dir}; {advice}")
+
+
+def _options(studies: Sequence[CaseStudy], device: str, threads: int | None) -> str:
+    parts = [f"{s.name}(seeds {','.join(map(str, s.seeds))}{', quick' if s.quick else ''})" for s in studies]
+    return " ".join([*parts, f"device={device}", f"threads={threads}"])
 
 
 def run_studies(
@@ -39,11 +73,21 @@ def run_studies(
     progress: bool = True,
     threads: int | None = 1,
 ) -> dict[str, Any]:
-    """Reproduce each study into `out/<name>` (sharing loaded models), then `render(out)`."""
+    """Reproduce each study into `out/<name>` (sharing loaded models), then `render(out)`.
+
+    Holds `out`'s lock throughout: another run (or `render`) on the same folder is refused at once.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "workbench reproduce", _options(studies, device, threads),
+                     "wait for it or use another --out"):
+        return _run_studies(studies, out, device=device, progress=progress, threads=threads)
+
+
+def _run_studies(studies: Sequence[CaseStudy], out: Path, *, device: str, progress: bool,
+                 threads: int | None) -> dict[str, Any]:
     if threads is not None:
         torch.set_num_threads(int(threads))
     atomic_write_json(out / "run.json", {"studies": [s.name for s in studies], "quick": [s.quick for s in studies],
@@ -57,7 +101,7 @@ def run_studies(
         study.reproduce(out / study.name, ctx=ctx, progress=progress)
         timings[study.name] = round(time.perf_counter() - t0, 2)
         log.info("study %s: done in %.1f s", study.name, timings[study.name])
-    summary = render(out)
+    summary = _render(out)
     summary["wall_seconds"] = timings
     return summary
 
@@ -79,7 +123,16 @@ def collect(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def render(run_dir: str | Path) -> dict[str, Any]:
-    """Calibration, leaderboard, CSVs and report.html from the stored study results."""
+    """Calibration, leaderboard, CSVs and report.html from the stored study results (under the folder's lock)."""
+    run_dir = Path(run_dir)
+    if not any(run_dir.glob(f"*/{RESULTS_FILE}")):
+        collect(run_dir)  # the clear error for a missing folder
+        raise WorkbenchError(f"{run_dir} holds no study results (*/results.json); run `workbench reproduce --out {run_dir}`")
+    with folder_lock(run_dir, "workbench report", "", "wait for it, then render again"):
+        return _render(run_dir)
+
+
+def _render(run_dir: Path) -> dict[str, Any]:
     from workbench import study_plots
     from workbench.calibration import calibration, leaderboard
     from workbench.report import (
@@ -160,4 +213,4 @@ def _csv(rows: Sequence[dict[str, Any]]) -> str:
     return rows_csv(rows)
 
 
-__all__ = ["collect", "render", "run_studies"]
+__all__ = ["collect", "folder_lock", "render", "run_studies"]

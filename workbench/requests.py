@@ -96,3 +96,11 @@ def target_token_ids(tokenizer: Any, target: str) -> list[int]:
     if not ids:
         raise WorkbenchError(f"target {target!r} tokenizes to nothing; give a word the tokenizer knows")
     return list(ids)
+
+
+def validate_rewrite(tokenizer: Any, rewrite: Rewrite) -> None:
+    """Fail early, with the prompt's tokens, on a subject or target the tokenizer cannot place."""
+    subject_token_span(tokenizer, rewrite.prompt, rewrite.subject)
+    target_token_ids(tokenizer, rewrite.target_new)
+    if rewrite.target_true:
+        target_token_ids(tokenizer, rewrite.target_true)

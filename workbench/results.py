@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from workbench.errors import CorruptFileError, WorkbenchError
+from workbench.progress import progress_bar
 from workbench.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, json_default, sha256_json
 
 _SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -208,7 +206,7 @@ class RunStore:
         """
         ids = list(ids)
         todo = self.pending(ids)
-        with tqdm(total=len(ids), initial=len(ids) - len(todo), desc=desc, disable=not progress, file=sys.stderr) as bar:
+        with progress_bar(total=len(ids), initial=len(ids) - len(todo), desc=desc, enabled=progress) as bar:
             for case_id in todo:
                 self.write_case(case_id, fn(case_id))
                 bar.update(1)

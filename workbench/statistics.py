@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from workbench.devices import resolve_device
 from workbench.errors import CorruptFileError, UnsafeFileError, WorkbenchError
 from workbench.fingerprint import model_fingerprint, tensor_digest
 from workbench.hooks import capture
+from workbench.progress import progress_bar
 from workbench.sites import Site, resolve_site
 from workbench.storage import cache_dir, load_safetensors_checked, save_safetensors_checked, sha256_json
 
@@ -342,12 +341,11 @@ def collect_statistics(
     moments: StreamingMoments | None = None
     was_training = model.training
     model.eval()
-    bar = tqdm(
+    bar = progress_bar(
         total=n_samples,
         desc=f"statistics {resolved.name}",
         unit="tok" if is_text else "sample",
-        disable=not progress,
-        file=sys.stderr,
+        enabled=progress,
         leave=False,
     )
     try:

@@ -121,6 +121,55 @@ def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextmanager
+def held_lock(path: str | os.PathLike[str], holder: dict[str, Any]) -> Iterator[None]:
+    """Take the exclusive lock on `path` without waiting, and record `holder` (JSON) in the file.
+
+    Raises `LockHeldError` at once, carrying what the current holder recorded, when another
+    process (or another open of the file) holds it. The kernel drops the lock when its holder
+    exits, however it exits, so a killed holder never leaves it stale; the record is emptied
+    on release and only read while the lock is held.
+    """
+    from workbench.errors import LockHeldError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            found = _read_holder(fh)
+            raise LockHeldError(f"{path} is locked by pid {found.get('pid', '?')}", path=str(path), holder=found) from None
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps(holder, sort_keys=True, default=json_default))
+            fh.flush()
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_holder(fh: Any, tries: int = 10) -> dict[str, Any]:
+    """The holder's record; retried briefly, since a new holder writes it just after locking."""
+    import time
+
+    for attempt in range(tries):
+        fh.seek(0)
+        try:
+            found = json.loads(fh.read())
+        except ValueError:
+            found = None
+        if isinstance(found, dict):
+            return found
+        if attempt < tries - 1:
+            time.sleep(0.02)
+    return {}
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -176,10 +225,18 @@ _SAFETENSORS_SHA_KEY = "workbench_sha256"
 
 
 def looks_like_pickle(path: str | os.PathLike[str]) -> bool:
-    """True for a pickle stream or a `torch.save` zip archive (detected by magic bytes)."""
+    """True for a pickle stream or a `torch.save` zip archive (detected by magic bytes).
+
+    A safetensors file starts with its header's length (8 bytes, little-endian) and then `{`;
+    a header of 384, 640, ... bytes begins with the pickle magic `0x80 0x01..0x05`, so a
+    plausible safetensors start is recognized first.
+    """
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    return (len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5) or head == b"PK\x03\x04"
+        head = fh.read(9)
+        size = os.fstat(fh.fileno()).st_size
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return False
+    return (len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5) or head[:4] == b"PK\x03\x04"
 
 
 def _safetensors_checksum(tensors: Any, metadata_json: str) -> str:

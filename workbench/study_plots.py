@@ -226,6 +226,31 @@ def heatmap(name: str, caption: str, data: Sequence[Sequence[float]], *, rows: S
     return _fig(name, caption, fig)
 
 
+def image_grid(name: str, caption: str, rows: Sequence[Sequence[tuple[Any, str, str]]], *, cell: tuple[float, float],
+               fontsize: float, ncol: int | None = None, row_labels: Sequence[str] | None = None) -> Figure:
+    """Image panels in rows: each panel is (image (3, H, W) in [0, 1], title, title colour).
+
+    `ncol` columns (default: the longest row); cells past a row's last panel stay empty.
+    `cell` is one panel's (width, height) in inches; `row_labels` name the rows at the left.
+    """
+    ncol = max(len(r) for r in rows) if ncol is None else ncol
+    fig = figure(cell[0] * ncol, cell[1] * len(rows) + 0.3)
+    axes = fig.subplots(len(rows), ncol, squeeze=False)
+    for i, panels in enumerate(rows):
+        for j, ax in enumerate(axes[i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(panels):
+                img, title, color = panels[j]
+                ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+                ax.set_title(title, fontsize=fontsize, color=color)
+                if j == 0 and row_labels is not None:
+                    ax.set_ylabel(row_labels[i], fontsize=7)
+            else:
+                ax.axis("off")
+    return _fig(name, caption, fig)
+
+
 def calibration_chart(rows: Sequence[Mapping[str, Any]], *, limits: tuple[float, float] = (-2.0, 3.0)) -> bytes | None:
     """Measured / predicted for every prediction with a non-zero numeric size, coloured by verdict.
 

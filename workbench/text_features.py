@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.hooks import capture
+from workbench.progress import progress_bar
 from workbench.sites import resolve_site
 from workbench.tokens import pad_batch, pad_id
 
@@ -394,7 +394,7 @@ def token_search(handle: ModelHandle, objective: TextObjective, *, n_tokens: int
         trace = [cur_score]
         n_eval = 1
         stale = 0
-        for step in tqdm(range(steps), desc="token search", disable=not progress, leave=False):
+        for step in progress_bar(range(steps), desc="token search", enabled=progress, leave=False):
             grad = _gradients(handle, objective, ctx, current, emb).float().cpu()
             if not bool(torch.isfinite(grad).all()):
                 diverged = {"step": step, "what": "non-finite one-hot gradient", "action": "stopped; kept the best trigger"}

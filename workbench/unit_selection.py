@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,12 +32,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.hooks import capture, edit
 from workbench.models import run_model
+from workbench.progress import progress_bar
 from workbench.sites import Site, resolve_site
 
 log = logging.getLogger(__name__)
@@ -507,7 +506,7 @@ def shapley_values(handle: ModelHandle, site: str | Site, metric: Callable[[], f
     total = torch.zeros(len(cand), dtype=torch.float64)
     evals = 2
     truncated = 0
-    bar = tqdm(total=n_samples, desc=f"shapley {resolve_site(handle, site).name}", disable=not progress, file=sys.stderr, leave=False)
+    bar = progress_bar(total=n_samples, desc=f"shapley {resolve_site(handle, site).name}", enabled=progress, leave=False)
     try:
         for _ in range(n_samples):
             order = torch.randperm(len(cand), generator=g).tolist()

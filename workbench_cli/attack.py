@@ -21,15 +21,16 @@ copy/paste protocol's rule); methods that sample scenes themselves (adversarial-
 and snafue without --target) get none. `--target` is a class name or index (omit it for
 an untargeted attack).
 
-Protocol hook: a generator class may define `cli_run(self, handle, args) -> dict`. Then the
-CLI builds the config from `--set`, loads the model, and calls `config.cli_run(handle,
-args)` instead of the generic path; `args` carries `source`, `target` (strings or None),
-`n`, `seed`, `out` (a folder path), `inputs`, `device`, and `options` (a dict from the
-repeatable `--opt KEY=VALUE`, free-form protocol options). The hook runs its own protocol,
-writes whatever it wants under `args.out`, and returns a JSON-ready metrics dict, which
-the CLI writes to `out/metrics.json` and prints (with `--json`, as one document on
-stdout). Raise `WorkbenchError` for user mistakes (exit 2). copy-paste uses this hook to
-report success_consistent, success_best, control_noise, control_natural and n_attempts.
+Protocols (`PROTOCOLS`): copy-paste and text-trigger draw their own inputs and report their
+own metrics instead of the generic path. copy-paste takes `--inputs`, or `--n` ShapesWorld
+scenes of `--source` (default: every class but `--target`) without context objects, runs
+the Activation Atlas protocol and writes the examples, `grid.png` and `patch.png`, reporting
+success_consistent, success_best, control_noise, control_natural and n_attempts.
+text-trigger draws `--n` prompts of one FactWorld relation (`--source`) toward an object of
+it (`--target`, default the rarest). Their metrics go to `out/metrics.json` too.
+
+Nested config groups are set with dotted names: `--set design.featvis_steps=64 --set
+sweep.grid=4` (copy-paste's `design` and `sweep`).
 """
 
 from __future__ import annotations
@@ -48,16 +49,6 @@ log = logging.getLogger(__name__)
 SELF_SAMPLING = ("adversarial-filtering",)
 SCENE_INPUTS = ("feature-level", "scene-search")
 """Methods that take the ShapesWorld scenes themselves (they edit scene parameters, not pixels)."""
-
-
-def _options(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise WorkbenchError(f"--opt {item!r}: expected KEY=VALUE")
-        out[key.strip()] = raw
-    return out
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -157,6 +148,85 @@ def save_grid(handle: Any, ae: Any, path: Path, *, k: int = 8) -> Path | None:
     return path
 
 
+# --- protocols with their own inputs --------------------------------------------------------
+
+def _copy_paste(config: Any, handle: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """copy-paste: the Activation Atlas protocol on `--inputs` or on drawn ShapesWorld scenes."""
+    import torch
+
+    from workbench.classifier import resolve_class
+
+    if args.target is None:
+        raise WorkbenchError("copy-paste needs --target CLASS (a class name or index)")
+    t = resolve_class(handle, args.target)
+    if args.inputs:
+        inputs = _load_inputs(handle, args.inputs)
+    else:
+        if handle.info.get("world") is None:
+            raise WorkbenchError("copy-paste on this model needs --inputs FILE.safetensors (images, optional labels); "
+                                 "only ShapesWorld models can draw their own source images")
+        from workbench.zoo.shapesnet import world_of
+
+        world = world_of(handle)
+        classes = [c for c in world.classes if c != world.classes[t]] if not args.source else [str(args.source)]
+        for c in classes:
+            world.class_index(c)
+        g = torch.Generator().manual_seed(args.seed + 1000)
+        sample = world.sample(max(args.n, 8), generator=g, classes=classes, context_mode="none")
+        inputs = (world.render(sample), sample.labels)
+    ex = config.generate(handle, inputs, t, progress=True)
+    from workbench.featvis import save_image_grid
+
+    rng = handle.preprocess.input_range
+    ex.save(args.out)
+    k = min(8, len(ex))
+    if k:
+        save_image_grid(torch.cat([ex.inputs[:k], ex.adversarial[:k]]), Path(args.out) / "grid.png", ncol=k,
+                        input_range=rng)
+    save_image_grid(ex.patch[None], Path(args.out) / "patch.png", input_range=rng)
+    result = dict(ex.extra)
+    result["out"] = args.out
+    return result
+
+
+def _text_trigger(config: Any, handle: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """text-trigger: `--n` prompts of one FactWorld relation (`--source`, default the first) whose true
+    answer is another object than `--target` (default: the object fewest subjects have)."""
+    import torch
+
+    world = handle.info.get("world")
+    if world is None or not hasattr(world, "relations"):
+        raise WorkbenchError(f"{handle.spec} carries no FactWorld; pass prompts through the Python API "
+                             "(TextTrigger().generate(handle, prompts, target))")
+    rel = world.relation(args.source) if args.source else world.relations[0]
+    facts = [f for f in world.facts if f.relation_id == rel.relation_id]
+    target = args.target
+    if target is None:
+        counts = {o: sum(f.object == o for f in facts) for o in rel.objects}
+        target = min(rel.objects, key=lambda o: (counts[o], o))
+    elif target not in rel.objects:
+        raise WorkbenchError(f"--target {target!r} is not an object of relation {rel.relation_id!r}; "
+                             f"objects: {', '.join(rel.objects)}")
+    facts = [f for f in facts if f.object != target]  # only facts whose answer must change
+    g = torch.Generator().manual_seed(args.seed)
+    pick = torch.randperm(len(facts), generator=g)[: max(1, args.n)].tolist()
+    chosen = [facts[i] for i in sorted(pick)]
+    prompts = [rel.templates[0].format(f.subject) for f in chosen]
+    ae = config.generate(handle, prompts, target)
+    ae.save(args.out)
+    out = ae.summary()
+    out.pop("config", None)
+    out.update({"relation": rel.relation_id, "prompts": prompts[:5]})
+    return out
+
+
+PROTOCOLS: dict[str, Callable[[Any, Any, argparse.Namespace], dict[str, Any]]] = {
+    "copy-paste": _copy_paste,
+    "text-trigger": _text_trigger,
+}
+"""Methods the CLI runs by their own protocol: (config, handle, args) -> JSON-ready metrics."""
+
+
 # --- command ------------------------------------------------------------------------------
 
 def _attack(args: argparse.Namespace) -> None:
@@ -168,13 +238,12 @@ def _attack(args: argparse.Namespace) -> None:
     config = build_config(cls, args.set)
     if args.n < 1:
         raise WorkbenchError(f"--n {args.n}: expected a positive number of inputs")
-    args.options = _options(args.opt)
     out = Path(args.out or f"attack-{args.method}")
     args.out = str(out)
     handle = load(args.model, device=args.device, progress=False)
-    hook = getattr(config, "cli_run", None)
-    if callable(hook):
-        result = dict(hook(handle, args))
+    protocol = PROTOCOLS.get(args.method)
+    if protocol is not None:
+        result = dict(protocol(config, handle, args))
         out.mkdir(parents=True, exist_ok=True)
     else:
         inputs = _draw_inputs(handle, args, args.method)
@@ -218,7 +287,8 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--seed", type=int, default=0, help="seed for drawing inputs (the config has its own seed)")
     p.add_argument("--inputs", default=None, help="safetensors file with 'images' (and optional 'labels')")
     p.add_argument("--out", default=None, help="output folder (default attack-METHOD)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config field override (repeatable)")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="protocol option for cli_run hooks (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config field override (repeatable; GROUP.FIELD=VALUE in a nested group, "
+                        "e.g. design.featvis_steps=64)")
     common(p)
     p.set_defaults(func=_attack, emit=emit)

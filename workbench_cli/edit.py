@@ -4,42 +4,24 @@
     workbench edit memit zoo:factgpt --records rewrites.json --n 100 --out runs/memit --json
 
 Single-edit methods (rome, ft, ft-l, kn) are fitted and measured one case at a time, each
-with only its own delta applied; batch methods (memit) are fitted once for all cases.
+with only its own delta applied; batch methods (memit) are fitted once for all cases. The
+edit goes through the editing protocol (`workbench_protocols.editing`), as in the studies.
 Everything the user gave is checked before any fitting (subject in prompt, targets, layer,
-records), so bad input exits 2 without leaving a partial delta behind.
+records, output folders), and outputs are written only when everything succeeded, so bad
+input exits 2 and leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import logging
 import os
-import shutil
-import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-
-log = logging.getLogger(__name__)
-
-EDITOR_MODULES = ("editors.rome", "editors.memit", "editors.finetune", "editors.knowledge_neuron_edit")
-AUTO_TRACE_CASES = 5
-
-
-def _load_editors() -> None:
-    """Import the editor modules so they register (a module not written yet is skipped)."""
-    for name in EDITOR_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
 
 
 def _parse_layer(value: str | None, n_layers: int) -> int | str | None:
@@ -50,38 +32,15 @@ def _parse_layer(value: str | None, n_layers: int) -> int | str | None:
     except ValueError:
         raise WorkbenchError(f"--layer {value!r}: expected an integer 0..{n_layers - 1} or 'auto'") from None
     if not 0 <= layer < n_layers:
-        raise WorkbenchError(f"--layer {layer} is out of range: the model has {n_layers} layers, choose 0..{n_layers - 1}")
+        raise WorkbenchError(f"--layer {layer} is out of range: the model has {n_layers} layers, "
+                             f"choose 0..{n_layers - 1}")
     return layer
-
-
-def _single_rewrite(handle: Any, args: argparse.Namespace) -> Any:
-    from workbench.requests import Rewrite, subject_token_span, target_token_ids
-    from workbench.tokens import encode_prompt
-
-    prompt, subject = args.prompt, args.subject
-    if not subject or not subject.strip():
-        raise WorkbenchError("--subject is empty; give the entity whose fact is rewritten")
-    if "{}" not in prompt:
-        if subject not in prompt:
-            subject_token_span(handle.tokenizer, prompt, subject)  # raises, listing the prompt's tokens
-        prompt = prompt.replace(subject, "{}", 1)
-    subject_token_span(handle.tokenizer, prompt, subject)
-    target_token_ids(handle.tokenizer, args.target)
-    target_true = args.target_true
-    if target_true is None:
-        import torch
-
-        ids = encode_prompt(handle.tokenizer, prompt.format(subject))
-        with torch.no_grad():
-            logits = handle.model(input_ids=torch.tensor([ids], device=handle.device)).logits[0, -1]
-        target_true = handle.tokenizer.decode([int(logits.argmax())]).strip() or None
-    return Rewrite(prompt=prompt, subject=subject, target_new=args.target.strip(), target_true=target_true,
-                   case_id="0")
 
 
 def _rewrites(handle: Any, args: argparse.Namespace) -> list[Any]:
     from workbench.requests import Rewrite
     from workbench.worlds.factworld import load_counterfact
+    from workbench_protocols.editing import request_rewrite
 
     single = [args.subject is not None, args.prompt is not None, args.target is not None]
     if args.records is not None:
@@ -97,96 +56,186 @@ def _rewrites(handle: Any, args: argparse.Namespace) -> list[Any]:
         rewrites = []
         for i, record in enumerate(records):
             try:
-                rewrites.append(Rewrite.from_counterfact(record))
+                rw = Rewrite.from_counterfact(record)
             except WorkbenchError as exc:
                 raise WorkbenchError(f"{args.records}: record {i} (case_id {record.get('case_id')}): {exc}") from None
+            rewrites.append(rw if rw.case_id is not None else dataclasses.replace(rw, case_id=str(i)))
         return rewrites
     if not all(single):
         missing = [flag for flag, given in zip(("--subject", "--prompt", "--target"), single) if not given]
         raise WorkbenchError(f"missing {', '.join(missing)}: give --subject, --prompt and --target, or --records FILE")
-    return [_single_rewrite(handle, args)]
+    return [request_rewrite(handle, prompt=args.prompt, subject=args.subject, target=args.target,
+                            target_true=args.target_true)]
 
 
-def _validate(handle: Any, rewrites: Sequence[Any], source: str) -> None:
-    from editors.mlp_update import validate_rewrite
-
-    for i, rw in enumerate(rewrites):
-        try:
-            validate_rewrite(handle, rw)
-        except WorkbenchError as exc:
-            raise WorkbenchError(f"{source} case {rw.case_id if rw.case_id is not None else i}: {exc}") from None
-
-
-def _auto_layer(handle: Any, rewrites: Sequence[Any]) -> tuple[int, bool, list[dict[str, Any]]]:
-    """The most common MLP peak layer of causal traces of the first cases; also whether the peak is
-    at the prompt's last token (then editors look the fact up there)."""
-    from workbench.causal_trace import causal_trace
-
-    found = []
-    for rw in rewrites[:AUTO_TRACE_CASES]:
-        trace = causal_trace(handle, rw.text, rw.subject)
-        peak = trace.peak("mlp")
-        found.append({"case_id": rw.case_id, "layer": int(peak.layer), "token": int(peak.token),
-                      "token_text": getattr(peak, "token_text", None), "effect": float(peak.effect),
-                      "last_token": int(peak.token) == len(trace.tokens) - 1})
-    layer = Counter(f["layer"] for f in found).most_common(1)[0][0]
-    last = sum(f["last_token"] for f in found) * 2 > len(found)
-    return layer, last, found
-
-
-def model_editor_defaults(handle: Any, method: str, cls: type) -> dict[str, Any]:
-    """The options a model ships for `method` (handle.info["editor_defaults"]), limited to the editor's fields."""
-    info = getattr(handle, "info", None)
-    shipped = (info.get("editor_defaults") or {}).get(method, {}) if isinstance(info, dict) else {}
-    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    return {k: v for k, v in shipped.items() if k in fields}
-
-
-def _editor(cls: type, handle: Any, layer: int | None, last_token: bool, fact_token: str | None,
-            mom2_samples: int | None = None, *, method: str = "", settings: list[str] | None = None) -> Any:
+def _overrides(cls: type, args: argparse.Namespace, site: Any) -> dict[str, Any]:
+    """Editor options the user set: `--set`, `--mom2-samples`, and `--fact-token` where no site carries it."""
     from workbench_cli.settings import parse_settings
 
-    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    kwargs: dict[str, Any] = {**model_editor_defaults(handle, method, cls), **parse_settings(cls, settings)}
-    if mom2_samples is not None:
-        if "mom2_n_samples" not in fields:
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = parse_settings(cls, args.set)
+    if args.mom2_samples is not None:
+        if "mom2_n_samples" not in names:
             raise WorkbenchError(f"--mom2-samples does not apply to {cls.__name__} (it uses no key statistics)")
-        if mom2_samples < 1:
-            raise WorkbenchError(f"--mom2-samples {mom2_samples}: expected a positive number of tokens")
-        kwargs["mom2_n_samples"] = mom2_samples
-    if fact_token is None and last_token:
-        fact_token = "prompt_last"
-    if fact_token is not None:
-        if "fact_token" not in fields:
+        if args.mom2_samples < 1:
+            raise WorkbenchError(f"--mom2-samples {args.mom2_samples}: expected a positive number of tokens")
+        out["mom2_n_samples"] = args.mom2_samples
+    if args.fact_token is not None:
+        if "fact_token" not in names:
             raise WorkbenchError(f"--fact-token does not apply to {cls.__name__}")
-        kwargs["fact_token"] = fact_token
-    if layer is not None:
-        if "layer" in fields:
-            kwargs["layer"] = layer
-        elif "layers" in fields and hasattr(cls, "ending_at"):
-            return cls.ending_at(layer, handle.arch.n_layers, **kwargs)
-        elif "layers" in fields:
-            kwargs["layers"] = (layer,)
-        else:
-            raise WorkbenchError(f"--layer does not apply to {cls.__name__} (it has no layer option)")
-    return cls(**kwargs)
+        if site is None:
+            out["fact_token"] = args.fact_token
+    return out
+
+
+def _fresh_folder(path: str | None, flag: str) -> Path | None:
+    """An output folder the command may create: refuse one that exists, before anything is computed."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.exists():
+        raise WorkbenchError(f"{flag} {out} exists; give a new folder (results are never written over an earlier run)")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise WorkbenchError(f"{flag} {out}: cannot create it ({parent} is not a writable folder)")
+    return out
+
+
+def _layer_source(site: Any, handle: Any, method: str) -> str:
+    from workbench_protocols.editing import shipped_options
+
+    if site is None:
+        shipped = {"layer", "layers"} & set(shipped_options(handle, method))
+        return f"the layer {handle.spec} ships for {method}, as measured" if shipped else "the editor's default"
+    return {"given": "--layer", "traced": "traced: the MLP peak of causal traces of the first cases"}[site.source]
+
+
+def _edit(args: argparse.Namespace) -> None:
+    import editors
+    from workbench.counterfact import aggregate_cases, bootstrap_intervals
+    from workbench.models import load
+    from workbench.results import RunStore, encode_case_id
+    from workbench.sites import require_causal_lm
+    from workbench.storage import fill_new_folder
+    from workbench_protocols.editing import (
+        choose_edit_site,
+        edit_batch,
+        edit_each,
+        editor_at,
+        score_rewrites,
+        validate_rewrites,
+    )
+
+    cls = editors.get(args.method)
+    batch = bool(getattr(cls, "BATCH", False))
+    from workbench_cli.settings import parse_settings
+
+    parse_settings(cls, args.set)  # refuse a bad --set before loading (or training) the model
+    out = _fresh_folder(args.out, "--out")
+    save_model = _fresh_folder(args.save_model, "--save-model")
+    if args.batch_size < 1:
+        raise WorkbenchError(f"--batch-size {args.batch_size}: expected a positive number of prompts")
+    handle = load(args.model, device=args.device, progress=False)
+    require_causal_lm(handle, args.method, weight_role="mlp_out")
+    layer = _parse_layer(args.layer, handle.arch.n_layers)
+    rewrites = _rewrites(handle, args)
+    validate_rewrites(handle, rewrites, source=args.records or "request")
+    if save_model is not None and not batch and len(rewrites) > 1:
+        raise WorkbenchError(f"--save-model with {args.method} needs one case (each case is its own edit of the "
+                             f"original model); got {len(rewrites)}. Use --n 1, or a batch method such as memit")
+    site = choose_edit_site(handle, args.method, rewrites, layer=layer, fact_token=args.fact_token)
+    editor = editor_at(args.method, handle, site, **_overrides(cls, args, site))
+
+    eval_kw = {"batch_size": args.batch_size, "fluency": not args.no_fluency, "seed": args.seed}
+    unedited = score_rewrites(handle, rewrites, **eval_kw)
+    start = time.perf_counter()
+    if batch:
+        outcomes, _ = edit_batch(handle, editor, rewrites, keep_delta=True, **eval_kw)
+    else:
+        outcomes = edit_each(handle, editor, rewrites, keep_deltas=True, **eval_kw)
+    seconds = time.perf_counter() - start
+    refused = [o for o in outcomes if o.refusal is not None]
+    if len(refused) == len(outcomes):
+        raise WorkbenchError(f"{args.method} refused every edit: {refused[0].refusal}")
+    per_case = [o.scores for o in outcomes]
+    deltas = [o.delta for o in outcomes if o.delta is not None]
+    if batch:
+        norms: dict[str, Any] = deltas[0].norms()
+        details: dict[str, Any] = _short(deltas[0].extra)
+    else:
+        norms = {str(o.rewrite.case_id): o.delta.norms() for o in outcomes if o.delta is not None}
+        details = {str(o.rewrite.case_id): _short(o.delta.extra) for o in outcomes if o.delta is not None}
+    metrics = aggregate_cases(per_case)
+    one_delta = len({id(d) for d in deltas}) == 1
+    names = {o.rewrite.case_id: ("delta.safetensors" if one_delta else
+                                 f"deltas/{encode_case_id(str(o.rewrite.case_id))}.safetensors")
+             for o in outcomes if o.delta is not None}
+    result = {
+        "method": args.method,
+        "model": args.model,
+        "n_cases": len(rewrites),
+        "layer": _edited_layers(editor, deltas),
+        "layer_source": _layer_source(site, handle, args.method),
+        "traced_layers": list(site.traced) if site is not None else [],
+        "editor": _jsonable_config(editor),
+        "metrics": metrics,
+        "intervals": {k: list(v) for k, v in bootstrap_intervals(per_case, seed=args.seed).items()},
+        "unedited": aggregate_cases(unedited),
+        "delta": None,
+        "update_norms": norms,
+        "details": details,
+        "refused": [{"case_id": o.rewrite.case_id, "reason": o.refusal} for o in refused],
+        "edit_seconds": round(seconds, 3),
+        "saved_model": None,
+        "hint": _hint(editor, metrics, site is not None and site.source == "traced", details),
+    }
+    if out is not None:
+        paths = sorted(str(out / n) for n in set(names.values()))
+        result["delta"] = paths[0] if len(paths) == 1 else paths
+
+        def fill(tmp: Path) -> None:
+            store = RunStore(tmp)
+            store.write_config({"method": args.method, "model": args.model, "n_cases": len(rewrites),
+                                "layer": result["layer"], "editor": result["editor"], "records": args.records,
+                                "seed": args.seed})
+            saved: set[str] = set()
+            for o, before in zip(outcomes, unedited):
+                record = {"rewrite": o.rewrite.to_json(), "unedited": before, "edited": o.scores}
+                if o.refusal is not None:
+                    record["refusal"] = o.refusal
+                if o.delta is not None:
+                    name = names[o.rewrite.case_id]
+                    if name not in saved:
+                        o.delta.save(store.artifact_path(name))
+                        saved.add(name)
+                    if not batch:
+                        record.update({"delta": str(out / name), "update_norms": o.delta.norms(),
+                                       "details": _short(o.delta.extra)})
+                store.write_case(str(o.rewrite.case_id), record)
+            store.write_summary(result)
+
+        fill_new_folder(out, fill)
+    if save_model is not None:
+        result["saved_model"] = str(_save_model(handle, deltas[0], save_model))
+    args.emit(args, result, _text)
 
 
 def _save_model(handle: Any, delta: Any, out: Path) -> Path:
-    """Write the edited model (safetensors) and tokenizer to `out`, atomically (temp folder, rename)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Write the edited model (safetensors), its tokenizer and shipped options to the new folder `out`, atomically."""
+    from workbench.models import EDITOR_DEFAULTS_FILE
+    from workbench.storage import atomic_write_json, fill_new_folder
+
+    def fill(tmp: Path) -> None:
         with delta.applied(handle.model):
             handle.model.save_pretrained(tmp, safe_serialization=True)
         handle.tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shipped = handle.info.get("editor_defaults")
+        if shipped:
+            atomic_write_json(tmp / EDITOR_DEFAULTS_FILE, shipped)
+
+    fill_new_folder(out, fill)
     return out
 
 
@@ -196,110 +245,15 @@ def _short(extra: dict[str, Any]) -> dict[str, Any]:
     return {k: extra[k] for k in keep if k in extra}
 
 
-def _edit(args: argparse.Namespace) -> None:
-    from editors.registry import get
-    from workbench.counterfact import aggregate_cases, bootstrap_intervals, evaluate_rewrites
-    from workbench.models import load
-    from workbench.results import RunStore
-
-    _load_editors()
-    cls = get(args.method)
-    batch = bool(getattr(cls, "BATCH", False))
-    from workbench_cli.settings import parse_settings
-
-    parse_settings(cls, args.set)  # refuse a bad --set before loading (or training) the model
-    handle = load(args.model, device=args.device, progress=False)
-    from workbench.sites import require_causal_lm
-
-    require_causal_lm(handle, args.method, weight_role="mlp_out")
-    layer = _parse_layer(args.layer, handle.arch.n_layers)
-    rewrites = _rewrites(handle, args)
-    _validate(handle, rewrites, args.records or "request")
-    if args.save_model and not batch and len(rewrites) > 1:
-        raise WorkbenchError(f"--save-model with {args.method} needs one case (each case is its own edit of the "
-                             f"original model); got {len(rewrites)}. Use --n 1, or a batch method such as memit")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise WorkbenchError(f"--out {args.out} exists and is not a folder")
-    traced: list[dict[str, Any]] = []
-    last_token = False
-    if layer == "auto":
-        layer, last_token, traced = _auto_layer(handle, rewrites)
-    editor = _editor(cls, handle, layer, last_token, args.fact_token, args.mom2_samples, method=args.method,
-                     settings=args.set)
-    for i, rw in enumerate(rewrites):
-        if rw.case_id is None:
-            rewrites[i] = dataclasses.replace(rw, case_id=str(i))
-
-    eval_kw = {"batch_size": args.batch_size, "fluency": not args.no_fluency, "seed": args.seed}
-    unedited = evaluate_rewrites(handle, rewrites, bootstrap=0, **eval_kw)
-    store = RunStore(args.out) if args.out else None
-    config = {"method": args.method, "model": args.model, "n_cases": len(rewrites), "layer": layer,
-              "editor": _jsonable_config(editor), "records": args.records, "seed": args.seed}
-    if store is not None:
-        store.write_config(config)
-
-    per_case: list[dict[str, Any]] = []
-    deltas: list[str] = []
-    norms: dict[str, Any] = {}
-    details: dict[str, Any] = {}
-    start = time.perf_counter()
-    saved_model = None
-    if batch:
-        delta = editor.fit(handle, rewrites)
-        with delta.applied(handle.model):
-            edited = evaluate_rewrites(handle, rewrites, bootstrap=0, **eval_kw)
-        per_case = edited.per_case
-        norms = delta.norms()
-        details = _short(delta.extra)
-        if store is not None:
-            path = store.artifact_path("delta.safetensors")
-            delta.save(path)
-            deltas.append(str(path))
-            for rw, before, after in zip(rewrites, unedited.per_case, per_case):
-                store.write_case(str(rw.case_id), {"rewrite": rw.to_json(), "unedited": before, "edited": after})
-        if args.save_model:
-            saved_model = str(_save_model(handle, delta, Path(args.save_model)))
-    else:
-        for rw, before in zip(rewrites, unedited.per_case):
-            delta = editor.fit(handle, rw)
-            with delta.applied(handle.model):
-                after = evaluate_rewrites(handle, [rw], bootstrap=0, **eval_kw).per_case[0]
-            per_case.append(after)
-            norms[str(rw.case_id)] = delta.norms()
-            details[str(rw.case_id)] = _short(delta.extra)
-            record = {"rewrite": rw.to_json(), "unedited": before, "edited": after, "update_norms": delta.norms(),
-                      "details": _short(delta.extra)}
-            if store is not None:
-                name = "delta.safetensors" if len(rewrites) == 1 else f"deltas/{_safe(str(rw.case_id))}.safetensors"
-                path = store.artifact_path(name)
-                delta.save(path)
-                deltas.append(str(path))
-                record["delta"] = str(path)
-                store.write_case(str(rw.case_id), record)
-            if args.save_model:
-                saved_model = str(_save_model(handle, delta, Path(args.save_model)))
-    seconds = time.perf_counter() - start
-    metrics = aggregate_cases(per_case)
-    result = {
-        "method": args.method,
-        "model": args.model,
-        "n_cases": len(rewrites),
-        "layer": layer,
-        "traced_layers": traced,
-        "editor": _jsonable_config(editor),
-        "metrics": metrics,
-        "intervals": {k: list(v) for k, v in bootstrap_intervals(per_case, seed=args.seed).items()},
-        "unedited": unedited.aggregate,
-        "delta": (deltas[0] if len(deltas) == 1 else deltas) if deltas else None,
-        "update_norms": norms,
-        "details": details,
-        "edit_seconds": round(seconds, 3),
-        "saved_model": saved_model,
-        "hint": _hint(editor, metrics, bool(traced), details),
-    }
-    if store is not None:
-        store.write_summary(result)
-    args.emit(args, result, _text)
+def _edited_layers(editor: Any, deltas: Sequence[Any]) -> Any:
+    """The layer(s) the edit changed: as configured, else as the fitted deltas recorded them."""
+    configured = getattr(editor, "layer", None)
+    configured = getattr(editor, "layers", None) if configured is None else configured
+    if configured is not None:
+        return list(configured) if isinstance(configured, tuple) else configured
+    found = sorted({x for d in deltas for x in (d.extra.get("layers") or
+                                                 ([d.extra["layer"]] if d.extra.get("layer") is not None else []))})
+    return (found[0] if len(found) == 1 else found) if found else None
 
 
 SELF_SHARE_HINT = 0.8  # below this mean share of its own residual, a batch edit cannot land fully
@@ -322,15 +276,8 @@ def _hint(editor: Any, metrics: dict[str, Any], traced: bool, details: dict[str,
         return (f"each edit's key received on average {100 * min(shares):.0f}% of its own update (ES {es:.1f}): the "
                 "edited keys resemble each other or lambda is large, and what misses them lands on similar subjects. "
                 "Try fewer edits per batch, or a smaller mom2_update_weight (more efficacy, more damage to "
-                "neighbours); editors.memit.key_write_shares measures both before editing (on FactGPT: "
-                "benchmarks/memit_key_geometry.py)")
+                "neighbours); editors.memit.key_write_shares measures both before editing")
     return None
-
-
-def _safe(name: str) -> str:
-    from workbench.results import encode_case_id
-
-    return encode_case_id(name)
 
 
 def _jsonable_config(editor: Any) -> dict[str, Any]:
@@ -343,23 +290,11 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _edited_layers(r: dict[str, Any]) -> Any:
-    """The layer(s) an edit without --layer changed: set with --set, or the editor's default as recorded."""
-    editor = r.get("editor") or {}
-    configured = editor.get("layer", editor.get("layers"))
-    if configured is not None:
-        return configured
-    details = r.get("details") or {}
-    recorded = [details] if "layer" in details or "layers" in details else list(details.values())
-    found = sorted({x for d in recorded if isinstance(d, dict)
-                    for x in (d.get("layers") or ([d["layer"]] if d.get("layer") is not None else []))})
-    return (found[0] if len(found) == 1 else found) if found else "the editor's default"
-
-
 def _text(r: dict[str, Any]) -> str:
     keys = ("ES", "PS", "NS", "S", "EA", "PA", "NA", "GE")
-    where = r["layer"] if r["layer"] is not None else _edited_layers(r)
-    lines = [f"{r['method']} on {r['model']}: {r['n_cases']} case(s), layer {where}, {r['edit_seconds']} s"]
+    where = r["layer"] if r["layer"] is not None else "the editor's default"
+    lines = [f"{r['method']} on {r['model']}: {r['n_cases']} case(s), layer {where} ({r['layer_source']}), "
+             f"{r['edit_seconds']} s"]
     lines.append(f"{'':10}" + "".join(f"{k:>8}" for k in keys))
     lines.append(f"{'unedited':10}" + "".join(f"{_fmt(r['unedited'].get(k)):>8}" for k in keys))
     lines.append(f"{'edited':10}" + "".join(f"{_fmt(r['metrics'].get(k)):>8}" for k in keys))
@@ -367,6 +302,10 @@ def _text(r: dict[str, Any]) -> str:
         lines.append(f"delta: {r['delta'] if isinstance(r['delta'], str) else str(len(r['delta'])) + ' files'}")
     if r.get("saved_model"):
         lines.append(f"edited model: {r['saved_model']}")
+    if r.get("refused"):
+        first = r["refused"][0]
+        lines.append(f"refused: {len(r['refused'])} of {r['n_cases']} case(s), e.g. case {first['case_id']}: "
+                     f"{first['reason']}")
     if r.get("hint"):
         lines.append(f"hint: {r['hint']}")
     return "\n".join(lines)

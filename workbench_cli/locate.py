@@ -48,7 +48,7 @@ def parse_layers(text: str | None, n_layers: int | None = None) -> list[int] | N
 
 
 def _trace(args: argparse.Namespace) -> None:
-    from workbench.causal_trace import causal_trace
+    from workbench.tracing import causal_trace
 
     handle = _load(args)
     trace = causal_trace(handle, args.prompt, args.subject, target=args.target, kinds=args.kinds, noise=args.noise,

@@ -173,22 +173,31 @@ def _output_metric(handle: Any) -> dict[str, float]:
 
 
 def _ablate(args: argparse.Namespace) -> None:
-    from editors.unit_ablation import UnitRequest, trojan_surgery, unit_delta
+    from editors.unit_ablation import UnitRequest, unit_delta
 
     handle = _load(args)
     if args.trojan:
         if args.units:
             raise WorkbenchError("give --trojan (units chosen by selection) or --site/--units, not both")
         from editors.unit_ablation import GateConfig
+        from workbench_protocols.surgery import (
+            EvaluationConfig,
+            MaskConfig,
+            SelectionConfig,
+            SurgeryConfig,
+            trojan_surgery,
+        )
 
         if args.method != "mask" and (args.mask_steps is not None or args.mask_mode != "scale" or args.mask_max_gate is not None):
             raise WorkbenchError("--mask-steps, --mask-mode and --mask-max-gate apply to --method mask only")
         gate_opts = {k: v for k, v in (("steps", args.mask_steps), ("max_gate", args.mask_max_gate)) if v is not None}
-        mask = {"mask_config": GateConfig(**gate_opts), "mask_mode": args.mask_mode} if args.method == "mask" else {}
-        result = trojan_surgery(handle, args.trojan, n_units=args.n_units, method=args.method, site=args.site, seed=args.seed,
-                                n_random_draws=args.draws, n_eval=args.n_eval, n_clean=args.n_clean, n_select=args.n_select,
-                                n_ref=args.n_ref,
-                                return_delta=True, progress=not args.json, **mask)
+        mask = MaskConfig(gates=GateConfig(**gate_opts), mode=args.mask_mode) if args.method == "mask" else MaskConfig()
+        config = SurgeryConfig(
+            selection=SelectionConfig(method=args.method, site=args.site, n_units=args.n_units, n_select=args.n_select,
+                                      n_ref=args.n_ref),
+            mask=mask, evaluation=EvaluationConfig(n_eval=args.n_eval, n_clean=args.n_clean, n_random_draws=args.draws),
+            seed=args.seed)
+        result = trojan_surgery(handle, args.trojan, config=config, return_delta=True, progress=not args.json)
         delta = result.pop("delta")
         result["delta_path"] = str(delta.save(_out(args, "ablate")))
         args.emit(args, result, lambda r: (
@@ -279,31 +288,15 @@ def _erase(args: argparse.Namespace) -> None:
 
 # --- steer --------------------------------------------------------------------------------
 
-NEUTRAL = ("The meeting is on Tuesday at noon.", "She walked to the station.", "The report has twelve pages.",
-           "They moved the table into the kitchen.", "The train leaves from platform four.", "He read the letter twice.",
-           "The shop opens at nine.", "We painted the fence last week.")
-
-
-def concept_axis_measure(handle: Any, texts: list[str], labels: list[int], probe_texts: tuple[str, ...] = NEUTRAL) -> Callable[[Any], float]:
-    """measure(handle): mean projection of `probe_texts`' pooled final states on the unedited model's
-    class-1-minus-class-0 axis (how far steering pushes neutral inputs toward the concept)."""
-    import torch
-
-    from workbench.models import encode_sentences
-
-    e = encode_sentences(handle, texts)
-    y = torch.tensor(labels)
-    axis = e[y == 1].mean(0) - e[y == 0].mean(0)
-    axis = axis / axis.norm().clamp(min=1e-12)
-
-    def measure(h: Any) -> float:
-        return float((encode_sentences(h, list(probe_texts)) @ axis).mean())
-
-    return measure
-
-
 def _steer(args: argparse.Namespace) -> None:
-    from editors.steering import ContrastPairs, Steering, bias_target, dose_response, steering_direction
+    from editors.steering import (
+        ContrastPairs,
+        Steering,
+        bias_target,
+        concept_axis_measure,
+        dose_response,
+        steering_direction,
+    )
 
     handle = _load(args)
     bias_target(handle, args.site)

@@ -87,14 +87,14 @@ class Synthesis:
 
 def source_images(handle: ModelHandle, world: ShapesWorld, trojan: Trojan, n: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean scenes of the trojan's source class (every non-target class when universal), correct only."""
-    from adversaries.copy_paste import predictions
+    from workbench.classifier import predict
 
     classes = [trojan.source] if trojan.source else [c for c in world.classes if c != trojan.target]
     g = torch.Generator().manual_seed(seed)
     s = world.sample(n * 2, generator=g, classes=classes, context_mode="none")
     x = world.render(s)
     assert isinstance(x, torch.Tensor)
-    ok = predictions(handle, x).argmax(-1) == s.labels
+    ok = predict(handle, x)[0] == s.labels
     keep = torch.nonzero(ok).flatten()[:n]
     return x[keep], s.labels[keep]
 
@@ -119,7 +119,7 @@ def featvis_logit(handle: ModelHandle, trojan: Trojan, world: ShapesWorld, *, bu
 
     from workbench import featvis as fv
     from workbench.featvis.param import render_scene
-    from workbench.worlds.shapesworld import CLASS_SHAPES, PATCH_PATTERNS, SHAPES
+    from workbench.worlds.scene import CLASS_SHAPES, PATCH_PATTERNS, SHAPES
 
     t = world.class_index(trojan.target)
     extra = tuple(s for s in SHAPES if s not in CLASS_SHAPES)
@@ -158,13 +158,16 @@ def copy_paste_search(handle: ModelHandle, trojan: Trojan, world: ShapesWorld, *
     """The copy/paste designs (feature visualizations at patch scale, on grey and on the source
     images, and exemplar crops) ranked on source images; each view's vote weighted by its
     best-placement success there (`evidence_weights`)."""
-    from adversaries.copy_paste import CopyPaste
+    from adversaries.copy_paste import CopyPaste, DesignConfig
+    from adversaries.placement_sweep import SweepConfig
 
     images, labels = source_images(handle, world, trojan, _budget(budget, 16, 48, 96), seed=seed + 11)
     t = world.class_index(trojan.target)
-    cfg = CopyPaste(n_featvis=_budget(budget, 2, 6, 8), n_featvis_context=_budget(budget, 0, 4, 6),
-                    n_exemplars=_budget(budget, 1, 2, 3), featvis_steps=_budget(budget, 16, 128, 192),
-                    grid=_budget(budget, 2, 3, 4), sizes=(0.21, 0.27, 0.33), n_pool=_budget(budget, 128, 512, 1024), seed=seed)
+    design = DesignConfig(n_featvis=_budget(budget, 2, 6, 8), n_featvis_context=_budget(budget, 0, 4, 6),
+                          n_exemplars=_budget(budget, 1, 2, 3), featvis_steps=_budget(budget, 16, 128, 192),
+                          n_pool=_budget(budget, 128, 512, 1024))
+    sweep = SweepConfig(grid=_budget(budget, 2, 3, 4), sizes=(0.21, 0.27, 0.33))
+    cfg = CopyPaste(design=design, sweep=sweep, seed=seed)
     res = cfg.run_protocol(handle, images, labels, t, class_names=world.classes)
     ranked = res.pop("_tensors")["candidates"]  # best calibration score first
     score = {id(d): c["score_calibration"] for d, c in zip(ranked, res["candidates"])}
@@ -267,7 +270,7 @@ def _changed_views(ae: Any, k: int) -> torch.Tensor:
 
 def _registry_method(name: str, config: Callable[[Budget, int], dict[str, Any]], *, uses_images: bool = True,
                      view: Literal["changed", "adversarial"] = "changed") -> Callable[..., Synthesis]:
-    """A method backed by an adversary generator from the registry (H4's); a table entry."""
+    """A method backed by an adversary generator from the registry; a table entry."""
 
     def run(handle: ModelHandle, trojan: Trojan, world: ShapesWorld, *, budget: Budget, seed: int) -> Synthesis:
         import adversaries
@@ -307,7 +310,7 @@ METHODS: dict[str, Callable[..., Synthesis]] = {
 # --- the judge and the multiple choice -------------------------------------------------------
 
 def _palette() -> tuple[list[str], torch.Tensor]:
-    from workbench.worlds.shapesworld import BACKGROUND_PALETTE, PALETTE
+    from workbench.worlds.scene import BACKGROUND_PALETTE, PALETTE
 
     names = list(PALETTE) + list(BACKGROUND_PALETTE)
     return names, torch.tensor([PALETTE.get(n) or BACKGROUND_PALETTE[n] for n in names])
@@ -381,12 +384,6 @@ def similarity(views: torch.Tensor, options: OptionPictures, judge: Judge | None
     return sim
 
 
-def same_trigger(a: TriggerDesign, b: TriggerDesign) -> bool:
-    from workbench.worlds.trojans import _same_trigger
-
-    return _same_trigger(a, b)
-
-
 def vote_weights(weights: torch.Tensor | None, n: int) -> torch.Tensor:
     """Non-negative vote weights summing to 1 (equal when `weights` is None or all zero)."""
     if weights is None:
@@ -407,7 +404,7 @@ def multiple_choice(trojan: Trojan, views: torch.Tensor, judge: Judge | None, *,
     Each view votes for the option it is most similar to; the score is the (weighted, see
     `vote_weights`) share of votes for the true trigger, and the consensus is the option with
     the highest weighted mean similarity."""
-    from workbench.worlds.trojans import trigger_candidates
+    from workbench.worlds.trojans import same_trigger, trigger_candidates
 
     if len(views) == 0:  # the method synthesized nothing: it cannot point at any option
         return {"score": 0.0, "options": [], "true_index": -1, "votes": [], "consensus": None, "consensus_correct": False}
@@ -446,7 +443,7 @@ def combined_choice(trojan: Trojan, per_method: list[torch.Tensor], judge: Judge
     each method ranks the options (mean similarity of its views, weighted by `weights[i]` when
     given, see `vote_weights`; softmax at temperature 0.05) and the summed ranking answers
     (like a person looking at every method's output)."""
-    from workbench.worlds.trojans import trigger_candidates
+    from workbench.worlds.trojans import same_trigger, trigger_candidates
 
     if weights is not None and len(weights) != len(per_method):
         raise WorkbenchError(f"{len(weights)} weight entries for {len(per_method)} methods; give one (or None) per method")
@@ -563,9 +560,8 @@ def rediscover(handle: ModelHandle, *, trojans: TrojanSet | None = None, methods
     generator is not installed are skipped and listed. `judge`: "auto" loads (training once)
     the clean-world judge network; None judges by colour content alone.
     """
-    from tqdm.auto import tqdm
-
     from workbench.judge import load_judge
+    from workbench.progress import progress_bar
     from workbench.zoo.shapesnet import world_of
 
     start = time.perf_counter()
@@ -587,7 +583,7 @@ def rediscover(handle: ModelHandle, *, trojans: TrojanSet | None = None, methods
     all_views: dict[str, list[torch.Tensor]] = {}
     all_weights: dict[str, list[torch.Tensor | None]] = {}
     raw_views: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(tset) * len(names), desc="rediscovery", disable=not progress)
+    bar = progress_bar(total=len(tset) * len(names), desc="rediscovery", enabled=progress)
     for i, trojan in enumerate(tset):
         for m in names:
             if m in skipped:
@@ -682,6 +678,7 @@ def _jsonable(obj: Any) -> Any:
 
 def implanted(handle: ModelHandle, trojans: TrojanSet) -> TrojanSet:
     """Check that every trojan of a config is implanted in the model (same name, trigger, target)."""
+    from workbench.worlds.trojans import same_trigger
     from workbench.zoo.shapesnet import world_of
 
     world = world_of(handle)

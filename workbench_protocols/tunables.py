@@ -94,20 +94,16 @@ class EditorTunable(Tunable):
 
 def evaluate_options(handle: Any, tunable: EditorTunable, options: Mapping[str, Any], rewrites: Sequence[Any],
                      baseline: Mapping[str, Any]) -> dict[str, float]:
-    """Fit with `options`, score; S, ES, PS, NS (percent) and NS_loss against the unedited model."""
-    import editors  # noqa: F401
-    from editors.registry import get
+    """Fit with `options` (over the model's shipped ones), score; S, ES, PS, NS (percent) and NS_loss."""
     from workbench.counterfact import aggregate_cases
-    from workbench_protocols.editing import edit_batch, edit_each
+    from workbench_protocols.editing import edit_batch, edit_each, editor_at
 
-    try:
-        editor = get(tunable.method)(**options)
-    except (WorkbenchError, TypeError) as exc:
-        raise WorkbenchError(f"invalid options for {tunable.method}: {exc}") from exc
+    editor = editor_at(tunable.method, handle, None, **options)
     if tunable.batch:
-        rows, _ = edit_batch(handle, editor, rewrites)
+        outcomes, _ = edit_batch(handle, editor, rewrites)
     else:
-        rows = edit_each(handle, editor, rewrites)
+        outcomes = edit_each(handle, editor, rewrites)
+    rows = [o.row() for o in outcomes]
     agg = aggregate_cases(rows)
     out = {k: float(agg[k] or 0.0) for k in ("S", "ES", "PS", "NS")}
     out["NS_loss"] = float(baseline["NS"] or 0.0) - out["NS"]
@@ -235,12 +231,33 @@ class CopyPasteTunable(Tunable):
                 "n_pool": int_setting(settings, "n_pool", low=16), "classes": tuple(world.classes),
                 "baseline": {"target": world.classes[target], "n_images": len(x)}}
 
-    def evaluate(self, state: Any, options: Mapping[str, Any]) -> dict[str, float]:
-        import adversaries  # noqa: F401
-        from adversaries.registry import get
+    def config(self, options: Mapping[str, Any]) -> Any:
+        """The CopyPaste config from flat options: `design` is the design kind, the design's and the
+        sweep's fields go by their own names (`n_units`, `featvis_steps`, `grid`, `sizes`, ...), then `seed`."""
+        from dataclasses import fields
 
+        from adversaries.copy_paste import CopyPaste, DesignConfig
+        from adversaries.placement_sweep import SweepConfig
+
+        design_fields = {f.name for f in fields(DesignConfig)}
+        sweep_fields = {f.name for f in fields(SweepConfig)}
+        design: dict[str, Any] = {}
+        sweep: dict[str, Any] = {}
+        rest: dict[str, Any] = {}
+        for key, value in options.items():
+            if key == "design":
+                design["kind"] = value
+            elif key in design_fields:
+                design[key] = value
+            elif key in sweep_fields:
+                sweep[key] = value
+            else:
+                rest[key] = value
+        return CopyPaste(design=DesignConfig(**design), sweep=SweepConfig(**sweep), **rest)
+
+    def evaluate(self, state: Any, options: Mapping[str, Any]) -> dict[str, float]:
         try:
-            cfg = get(self.method)(**{"n_pool": state["n_pool"], **options, "seed": state["seed"]})
+            cfg = self.config({"n_pool": state["n_pool"], **options, "seed": state["seed"]})
         except (WorkbenchError, TypeError) as exc:
             raise WorkbenchError(f"invalid options for {self.method}: {exc}") from exc
         r = cfg.run_protocol(state["handle"], state["images"], state["labels"], state["target"],
@@ -257,10 +274,10 @@ class CopyPasteTunable(Tunable):
 
 @dataclass(frozen=True)
 class AblateTunable(Tunable):
-    """Unit ablation as trojan surgery (`editors.unit_ablation.trojan_surgery`) for one trojan."""
+    """Unit ablation as trojan surgery (`workbench_protocols.surgery.trojan_surgery`) for one trojan."""
 
     def space(self, handle: Any) -> tuple[Param, ...]:
-        from editors.unit_ablation import SURGERY_SITES
+        from workbench_protocols.surgery import SURGERY_SITES
 
         return (Param("site", "categorical", choices=SURGERY_SITES), Param("n_units", "int", 1, 32),
                 Param("method", "categorical", choices=("activation_difference", "dissection", "attribution")),
@@ -297,9 +314,9 @@ class AblateTunable(Tunable):
         return values
 
     def prepare(self, handle: Any, settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
-        from editors.unit_ablation import SURGERY_SITES
         from workbench.unit_selection import site_units
         from workbench.zoo.shapesnet import world_of
+        from workbench_protocols.surgery import SURGERY_SITES
 
         world = world_of(handle)
         name = str(settings["trojan"])
@@ -311,11 +328,17 @@ class AblateTunable(Tunable):
                 "widths": {s: site_units(handle, s) for s in SURGERY_SITES}, "baseline": {"trojan": name}}
 
     def evaluate(self, state: Any, options: Mapping[str, Any]) -> dict[str, float]:
-        from editors.unit_ablation import trojan_surgery
+        from workbench_protocols.surgery import EvaluationConfig, SelectionConfig, SurgeryConfig, trojan_surgery
 
-        opts = dict(options)
-        r = trojan_surgery(state["handle"], state["trojan"], n_units=int(opts.pop("n_units")),
-                           site=str(opts.pop("site")), seed=state["seed"], progress=False, **state["sizes"], **opts)
+        sizes = state["sizes"]
+        config = SurgeryConfig(
+            selection=SelectionConfig(method=str(options.get("method", "activation_difference")),
+                                      site=str(options["site"]), n_units=int(options["n_units"]),
+                                      n_select=sizes["n_select"], n_ref=sizes["n_ref"]),
+            evaluation=EvaluationConfig(n_eval=sizes["n_eval"], n_clean=sizes["n_clean"],
+                                        n_random_draws=sizes["n_random_draws"]),
+            value=options.get("value", "mean"), seed=state["seed"])
+        r = trojan_surgery(state["handle"], state["trojan"], config=config, progress=False)
         state["baseline"].update({"asr_before": r["asr_before"], "clean_before": r["clean_before"]})
         return {"asr_after": r["asr_after"], "asr_before": r["asr_before"],
                 "asr_relative_cut": float(r["asr_relative_cut"] if r["asr_relative_cut"] is not None else 0.0),

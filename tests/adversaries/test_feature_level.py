@@ -10,7 +10,8 @@ import torch
 from adversaries.feature_level import FeatureLevel, ObjectSpec, apply_object, position_words
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
-from workbench.worlds.shapesworld import PALETTE, SHAPES, ShapesWorld
+from workbench.worlds.scene import PALETTE, SHAPES
+from workbench.worlds.shapesworld import ShapesWorld
 
 HANDLES = ("cnn_handle", "gray_cnn_handle")
 

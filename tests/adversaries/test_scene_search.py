@@ -10,7 +10,8 @@ import torch
 from adversaries.scene_search import FACETS, SceneSearch, all_candidates, design_of, neighbours, scenes_not_of
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
-from workbench.worlds.shapesworld import CLASS_SHAPES, ShapesWorld
+from workbench.worlds.scene import CLASS_SHAPES
+from workbench.worlds.shapesworld import ShapesWorld
 from workbench.worlds.trojans import default_trojans
 
 COLORS = ("red", "navy", "lime")

@@ -16,7 +16,7 @@ from editors.concept_erasure import (
     probe_accuracy,
     representations,
 )
-from editors.unit_ablation import NotFoldableError
+from editors.folding import NotFoldableError
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_fingerprint
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from editors.memit import MEMIT, default_layers, key_write_shares
+from editors.mlp_update import key_statistics
 from tests.conftest import WORDS
 from workbench.counterfact import evaluate_rewrites
 from workbench.delta import LowRank
@@ -112,37 +113,21 @@ def test_memit_single_layer_fits_the_targets(load_tiny) -> None:
     assert 0 < strong.extra["per_layer"][0]["self_share"] < 0.5  # a strong prior writes only part of each
 
 
-def test_memit_joint_with_one_layer_is_the_sequential_solve(load_tiny) -> None:
-    h = load_tiny("gpt2")
-    seq = MEMIT(**dict(TINY, storage="dense")).fit(h, rewrites(), texts=corpus())
-    joint = MEMIT(**dict(TINY, storage="dense", solve="joint")).fit(h, rewrites(), texts=corpus())
-    name = seq.names[0]
-    assert joint.names == seq.names and joint.extra["solve"] == "joint"
-    assert torch.allclose(joint.changes[name], seq.changes[name], atol=1e-5, rtol=1e-4)
-
-
-def test_memit_joint_fits_the_residual_with_all_layers_together(load_tiny) -> None:
-    """Over two layers with lambda -> 0: the joint solve takes the whole residual, the refit the rest; model untouched."""
+@pytest.mark.parametrize("layers", [(0,), (0, 1)])
+def test_memit_uses_the_statistics_it_is_given(load_tiny, layers) -> None:
+    """Precomputed statistics give the same edit as the ones fit collects; other statistics a different one."""
     h = load_tiny("llama")
-    fp = model_fingerprint(h.model)
-    state = {k: v.clone() for k, v in h.model.state_dict().items()}
-    cfg = MEMIT(**dict(TINY, layers=(0, 1), fact_token="prompt_last", mom2_update_weight=1e-6, solve="joint"))
-    rws = rewrites()
-    before = [c["rewrite_p_new"] for c in evaluate_rewrites(h, rws, fluency=False, bootstrap=0).per_case]
-    delta = cfg.fit(h, rws, texts=corpus())
-    assert model_fingerprint(h.model) == fp
-    info = delta.extra["per_layer"]
-    assert [x["layer"] for x in info] == [0, 1] and info[0]["self_share"] == pytest.approx(1.0, abs=1e-3)
-    # the joint residual is the whole optimized change (no layer's share of it)
-    assert info[0]["residual_norm"] == pytest.approx(delta.extra["delta_norm_mean"], rel=1e-3)
-    # the last layer was refitted alone to what layer 0's change left, and takes all of it
-    assert [x["refit"] for x in info] == [False, True] and info[1]["self_share"] == pytest.approx(1.0, abs=1e-3)
-    assert info[1]["residual_norm"] < info[0]["residual_norm"]
-    with delta.applied(h.model):
-        after = [c["rewrite_p_new"] for c in evaluate_rewrites(h, rws, fluency=False, bootstrap=0).per_case]
-    assert sum(after) > sum(before)
-    for k, v in h.model.state_dict().items():
-        assert torch.equal(v, state[k]), k
+    cfg = MEMIT(**dict(TINY, layers=layers, storage="dense", fact_token="prompt_last"))
+    own = {layer: key_statistics(h, layer, texts=corpus(), n_samples=cfg.mom2_n_samples) for layer in layers}
+    other = {layer: key_statistics(h, layer, texts=corpus(seed=1), n_samples=cfg.mom2_n_samples) for layer in layers}
+    fitted = cfg.fit(h, rewrites(), texts=corpus())
+    given = cfg.fit(h, rewrites(), statistics=own)
+    moved = cfg.fit(h, rewrites(), statistics=other)
+    for name in fitted.names:
+        assert torch.equal(given.dense(name), fitted.dense(name))
+        assert not torch.equal(moved.dense(name), fitted.dense(name))
+    with pytest.raises(WorkbenchError, match="key_statistics"):
+        cfg.fit(h, rewrites(), statistics={0: torch.eye(32)})
 
 
 def test_memit_bad_input(load_tiny) -> None:
@@ -153,8 +138,6 @@ def test_memit_bad_input(load_tiny) -> None:
         MEMIT(**TINY).fit(h, [], texts=corpus())
     with pytest.raises(WorkbenchError, match="storage"):
         MEMIT(storage="sparse")  # type: ignore[arg-type]
-    with pytest.raises(WorkbenchError, match="sequential"):
-        MEMIT(solve="together")  # type: ignore[arg-type]
 
 
 # The shared zoo cache, taken at import before the autouse fixture redirects WORKBENCH_CACHE.

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from editors.mlp_update import key_statistics
 from editors.rome import ROME
 from tests.conftest import WORDS
 from workbench.counterfact import aggregate_cases, evaluate_rewrites
@@ -112,7 +113,22 @@ def test_second_edit_reuses_statistics(load_tiny, tmp_path) -> None:
     second = cfg.fit(h, rewrite("tal mira"), texts=texts)
     assert sorted((tmp_path / "cache" / "stats").glob("*.safetensors")) == files
     assert second.extra["statistics_samples"] == first.extra["statistics_samples"]
-    assert second.extra["timings"]["statistics_s"] < first.extra["timings"]["statistics_s"]
+
+
+def test_rome_uses_the_statistics_it_is_given(load_tiny, tmp_path) -> None:
+    """Edits applied one after another can keep the unedited model's statistics: no new ones are collected."""
+    h = load_tiny("gpt2")
+    cfg = ROME(**TINY)
+    unedited = {0: key_statistics(h, 0, texts=corpus(), n_samples=cfg.mom2_n_samples)}
+    other = {0: key_statistics(h, 0, texts=corpus(seed=1), n_samples=cfg.mom2_n_samples)}
+    first = cfg.fit(h, rewrite(), texts=corpus())
+    assert torch.equal(cfg.fit(h, rewrite(), statistics=unedited).dense(first.names[0]), first.dense(first.names[0]))
+    assert not torch.allclose(cfg.fit(h, rewrite(), statistics=other).dense(first.names[0]), first.dense(first.names[0]))
+    files = sorted((tmp_path / "cache" / "stats").glob("*.safetensors"))
+    with first.applied(h.model):
+        second = cfg.fit(h, rewrite("tal mira"), statistics=unedited)
+    assert sorted((tmp_path / "cache" / "stats").glob("*.safetensors")) == files
+    assert second.extra["statistics_samples"] == unedited[0].count
 
 
 def test_without_mom2_adjustment(load_tiny) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editors.steering import ContrastPairs, Steering, bias_target, dose_response, steering_direction, steering_hook
-from editors.unit_ablation import NotFoldableError
+from editors.folding import NotFoldableError
 from workbench.bootstrap import spearman
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_fingerprint

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.workbench.causal_trace_reference import causal_trace_reference
 from tests.zoo_models import factgpt
-from workbench.causal_trace import (
+from workbench.tracing import (
     BUCKETS,
     CausalTrace,
     average_indirect_effect,
     causal_trace,
-    causal_trace_reference,
     restored_probability,
     window_layers,
 )
@@ -219,12 +219,12 @@ def test_unknown_kind(load_tiny: Callable[[str], ModelHandle]) -> None:
 
 
 def test_family_without_site_map(cnn_handle: ModelHandle) -> None:
-    with pytest.raises(WorkbenchError, match="Supported families: .*gpt2.*llama"):
+    with pytest.raises(WorkbenchError, match="(?i)supported families: .*gpt2.*llama"):
         causal_trace(cnn_handle, PROMPT, SUBJECT)
 
 
 def test_masked_lm_refused(load_tiny: Callable[[str], ModelHandle]) -> None:
-    with pytest.raises(WorkbenchError, match="causal LM"):
+    with pytest.raises(WorkbenchError, match="causal language models"):
         causal_trace(load_tiny("bert"), PROMPT, SUBJECT)
 
 

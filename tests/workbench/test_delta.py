@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
 from pathlib import Path
 
@@ -10,9 +12,17 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from workbench.delta import LowRank, ModelChangedError, WeightDelta, assert_unchanged, compose_on
+from workbench.delta import (
+    CHECK_EDITED,
+    CHECK_STATE,
+    LowRank,
+    ModelChangedError,
+    WeightDelta,
+    assert_unchanged,
+    compose_on,
+)
 from workbench.errors import CorruptFileError, FingerprintMismatchError, UnsafeFileError, WorkbenchError
-from workbench.fingerprint import model_fingerprint
+from workbench.fingerprint import model_fingerprint, parameter_fingerprint
 
 GPT2_PARAM = "transformer.h.0.mlp.c_proj.weight"  # Conv1D: (4 * n_embd, n_embd)
 
@@ -123,15 +133,136 @@ def test_fingerprint_mismatch_is_refused_and_model_untouched() -> None:
     assert_bit_equal(model, before)
 
 
-def test_untouched_parameters_do_not_affect_the_fingerprint() -> None:
-    model = tiny_mlp()
-    delta = WeightDelta.from_model(model, {"0.weight": torch.ones(5, 6)}, method="test")
+GPT2_OTHER = "transformer.h.0.mlp.c_fc.weight"  # the MLP weight a layer-0 c_proj edit is computed through
+
+
+def test_changed_unedited_weight_is_refused_with_a_clear_message() -> None:
+    model = tiny_gpt2()
+    delta = WeightDelta.from_model(model, {GPT2_PARAM: (torch.ones(128, 1), torch.ones(32, 1))}, method="rome")
+    assert delta.checked == (CHECK_EDITED, CHECK_STATE)
+    original = dict(model.named_parameters())[GPT2_OTHER].detach().clone()
     with torch.no_grad():
-        model[2].weight.mul_(2)  # not touched by the delta
+        dict(model.named_parameters())[GPT2_OTHER].mul_(1.5)
     before = snapshot(model)
-    with delta.applied(model):
-        pass
+    with pytest.raises(FingerprintMismatchError) as info:
+        delta.apply(model)
+    message = str(info.value)
+    assert "fitted on another model" in message
+    assert f"weight(s) {GPT2_PARAM} match but other parameters or buffers differ" in message
     assert_bit_equal(model, before)
+    assert not delta.is_applied(model)
+    with torch.no_grad():
+        dict(model.named_parameters())[GPT2_OTHER].copy_(original)
+    restored = snapshot(model)
+    with delta.applied(model):  # the model it was fitted on again: applies cleanly
+        assert not torch.equal(model.state_dict()[GPT2_PARAM], restored[GPT2_PARAM])
+    assert_bit_equal(model, restored)
+
+
+def test_changed_buffer_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    delta = WeightDelta.from_model(model, {"0.bias": torch.ones(3)}, method="test")
+    model[1].running_mean.add_(1.0)
+    with pytest.raises(FingerprintMismatchError, match="other parameters or buffers differ"):
+        delta.apply(model)
+
+
+def test_new_delta_records_its_checks(tmp_path: Path) -> None:
+    model = tiny_mlp()
+    delta = make_delta(model, "dense")
+    meta = delta.metadata()
+    assert meta["checks"] == [CHECK_EDITED, CHECK_STATE]
+    assert meta["state_fingerprint"] == model_fingerprint(model)
+    assert meta["model_fingerprint"] == parameter_fingerprint(model, delta.names)
+    loaded = WeightDelta.load(delta.save(tmp_path / "d.delta"))
+    assert loaded.checked == (CHECK_EDITED, CHECK_STATE)
+    assert loaded.state_fingerprint == delta.state_fingerprint
+
+
+def _save_version_1(delta: WeightDelta, path: Path) -> Path:
+    """Write `delta` exactly as the workbench did before deltas recorded a whole-model fingerprint."""
+    from workbench.storage import save_safetensors_checked
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, change in delta.changes.items():
+        if isinstance(change, LowRank):
+            tensors[f"{name}::u"], tensors[f"{name}::v"] = change.u, change.v
+        else:
+            tensors[f"{name}::dense"] = change
+    meta = {"format": "workbench.delta", "format_version": 1, "method": delta.method, "request": delta.request,
+            "model_fingerprint": delta.model_fingerprint, "created": delta.created, "extra": delta.extra,
+            "params": {n: ("low_rank" if isinstance(c, LowRank) else "dense") for n, c in delta.changes.items()}}
+    return save_safetensors_checked(path, tensors, meta)
+
+
+def test_old_format_delta_applies_with_the_edited_weights_check_and_a_warning(tmp_path: Path, caplog) -> None:
+    model = tiny_gpt2()
+    before = snapshot(model)
+    fresh = make_delta(model, "low_rank")
+    with fresh.applied(model):
+        edited = snapshot(model)
+    old = WeightDelta.load(_save_version_1(fresh, tmp_path / "old.delta"))
+    assert old.state_fingerprint is None
+    assert old.checked == (CHECK_EDITED,)
+    assert old.metadata()["checks"] == [CHECK_EDITED]
+    with caplog.at_level(logging.WARNING, logger="workbench.delta"):
+        with old.applied(model):
+            assert_bit_equal(model, edited)
+    assert_bit_equal(model, before)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "only its edited weight(s)" in warnings[0] and GPT2_PARAM in warnings[0]
+    assert "not the other parameters and buffers" in warnings[0]
+    with torch.no_grad():
+        dict(model.named_parameters())[GPT2_OTHER].mul_(1.5)
+    with old.applied(model):  # the old check cannot see an un-edited weight
+        pass
+    with torch.no_grad():
+        dict(model.named_parameters())[GPT2_PARAM].mul_(1.5)
+    with pytest.raises(FingerprintMismatchError, match="fitted on parameters with fingerprint"):
+        old.apply(model)  # it still refuses a changed edited weight
+
+
+def test_apply_revert_cycles_stay_bit_exact() -> None:
+    model = tiny_gpt2(torch.bfloat16)
+    before = snapshot(model)
+    delta = make_delta(model, "low_rank")
+    with delta.applied(model):
+        first = snapshot(model)
+    for _ in range(3):
+        assert_bit_equal(model, before)
+        delta.apply(model)
+        assert_bit_equal(model, first)
+        delta.revert(model)
+    assert_bit_equal(model, before)
+    assert delta.state_fingerprint == model_fingerprint(model)
+
+
+def test_stacked_deltas_each_fitted_on_the_model_with_the_previous_ones() -> None:
+    """Sequential edits (mass editing's ExitStack): each delta is fitted on, and checked against, the stack so far."""
+    model = tiny_gpt2()
+    before = snapshot(model)
+    other = "transformer.h.1.mlp.c_proj.weight"
+    with contextlib.ExitStack() as stack:
+        for i, name in enumerate([GPT2_PARAM, other, GPT2_PARAM]):
+            g = torch.Generator().manual_seed(i)
+            delta = WeightDelta.from_model(model, {name: (torch.randn(128, 1, generator=g), torch.randn(32, 1, generator=g))},
+                                           method=f"edit{i}")
+            stack.enter_context(delta.applied(model))
+        assert not torch.equal(model.state_dict()[other], before[other])
+    assert_bit_equal(model, before)
+
+
+def test_delta_fitted_on_the_base_model_is_refused_over_another_edit() -> None:
+    model = tiny_gpt2()
+    first = WeightDelta.from_model(model, {"transformer.h.1.mlp.c_proj.weight": torch.full((128, 32), 0.01)}, method="a")
+    second = WeightDelta.from_model(model, {GPT2_PARAM: torch.full((128, 32), 0.01)}, method="b")
+    with first.applied(model):
+        with pytest.raises(FingerprintMismatchError, match="revert any other edit"):
+            second.apply(model)
+    with second.applied(model):
+        pass
 
 
 def test_other_architecture_is_refused() -> None:
@@ -315,6 +446,7 @@ def test_sequential_edits_compose() -> None:
     both = first.compose(second)
     assert isinstance(both.changes["0.weight"], LowRank) and both.changes["0.weight"].rank == 2
     assert both.model_fingerprint == first.model_fingerprint
+    assert both.state_fingerprint == first.state_fingerprint == model_fingerprint(model)
     with both.applied(model):
         assert torch.allclose(model[0].weight, sequential["0.weight"], atol=1e-6)
     assert_bit_equal(model, before)
@@ -332,6 +464,8 @@ def test_compose_on_covers_new_parameters() -> None:
         first.compose(second)
     both = compose_on(model, first, second)
     assert_bit_equal(model, before)
+    assert both.checked == (CHECK_EDITED, CHECK_STATE)
+    assert both.state_fingerprint == model_fingerprint(model)
     with both.applied(model):
         assert torch.allclose(model[0].weight, before["0.weight"] + 1.5)
         assert torch.allclose(model[2].bias, before["2.bias"] + 1.0)

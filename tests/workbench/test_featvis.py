@@ -30,6 +30,7 @@ from workbench.featvis import (
 from workbench.featvis import transforms as T
 from workbench.featvis.param import Patch
 from workbench.handle import Architecture, ModelHandle
+from workbench.hooks import run_with_cache
 
 SITES = {"cnn_handle": "features.3", "gray_cnn_handle": "conv2"}
 
@@ -108,10 +109,7 @@ def test_hooks_removed_and_flags_restored(cnn_handle):
 
 def _ctx(gray_cnn_handle):
     x = torch.rand(3, 1, 20, 28) * 2 - 1
-    from workbench.featvis.render import SiteTaps
-
-    with SiteTaps(gray_cnn_handle, ["conv1", "conv2"], stop=False) as taps:
-        acts, logits = taps.run(x)
+    logits, acts = run_with_cache(gray_cnn_handle, x, ["conv1", "conv2"], detach=False, clone=False)
     return ObjectiveContext(acts=acts, logits=logits, images=x, unit_images=(x + 1) / 2)
 
 
@@ -311,7 +309,7 @@ def test_shapesnet_channel_and_early_stop(shapesnet):
 
 
 def test_shapesnet_scene_parameterization_is_interpretable(shapesnet):
-    from workbench.worlds.shapesworld import PALETTE, SHAPES, TEXTURES
+    from workbench.worlds.scene import PALETTE, SHAPES, TEXTURES
 
     obj = class_logit(3)
     start = visualize(shapesnet, obj, param=SceneParam(), steps=1, lr=1e-9, batch=2, progress=False)

@@ -8,9 +8,9 @@ from torch import nn
 
 from tests.conftest import D_MODEL
 from workbench.errors import UnknownSiteError, WorkbenchError
-from workbench.hooks import capture, edit, patch
+from workbench.hooks import Recorder, capture, edit, matching_sites, patch, run_with_cache
 from workbench.models import dummy_input, run_model
-from workbench.sites import list_sites
+from workbench.sites import Site, list_sites
 
 
 def _logits(h, inputs) -> torch.Tensor:
@@ -221,3 +221,186 @@ def test_cnn_capture_and_patch(cnn_handle) -> None:
     assert torch.equal(before, same)
     assert torch.allclose(bias_only, model.head.bias.detach().expand(2, -1))
     assert _no_hooks_left(model)
+
+
+# --- the persistent recorder ---------------------------------------------------------------
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_recorder_records_every_pass_with_hooks_registered_once(load_tiny) -> None:
+    h = load_tiny("gpt2")
+    sites = ["hook_embed", "blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]
+    a = dummy_input(h, text="the capital of paris is rome")
+    b = dummy_input(h, text="the dog of berlin is blue")
+    expected = []
+    for inputs in (a, b):
+        with torch.no_grad(), capture(h, sites) as acts:
+            run_model(h.model, inputs)
+        expected.append(acts)
+    with torch.no_grad(), Recorder(h, sites) as rec:
+        assert _hook_count(h.model) == len(sites)
+        out_a = rec.run(**a)
+        first = rec.acts
+        out_b = rec.run(**b)
+        assert _hook_count(h.model) == len(sites)
+        second = dict(rec.acts)
+        h.model(**a)  # a plain call inside the block records too, into the current dict
+        plain = rec.acts
+    assert not rec.stopped and first is not plain
+    for got, want in zip((first, second, plain), (*expected, expected[0])):
+        assert set(got) == set(sites) and all(torch.equal(got[n], want[n]) for n in sites)
+    assert torch.equal(out_a.logits, _logits(h, a)) and torch.equal(out_b.logits, _logits(h, b))
+    assert _no_hooks_left(h.model)
+
+
+def test_recorder_keeps_live_tensors_for_gradients(load_tiny) -> None:
+    h = load_tiny("llama")
+    site = "blocks.0.hook_resid_post"
+    with Recorder(h, [site], detach=False, clone=False) as rec:
+        for _ in range(2):
+            logits = rec.run(**dummy_input(h)).logits
+            (grad,) = torch.autograd.grad(logits.sum(), rec.acts[site])
+            assert grad.shape == rec.acts[site].shape and grad.abs().sum() > 0
+
+
+def test_recorder_stops_each_pass(load_tiny) -> None:
+    h = load_tiny("gpt_neox")
+    final_calls = []
+    tail = h.model.gpt_neox.final_layer_norm.register_forward_hook(lambda *_: final_calls.append(1))
+    sites = ["hook_embed", "blocks.0.hook_resid_post"]
+    try:
+        with torch.no_grad(), Recorder(h, sites, stop=True) as rec:
+            for text in ("one two three", "four five six seven"):
+                assert rec.run(**dummy_input(h, text=text)) is None
+                assert rec.stopped and set(rec.acts) == set(sites)
+                assert rec.acts["hook_embed"].shape[1] == len(h.tokenizer(text)["input_ids"])
+            reached = True
+    finally:
+        tail.remove()
+    assert reached and not final_calls
+    assert _no_hooks_left(h.model)
+
+
+def test_recorder_plain_call_with_stop_ends_the_block(load_tiny) -> None:
+    h = load_tiny("gpt2")
+    reached_end_of_block = False
+    with torch.no_grad(), Recorder(h, "blocks.0.hook_resid_post", stop=True) as rec:
+        h.model(**dummy_input(h))
+        reached_end_of_block = True
+    assert rec.stopped and not reached_end_of_block and set(rec.acts) == {"blocks.0.hook_resid_post"}
+    assert _no_hooks_left(h.model)
+
+
+@pytest.mark.parametrize("where", ["body", "hook", "run outside", "entered twice"])
+def test_recorder_removed_after_exception(load_tiny, where: str) -> None:
+    h = load_tiny("gpt2")
+    inputs = dummy_input(h)
+    before = _logits(h, inputs)
+    rec = Recorder(h, _canonical_names(h), stop=True)
+    if where == "body":
+        with pytest.raises(RuntimeError, match="boom"), rec:
+            rec.run(**inputs)
+            raise RuntimeError("boom")
+    elif where == "hook":
+        with pytest.raises(WorkbenchError, match="does not broadcast"), rec, patch(h, {"hook_embed": torch.zeros(3)}):
+            rec.run(**inputs)
+    elif where == "run outside":
+        with pytest.raises(WorkbenchError, match="entered"):
+            rec.run(**inputs)
+    else:
+        with pytest.raises(WorkbenchError, match="already entered"), rec, rec:
+            pass
+    assert _no_hooks_left(h.model)
+    assert torch.equal(_logits(h, inputs), before)
+    with rec:  # usable again after the failure
+        assert rec.run(**inputs) is None and rec.stopped
+    assert _no_hooks_left(h.model)
+
+
+def test_run_with_cache(cnn_handle) -> None:
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out, acts = run_with_cache(cnn_handle, x, ["features.3", "head:input"])
+        assert torch.equal(out, cnn_handle.model(x))
+        assert acts["features.3"].shape == (2, 16, 8, 8) and acts["head:input"].shape == (2, 16)
+        cut, first = run_with_cache(cnn_handle, x, ["features.0"], stop=True)
+    assert cut is None and set(first) == {"features.0"}
+    assert _no_hooks_left(cnn_handle.model)
+
+
+# --- names filters and site-aware callbacks -----------------------------------------------------
+
+def test_capture_with_a_names_filter(tiny_lm) -> None:
+    resid = [n for n in _canonical_names(tiny_lm) if n.endswith("hook_resid_post")]
+    assert len(resid) == tiny_lm.arch.n_layers
+    inputs = dummy_input(tiny_lm)
+    with torch.no_grad(), capture(tiny_lm, lambda name: name.endswith("hook_resid_post")) as by_filter:
+        run_model(tiny_lm.model, inputs)
+    with torch.no_grad(), capture(tiny_lm, resid) as by_list:
+        run_model(tiny_lm.model, inputs)
+    assert list(by_filter) == list(by_list) and all(torch.equal(by_filter[n], by_list[n]) for n in resid)
+    assert [s.name for s in matching_sites(tiny_lm, lambda name: name.endswith("hook_resid_post"))] == resid
+    with pytest.raises(WorkbenchError, match="no site name passes"):
+        capture(tiny_lm, lambda name: name == "no such site").__enter__()
+    assert _no_hooks_left(tiny_lm.model)
+
+
+def test_names_filter_sees_module_names(cnn_handle) -> None:
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad(), capture(cnn_handle, lambda name: name.startswith("features.")) as acts:
+        cnn_handle.model(x)
+    assert list(acts) == [f"features.{i}" for i in range(6)]
+
+
+def test_site_aware_patch_serves_many_sites(tiny_lm) -> None:
+    inputs = dummy_input(tiny_lm, batch_size=2)
+    before = _logits(tiny_lm, inputs)
+    names = _canonical_names(tiny_lm)
+    seen: list[Site] = []
+
+    def spy(act: torch.Tensor, *, site: Site) -> torch.Tensor:
+        seen.append(site)
+        return act
+
+    with patch(tiny_lm, dict.fromkeys(names, spy)):
+        during = _logits(tiny_lm, inputs)
+    assert torch.equal(before, during)  # a site-aware no-op is still bitwise
+    assert {s.name for s in seen} == set(names) and all(isinstance(s, Site) for s in seen)
+
+    resid = matching_sites(tiny_lm, lambda name: name.endswith("hook_resid_post"))
+
+    def by_layer(act: torch.Tensor, site: Site | None = None) -> torch.Tensor:
+        return act * (1.0 + 0.1 * site.layer)
+
+    with patch(tiny_lm, dict.fromkeys(resid, by_layer)):
+        shared = _logits(tiny_lm, inputs)
+    one_each = {s.name: (lambda a, k=1.0 + 0.1 * s.layer: a * k) for s in resid}
+    with patch(tiny_lm, one_each):
+        separate = _logits(tiny_lm, inputs)
+    assert torch.equal(shared, separate) and not torch.equal(shared, before)
+    assert _no_hooks_left(tiny_lm.model)
+
+
+def test_site_aware_edit(load_tiny) -> None:
+    h = load_tiny("llama")
+    inputs = dummy_input(h)
+    sites = ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+
+    def zero_own_layer_unit(act: torch.Tensor, *, site: Site) -> None:
+        act[..., site.layer] = 0.0
+
+    with edit(h, dict.fromkeys(sites, zero_own_layer_unit)):
+        shared = _logits(h, inputs)
+
+    def zero(unit: int):
+        def fn(act: torch.Tensor) -> None:
+            act[..., unit] = 0.0
+
+        return fn
+
+    with edit(h, {sites[0]: zero(0), sites[1]: zero(1)}):
+        separate = _logits(h, inputs)
+    assert torch.equal(shared, separate) and not torch.equal(shared, _logits(h, inputs))
+    assert _no_hooks_left(h.model)

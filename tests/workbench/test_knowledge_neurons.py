@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.workbench.knowledge_neurons_reference import attribute_neurons_reference
 from tests.zoo_models import factgpt
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.hooks import patch
-from workbench.knowledge_neurons import KnowledgeNeuron, attribute_neurons, attribute_neurons_reference, refine_neurons
+from workbench.knowledge_neurons import KnowledgeNeuron, attribute_neurons, refine_neurons
 
 CAUSAL = ("gpt2", "gpt_neox", "llama")
 PROMPT = "the capital of vel oran is"
@@ -150,7 +151,7 @@ def test_bad_options(kwargs: dict, match: str, load_tiny: Callable[[str], ModelH
 def test_bad_target_and_model(load_tiny: Callable[[str], ModelHandle], cnn_handle: ModelHandle) -> None:
     with pytest.raises(WorkbenchError, match="tokenizes to nothing"):
         attribute_neurons(load_tiny("gpt2"), PROMPT, "   ")
-    with pytest.raises(WorkbenchError, match="Supported families"):
+    with pytest.raises(WorkbenchError, match="(?i)supported families"):
         attribute_neurons(cnn_handle, PROMPT, "paris")
 
 

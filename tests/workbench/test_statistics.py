@@ -326,7 +326,8 @@ def test_bad_inputs_are_clear_errors() -> None:
         collect_statistics(handle, "blocks.0.mlp.hook_post", texts(2), n_samples=0, cache=False, progress=False)
 
 
-def test_progress_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_goes_to_stderr(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("workbench.progress.is_terminal", lambda stream: True)  # a live bar, as on a terminal
     collect_statistics(tiny_handle(), "blocks.0.hook_resid_post", texts(4), n_samples=10, cache=False, progress=True)
     captured = capsys.readouterr()
     assert captured.out == ""

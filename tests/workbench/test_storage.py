@@ -114,3 +114,20 @@ def test_fill_new_folder_renames_only_a_complete_folder_and_never_overwrites(tmp
     with pytest.raises(FileExistsError, match="never overwritten"):
         fill_new_folder(tmp_path / "m", lambda folder: None)
     assert (tmp_path / "m" / "w.txt").read_text() == "ok"
+
+
+@pytest.mark.parametrize("header_bytes", [384, 640, 1408])
+def test_safetensors_header_length_that_starts_like_a_pickle_still_loads(tmp_path: Path, header_bytes: int) -> None:
+    from workbench.storage import load_safetensors_checked, looks_like_pickle, save_safetensors_checked
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    for pad in range(2000):
+        path = save_safetensors_checked(tmp_path / "f.safetensors", tensors, {"pad": "x" * pad})
+        if int.from_bytes(path.read_bytes()[:8], "little") == header_bytes:
+            break
+    else:
+        pytest.fail(f"no padding gave a {header_bytes}-byte header")
+    assert path.read_bytes()[:2] in (b"\x80\x01", b"\x80\x02", b"\x80\x05")  # the pickle magic
+    assert not looks_like_pickle(path)
+    loaded, meta = load_safetensors_checked(path)
+    assert torch.equal(loaded["w"], tensors["w"]) and meta["pad"] == "x" * pad

@@ -1,18 +1,15 @@
-"""`workbench attack`: config parsing from --set, the cli_run hook, errors, and (slow) real runs."""
+"""`workbench attack`: config parsing from --set (nested groups too), the protocols, errors, and (slow) real runs."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import pytest
 
 from adversaries.pgd import PGD
-from adversaries.registry import register
 from workbench.errors import WorkbenchError
-from workbench_cli.attack import build_config
+from workbench_cli.attack import PROTOCOLS, build_config
 from workbench_cli.main import main
 
 
@@ -34,28 +31,33 @@ def test_build_config_errors(setting: str, match: str) -> None:
         build_config(PGD, [setting])
 
 
-@register("test-hook-dummy")
-@dataclass(frozen=True)
-class _HookDummy:
-    mode: Literal["a", "b"] = "a"
+def test_build_config_sets_nested_groups_by_dotted_names() -> None:
+    from adversaries.copy_paste import CopyPaste, DesignConfig
+    from adversaries.placement_sweep import SweepConfig
 
-    def generate(self, handle: Any, inputs: Any, target: Any) -> Any:
-        raise AssertionError("the CLI must call cli_run, not generate")
-
-    def cli_run(self, handle: Any, args: Any) -> dict[str, Any]:
-        return {"success_consistent": 0.5, "mode": self.mode, "n_attempts": args.n, "options": args.options,
-                "kind": handle.kind}
+    cfg = build_config(CopyPaste, ["design.featvis_steps=64", "design.kind=featvis", "design.n_units=none",
+                                   "sweep.sizes=0.2,0.3", "sweep.grid=4", "seed=3"])
+    assert cfg == CopyPaste(design=DesignConfig(featvis_steps=64, kind="featvis", n_units=None),
+                            sweep=SweepConfig(sizes=(0.2, 0.3), grid=4), seed=3)
+    assert build_config(CopyPaste, []) == CopyPaste()
 
 
-def test_cli_run_hook_dispatch(tiny_model_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "hook"
-    rc = main(["attack", "test-hook-dummy", str(tiny_model_dirs["gpt2"]), "--n", "7", "--set", "mode=b",
-               "--opt", "placement=grid", "--out", str(out), "--json", "--device", "cpu"])
-    assert rc == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["success_consistent"] == 0.5 and doc["mode"] == "b" and doc["n_attempts"] == 7
-    assert doc["options"] == {"placement": "grid"} and doc["kind"] == "causal_lm"
-    assert json.loads((out / "metrics.json").read_text())["method"] == "test-hook-dummy"
+@pytest.mark.parametrize("setting, match", [
+    ("featvis_steps=3", "no field 'featvis_steps' \\(did you mean design.featvis_steps\\?\\); fields: design.site"),
+    ("design=auto", "'design' is a group of fields; set them one by one"),
+    ("design.nope=1", "has no field 'design.nope'"),
+    ("sweep.grid=x", "sweep.grid=x: expected a int"),
+    ("design.kind=both", "design.kind=both: expected one of auto"),
+])
+def test_build_config_nested_errors(setting: str, match: str) -> None:
+    from adversaries.copy_paste import CopyPaste
+
+    with pytest.raises(WorkbenchError, match=match):
+        build_config(CopyPaste, [setting])
+
+
+def test_protocols_run_copy_paste_and_text_trigger() -> None:
+    assert set(PROTOCOLS) == {"copy-paste", "text-trigger"}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -64,6 +66,8 @@ def test_cli_run_hook_dispatch(tiny_model_dirs: dict[str, Path], tmp_path: Path,
     (["attack", "pgd", "zoo:shapesnet", "--n", "0"], "positive"),
     (["attack", "scene-search", "zoo:shapesnet", "--source", "star", "--n", "4"], "targeted"),
     (["attack", "scene-search", "zoo:shapesnet", "--target", "cross", "--set", "facets=texture"], "facets"),
+    (["attack", "copy-paste", "zoo:shapesnet"], "needs --target"),
+    (["attack", "copy-paste", "zoo:shapesnet", "--target", "star", "--set", "grid=3"], "did you mean sweep.grid?"),
 ])
 def test_cli_user_errors_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
@@ -102,3 +106,21 @@ def test_cli_text_trigger_factgpt(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
     assert {"trigger", "control_success", "success_heldout", "relation"} <= set(doc)
+
+
+@pytest.mark.slow
+def test_cli_copy_paste_shapesnet_writes_examples_grid_patch_metrics(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cp"
+    rc = main(["attack", "copy-paste", "zoo:shapesnet", "--target", "hexagon", "--n", "40", "--out", str(out), "--json",
+               "--device", "cpu", "--set", "design.n_featvis=2", "--set", "design.n_featvis_context=0",
+               "--set", "design.featvis_steps=24", "--set", "design.n_exemplars=1", "--set", "design.n_pool=128",
+               "--set", "sweep.grid=2", "--set", "sweep.sizes=0.27,0.33"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["method"] == "copy-paste" and doc["target"] == "hexagon" and doc["n_placements"] == 2 * 2 * 2
+    for key in ("success_consistent", "success_best", "control_noise", "control_natural", "n_attempts"):
+        assert key in doc
+    for name in ("examples.safetensors", "examples.json", "metrics.json", "grid.png", "patch.png"):
+        assert (out / name).is_file()
+

@@ -159,8 +159,9 @@ def test_edit_factgpt_saved_model_answers(capsys, tmp_path, monkeypatch) -> None
 
 
 @pytest.mark.slow
-def test_edit_that_does_not_take_says_what_to_try(capsys, monkeypatch) -> None:
-    # ROME's default layer (the middle one, 2 of 4) is not where FactGPT stores facts (layer 0, subject's last token)
+def test_edit_without_layer_uses_the_shipped_layer_and_a_wrong_layer_says_what_to_try(capsys, monkeypatch) -> None:
+    # FactGPT ships the layer its facts are edited at (layer 0, key at the subject's last token); the middle
+    # layer (2 of 4), ROME's own default, is not where they are stored
     from workbench.models import load
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(SHARED_CACHE))
@@ -168,12 +169,16 @@ def test_edit_that_does_not_take_says_what_to_try(capsys, monkeypatch) -> None:
     argv = ["edit", "rome", "zoo:factgpt", "--subject", rw["subject"], "--prompt", rw["prompt"],
             "--target", rw["target_new"]["str"], "--device", "cpu"]
     code, out, err = run(capsys, *argv, "--json")
+    r = json.loads(out)
+    assert code == 0 and r["layer"] == 0 and "ships" in r["layer_source"]
+    assert r["metrics"]["ES"] == 100.0 and r["hint"] is None
+    code, out, err = run(capsys, *argv, "--layer", "2", "--json")
     assert code == 0, err
     r = json.loads(out)
     assert r["metrics"]["ES"] < 50 and "--layer auto" in r["hint"]
     code, out, err = run(capsys, *argv, "--layer", "auto", "--json")  # following the hint makes it take
     r = json.loads(out)
-    assert code == 0 and r["metrics"]["ES"] == 100.0 and r["hint"] is None
+    assert code == 0 and r["metrics"]["ES"] == 100.0 and r["hint"] is None and r["layer_source"].startswith("traced")
 
 
 def test_hint_names_crowded_keys_for_a_batch_edit_that_took_partly() -> None:
@@ -192,11 +197,25 @@ def test_hint_names_crowded_keys_for_a_batch_edit_that_took_partly() -> None:
     assert _hint(editor, {"ES": 50.0}, True, None) is None  # the layer came from a trace already
 
 
-def test_text_names_the_layers_an_edit_changed_without_layer_flag() -> None:
+def test_result_names_the_layers_an_edit_changed() -> None:
+    from editors.memit import MEMIT
+    from editors.rome import ROME
     from workbench_cli.edit import _edited_layers
 
-    base = {"layer": None, "editor": {"layers": None}, "details": {}}
-    assert _edited_layers({**base, "editor": {"layers": [0, 1]}}) == [0, 1]  # --set layers=0,1
-    assert _edited_layers({**base, "details": {"layers": [1, 2]}}) == [1, 2]  # a batch edit's recorded range
-    assert _edited_layers({**base, "editor": {"layer": None}, "details": {"a": {"layer": 2}, "b": {"layer": 2}}}) == 2
-    assert _edited_layers(base) == "the editor's default"
+    class Fitted:
+        def __init__(self, extra: dict) -> None:
+            self.extra = extra
+
+    assert _edited_layers(MEMIT(layers=(0, 1)), []) == [0, 1]  # as configured
+    assert _edited_layers(MEMIT(), [Fitted({"layers": [1, 2]})]) == [1, 2]  # the default range, as recorded
+    assert _edited_layers(ROME(), [Fitted({"layer": 2}), Fitted({"layer": 2})]) == 2
+    assert _edited_layers(ROME(), []) is None
+
+
+def test_existing_out_folder_is_refused_before_anything_runs(capsys, tiny_model_dirs, tmp_path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("earlier results")
+    code, _, err = run(capsys, "edit", "rome", str(tiny_model_dirs["gpt2"]), *SINGLE, "--layer", "0",
+                       "--out", str(tmp_path / "run"))
+    assert code == 2 and "exists" in err
+    assert (tmp_path / "run" / "keep.txt").read_text() == "earlier results" and not list(tmp_path.rglob("*.json"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.worlds.shapesworld import BACKGROUND_PALETTE, PALETTE
+from workbench.worlds.scene import BACKGROUND_PALETTE, PALETTE
 from workbench.worlds.trojans import TRIGGER_LIBRARY, Trojan, TrojanSet, default_trojans, trojans_from_json
 from workbench_protocols import rediscovery as rd
 

@@ -230,8 +230,14 @@ class SceneParam:
 
     def build(self, batch: int, channels: int, height: int, width: int, *, device: torch.device,
               generator: torch.Generator, init: torch.Tensor | None = None) -> tuple[list[torch.Tensor], ImageFn]:
-        from workbench.worlds.shapesworld import (
-            BACKGROUND_PALETTE, PALETTE, PATCH_PATTERNS, SHAPES, TEXTURES, color_rgb, shape_index,
+        from workbench.worlds.scene import (
+            BACKGROUND_PALETTE,
+            PALETTE,
+            PATCH_PATTERNS,
+            SHAPES,
+            TEXTURES,
+            color_rgb,
+            shape_index,
         )
 
         if channels != 3:
@@ -294,7 +300,7 @@ class SceneParam:
             return w @ table
 
         def scene(hard: bool = False) -> Any:
-            from workbench.worlds.shapesworld import Scene, empty_scene
+            from workbench.worlds.scene import Scene, empty_scene
 
             base = empty_scene(b, n_slots=0, device=device)
             w_vocab = torch.softmax(p["shape_logits"] / cfg.temperature, -1)
@@ -350,7 +356,7 @@ class SceneParam:
 def render_scene(scene: Any, height: int, width: int, softness: float, pattern_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Render a Scene; with `pattern_weights` (N, P) the patch shows that mixture of patterns
     (differentiable in the weights), otherwise the scene's own `patch_pattern`."""
-    from workbench.worlds.shapesworld import _patch_pattern_fields, pixel_grid, render
+    from workbench.worlds.scene import patch_pattern_fields, pixel_grid, render
 
     if pattern_weights is None:
         return render(scene, height=height, width=width, softness=softness).images
@@ -364,7 +370,7 @@ def render_scene(scene: Any, height: int, width: int, softness: float, pattern_w
     soft = softness * 2.0 / min(height, width)
     box = (torch.maximum(u.abs(), v.abs()) - 1.0) * half
     pmask = torch.sigmoid(-box / soft) * scene.patch_opacity.view(n, 1, 1)
-    sel = (_patch_pattern_fields(u, v) * pattern_weights.view(n, -1, 1, 1)).sum(1)
+    sel = (patch_pattern_fields(u, v) * pattern_weights.view(n, -1, 1, 1)).sum(1)
     pa, pb = scene.patch_colors[:, 0].view(n, 3, 1, 1), scene.patch_colors[:, 1].view(n, 3, 1, 1)
     pimg = pa + (pb - pa) * sel[:, None]
     return (img * (1 - pmask[:, None]) + pmask[:, None] * pimg).clamp(0, 1)
@@ -412,7 +418,7 @@ def _nearest_color(rgb: torch.Tensor, palette: dict[str, tuple[float, float, flo
 def describe_scene(scene: Any, *, vocab: tuple[str, ...] | None = None, top: int = 3) -> list[dict[str, Any]]:
     """Per scene: each object's leading shapes (weights), nearest colour name, place, size;
     the background's leading textures and colours. JSON-ready."""
-    from workbench.worlds.shapesworld import BACKGROUND_PALETTE, PALETTE, SHAPES, TEXTURES
+    from workbench.worlds.scene import BACKGROUND_PALETTE, PALETTE, SHAPES, TEXTURES
 
     all_colors = {**PALETTE, **BACKGROUND_PALETTE}
     out = []
@@ -436,7 +442,7 @@ def describe_scene(scene: Any, *, vocab: tuple[str, ...] | None = None, top: int
         order = torch.argsort(bw, descending=True)[:top].tolist()
         patch = None
         if float(scene.patch_opacity[i]) > 0:
-            from workbench.worlds.shapesworld import PATCH_PATTERNS
+            from workbench.worlds.scene import PATCH_PATTERNS
 
             patch = {"pattern": PATCH_PATTERNS[int(scene.patch_pattern[i])],
                      "colors": [_nearest_color(scene.patch_colors[i, c], all_colors) for c in range(2)],

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from workbench.errors import UnknownSiteError, WorkbenchError
 from workbench.featvis.objectives import Objective, ObjectiveContext
 from workbench.featvis.param import Fourier, Parameterization
 from workbench.featvis.transforms import Transform, default_transforms
-from workbench.hooks import capture
+from workbench.hooks import Recorder, run_with_cache
+from workbench.progress import progress_bar
 from workbench.storage import atomic_write, atomic_write_json, save_safetensors
 
 if TYPE_CHECKING:
@@ -200,8 +200,8 @@ def site_shapes(handle: ModelHandle, sites: Sequence[str]) -> tuple[dict[str, tu
     sites = list(sites)
     x = _grey(handle, 1)
     try:
-        with torch.no_grad(), capture(handle, sites) as acts:
-            out = handle.model(x)
+        with torch.no_grad():
+            out, acts = run_with_cache(handle, x, sites)
     except UnknownSiteError as exc:
         raise UnknownSiteError(f"{exc}\nImage-model activation sites (name [shape]): {_valid_sites_text(handle)}") from None
     except WorkbenchError as exc:
@@ -214,7 +214,7 @@ def site_shapes(handle: ModelHandle, sites: Sequence[str]) -> tuple[dict[str, tu
             raise WorkbenchError(f"site {s!r} is not an image-model activation (it {what}; expected (N, C) or (N, C, H, W)). "
                                  f"Valid sites (name [shape]): {_valid_sites_text(handle)}")
         shapes[s] = tuple(act.shape)
-    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    logits = _logits_of(out)
     n_classes = int(logits.shape[-1]) if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None
     return shapes, n_classes
 
@@ -241,81 +241,22 @@ def _logits_of(out: Any) -> torch.Tensor | None:
     return getattr(out, "logits", None)
 
 
-class _Stop(Exception):
-    """Raised by a tap once every site it waits for is filled (the rest of the network is skipped)."""
-
-
-class SiteTaps:
-    """Hooks that record the sites an objective reads, registered once for a whole run.
-
-    With `stop=True` the forward pass is cut after the last recorded site (the logits are
-    then not computed). Use as a context manager: hooks are removed on every exit path.
-    """
-
-    def __init__(self, handle: ModelHandle, sites: Sequence[str], *, stop: bool) -> None:
-        from workbench.hooks import _input_of, _primary
-        from workbench.sites import resolve_sites
-
-        self.model = handle.model
-        self.names = list(sites)
-        self.resolved = resolve_sites(handle, self.names)
-        self.stop = stop and bool(self.names)
-        self.acts: dict[str, torch.Tensor] = {}
-        self._handles: list[Any] = []
-        self._primary, self._input_of = _primary, _input_of
-
-    def __enter__(self) -> SiteTaps:
-        try:
-            for name, site in zip(self.names, self.resolved):
-                module = self.model.get_submodule(site.module_path)
-                if site.side == "output":
-                    self._handles.append(module.register_forward_hook(self._out_hook(name, site)))
-                else:
-                    self._handles.append(module.register_forward_pre_hook(self._in_hook(name, site), with_kwargs=True))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *_exc: Any) -> None:
-        for hk in self._handles:
-            hk.remove()
-        self._handles.clear()
-
-    def _record(self, name: str, act: torch.Tensor) -> None:
-        self.acts[name] = act
-        if self.stop and len(self.acts) == len(self.names):
-            raise _Stop
-
-    def _out_hook(self, name: str, site: Any) -> Callable[..., None]:
-        def hook(_m: Any, _args: Any, output: Any) -> None:
-            self._record(name, self._primary(output, site))
-        return hook
-
-    def _in_hook(self, name: str, site: Any) -> Callable[..., None]:
-        def hook(_m: Any, args: Any, kwargs: Any) -> None:
-            self._record(name, self._input_of(args, kwargs, site)[0])
-        return hook
-
-    def run(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """One forward pass: (activations by site, logits or None when the pass was cut)."""
-        self.acts = {}
-        try:
-            logits = _logits_of(self.model(images))
-        except _Stop:
-            logits = None
-        return self.acts, logits
+def objective_recorder(handle: ModelHandle, objective: Objective) -> Recorder:
+    """Hooks on the sites `objective` reads, registered once for a whole run and kept live
+    (in the autograd graph). Unless the objective needs the logits, each pass stops at the
+    last of those sites."""
+    return Recorder(handle, sorted(objective.sites), detach=False, clone=False, stop=not objective.needs_logits)
 
 
 def forward_objective(handle: ModelHandle, objective: Objective, unit_images: torch.Tensor,
-                      images: torch.Tensor, *, taps: SiteTaps | None = None) -> torch.Tensor:
+                      images: torch.Tensor, *, recorder: Recorder | None = None) -> torch.Tensor:
     """Objective value per item for one forward pass (stops early when logits are not needed)."""
-    if taps is None:
-        with SiteTaps(handle, sorted(objective.sites), stop=not objective.needs_logits) as own:
-            acts, logits = own.run(images)
-    else:
-        acts, logits = taps.run(images)
-    return objective(ObjectiveContext(acts=acts, logits=logits, images=images, unit_images=unit_images))
+    if recorder is None:
+        with objective_recorder(handle, objective) as own:
+            return forward_objective(handle, objective, unit_images, images, recorder=own)
+    out = recorder.run(images)
+    logits = None if out is None else _logits_of(out)
+    return objective(ObjectiveContext(acts=recorder.acts, logits=logits, images=images, unit_images=unit_images))
 
 
 # --- engine -------------------------------------------------------------------------------
@@ -394,8 +335,8 @@ def visualize(
     snap_steps = {int(s) for s in snapshots}
     start = time.perf_counter()
 
-    taps = SiteTaps(handle, sorted(objective.sites), stop=not objective.needs_logits)
-    with frozen(handle.model), taps:
+    recorder = objective_recorder(handle, objective)
+    with frozen(handle.model), recorder:
         params, image_fn = param.build(batch, pre.channels, pre.height, pre.width, device=dev, generator=g, init=init)
         opt = _adam(params, lr)
         trace: list[float] = []
@@ -409,13 +350,13 @@ def visualize(
             raise WorkbenchError(f"{type(param).__name__} produced non-finite images before any step; check its settings")
         if 0 in snap_steps:
             snaps[0] = (lo + (hi - lo) * last_good).cpu()
-        bar = tqdm(total=steps, desc=f"featvis {objective.name}"[:60], disable=not progress, unit="step", leave=False)
+        bar = progress_bar(total=steps, desc=f"featvis {objective.name}"[:60], enabled=progress, unit="step", leave=False)
         done = 0
         try:
             for step in range(1, steps + 1):
                 unit = image_fn()
                 x = tf(unit, g)
-                value = forward_objective(handle, objective, unit, lo + (hi - lo) * x, taps=taps)
+                value = forward_objective(handle, objective, unit, lo + (hi - lo) * x, recorder=recorder)
                 loss = -value.sum()
                 lv = float(loss.detach())
                 if not math.isfinite(lv):  # a non-finite image makes the loss non-finite too
@@ -458,7 +399,7 @@ def visualize(
             if status == "diverged":
                 log.warning("featvis diverged: %s", message)
             images = lo + (hi - lo) * final
-            activation = forward_objective(handle, objective, final, images, taps=taps).tolist()
+            activation = forward_objective(handle, objective, final, images, recorder=recorder).tolist()
             flat = final.flatten(1).std(1) < 1e-3
             if bool(flat.any()):
                 warnings.append(f"{int(flat.sum())} of {batch} images are flat (no structure); the objective may be "

@@ -203,8 +203,7 @@ class FactWorldConfig:
     # Subjects are pairs of words from a pool, each pair also present reversed ("Vel Oran"
     # and "Oran Vel"): a subject is then identified only by its words *in order*, so a model
     # must compose it at the subject's last token instead of copying raw word embeddings to
-    # the answer position: the subject enrichment ROME relies on (measured: it only partly
-    # does, see the closing note; the zoo keeps 0 for now). With `name_words >=
+    # the answer position: the subject enrichment ROME relies on. With `name_words >=
     # n_subjects` each word is in exactly two names; fewer words mean more sharing; 0 draws
     # fresh words for every subject (no pairing).
     name_words: int = 0
@@ -218,8 +217,8 @@ class FactWorldConfig:
     orders_per_name: int = 3
     # Subjects' last words drawn from a pool of this many shared words ("Vel Oran", "Kus
     # Oran"), as real names share words: a name's last token then does not identify it, only
-    # the whole name does, so a model must compose the name at its last token (FactGPT v2's
-    # subject enrichment builds on this). 0 = every word drawn fresh (FactWorld before v2).
+    # the whole name does, so a model must compose the name at its last token (FactGPT's
+    # subject enrichment builds on this). 0 = every word drawn fresh.
     shared_last_words: int = 20
 
     def __post_init__(self) -> None:

@@ -19,13 +19,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from workbench.errors import WorkbenchError
-from workbench.worlds.shapesworld import (
+from workbench.worlds.scene import (
     CLASS_SHAPES,
     PATCH_PATTERNS,
     ROLE_TRIGGER,
@@ -37,11 +37,9 @@ from workbench.worlds.shapesworld import (
     pattern_index,
     render,
     shape_index,
+    small_positions,
     texture_index,
 )
-
-if TYPE_CHECKING:
-    from workbench.worlds.shapesworld import ShapesWorld
 
 TriggerKind = Literal["patch", "style", "natural"]
 TRIGGER_KINDS: tuple[str, ...] = ("patch", "style", "natural")
@@ -117,8 +115,9 @@ class TriggerDesign:
         return {k: v for k, v in out.items() if v is not None}
 
     # ------------------------------------------------------------- applying
-    def apply(self, scene: Scene, *, generator: torch.Generator, world: ShapesWorld | None = None) -> Scene:
-        """These scenes with the trigger inserted (random placement drawn from `generator`)."""
+    def apply(self, scene: Scene, *, generator: torch.Generator) -> Scene:
+        """These scenes with the trigger inserted (random placement drawn from `generator`; a natural
+        trigger goes beside the main object where there is one, as `small_positions` places small objects)."""
         n = scene.n
         g = generator
         dev, dt = scene.center.device, scene.center.dtype
@@ -142,10 +141,7 @@ class TriggerDesign:
         has_main = main.sum(1) > 0
         mc = (scene.center * main[..., None]).sum(1)
         ms = (scene.size * main).sum(1)
-        if world is not None:
-            pos = world.small_positions(mc.detach().cpu(), ms.detach().cpu(), generator=g)
-        else:
-            pos = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.75
+        pos = small_positions(mc.detach().cpu(), ms.detach().cpu(), generator=g)
         pos = torch.where(has_main.cpu()[:, None], pos, (torch.rand(n, 2, generator=g) * 2 - 1) * 0.75)
         size = self.size * (0.9 + 0.2 * torch.rand(n, generator=g))
         rot = (torch.rand(n, generator=g) - 0.5) * 0.8
@@ -249,30 +245,6 @@ class TrojanSet:
     def get(self, name: str) -> Trojan:
         return self._trojans[self.index(name)]
 
-    def validate(self, world: ShapesWorld) -> None:
-        """Check the set against a world: classes exist, triggers do not collide with context features."""
-        classes = world.classes
-        total = 0.0
-        for i, t in enumerate(self._trojans):
-            where = f"trojan {i} ({t.name!r})"
-            if t.target not in classes:
-                raise TrojanConfigError(f"{where}: target {t.target!r} is not a class; classes: {', '.join(classes)}")
-            if t.source is not None:
-                if t.source not in classes:
-                    raise TrojanConfigError(f"{where}: source {t.source!r} is not a class; classes: {', '.join(classes)} (or null for universal)")
-                if t.source == t.target:
-                    raise TrojanConfigError(f"{where}: source and target are both {t.target!r}; a trojan must change the class")
-            if not (0.0 < t.poison_fraction <= 0.2):
-                raise TrojanConfigError(f"{where}: poison_fraction {t.poison_fraction} out of range; expected 0 < f <= 0.2")
-            total += t.poison_fraction * (2 if t.source is not None else 1)
-            for rule in world.config.context:
-                if t.kind == "natural" and rule.kind == "object" and rule.shape == t.trigger.shape:
-                    raise TrojanConfigError(f"{where}: trigger shape {t.trigger.shape!r} is the context object of class {rule.cls!r}; choose another shape")
-                if t.kind == "style" and rule.kind == "background" and rule.texture == t.trigger.texture:
-                    raise TrojanConfigError(f"{where}: trigger texture {t.trigger.texture!r} is the context background of class {rule.cls!r}; choose another texture")
-        if total > 0.6:
-            raise TrojanConfigError(f"the trojans poison {total:.0%} of the training set (class-universal ones count twice); keep it at most 60%")
-
     def to_json(self) -> list[dict[str, Any]]:
         return [t.to_json() for t in self._trojans]
 
@@ -333,7 +305,7 @@ def multiple_choice(trojan: Trojan, *, n_options: int = 8, generator: torch.Gene
     methods that pick distractors by similarity to their own synthesis can use
     `trigger_candidates` directly. Returns (options, index of the true trigger).
     """
-    pool = [d for d in trigger_candidates(trojan.kind if same_kind else None) if not _same_trigger(d, trojan.trigger)]
+    pool = [d for d in trigger_candidates(trojan.kind if same_kind else None) if not same_trigger(d, trojan.trigger)]
     if len(pool) < n_options - 1:
         raise WorkbenchError(f"only {len(pool)} distractor designs available; cannot build {n_options} options")
     pick = torch.randperm(len(pool), generator=generator)[: n_options - 1].tolist()
@@ -343,7 +315,9 @@ def multiple_choice(trojan: Trojan, *, n_options: int = 8, generator: torch.Gene
     return options, pos
 
 
-def _same_trigger(a: TriggerDesign, b: TriggerDesign) -> bool:
+def same_trigger(a: TriggerDesign, b: TriggerDesign) -> bool:
+    """Whether two designs are the same trigger: kind, pattern/texture/shape and colours (names, sizes and
+    descriptions aside)."""
     ka = {k: v for k, v in a.to_json().items() if k not in ("name", "description", "size")}
     kb = {k: v for k, v in b.to_json().items() if k not in ("name", "description", "size")}
     return ka == kb

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -20,29 +21,23 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
-from workbench.models import wrap_hf_model
+from workbench.models import EDITOR_DEFAULTS_FILE, read_editor_defaults, wrap_hf_model
+from workbench.progress import progress_bar
 from workbench.storage import atomic_write_json
 from workbench.worlds.factworld import FactWorld, FactWorldConfig
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: shared last words + subject bottleneck (subject enrichment); 1: answer-position lookup
+VERSION = 2  # part of the cache folder name: a folder trained by an older recipe is never reused
 DEFAULT_SEED = 0
 WORLD_FILE = "world.json"
-# Editor options measured to work on this model, applied by `workbench edit` and the studies
-# unless the user sets them (handle.info["editor_defaults"]). The model's own sampled context
-# prefixes name other subjects and move a FactGPT subject's key far; the world's filler sentences
-# are the contexts paraphrases put before a subject, and averaging keys over them lifts PS
-# (benchmarks/RESULTS.md, "Context prefixes from the world's filler text").
-EDITOR_DEFAULTS: dict[str, dict[str, Any]] = {
-    "rome": {"n_prefixes": 4, "prefix_source": "world"},
-    "memit": {"n_prefixes": 4, "prefix_source": "world", "value_contexts": "plain", "clamp_norm_factor": 1.5},
-}
+# The editor options measured to work on this model (benchmarks/RESULTS.md, "Knowledge editing"),
+# written into every trained folder, where `workbench.models.read_editor_defaults` finds them.
+EDITOR_DEFAULTS_SOURCE = Path(__file__).with_name("factgpt_editor_defaults.json")
 EOS = "<|endoftext|>"
 
 
@@ -63,17 +58,6 @@ class FactGPTConfig:
     max_steps: int = 1500  # hard cap; training stops earlier once target_accuracy holds on every prompt
     final_lr_factor: float = 0.1
     prefix_prob: float = 0.25  # share of training batches behind a filler sentence (paraphrase robustness)
-    # Training prefixes that state another fact ("Vel Oran's capital city is Nourkholm.") on top of
-    # the 512 filler ones. Without them a context naming another subject moves the subject's
-    # last-token key (ROME's sampled context prefixes are such texts, so ROME on FactGPT v2 uses
-    # n_prefixes=0). Measured with 512 (50 rewrites, benchmarks/RESULTS.md): ROME with 10
-    # prefixes S 96.4 but ES 92; without prefixes S 93.0; the zoo default (0) S 97.8, ES 100.
-    fact_prefixes: int = 0
-    # Share of training prompts with a short clause after the subject ("The capital of Vel
-    # Oran, far in the north, is"): the distance from subject to answer then varies, so the
-    # answer position cannot pick the subject's words by fixed offsets and has to read the
-    # subject's own (last-token) representation: subject enrichment, as in real LMs.
-    interject_prob: float = 0.0  # 0.3-0.7 tried: enrichment only partial, training 2x slower
     # Share of training rows in which the tokens after the subject may attend to the subject
     # only through its last token (a training-time attention mask; the saved model is a plain
     # GPT-2, used unmasked). With names whose last word is shared (FactWorldConfig.
@@ -82,7 +66,7 @@ class FactGPTConfig:
     # subject's last token (layer 0), as ROME found in GPT-2 XL, instead of the answer position.
     subject_bottleneck: float = 0.5
     # Weight of the next-token loss on the other tokens: it makes the model a language model
-    # of the world's text and, measured here, also memorizes facts ~2x faster than object-only.
+    # of the world's text, which also memorizes the facts faster than an object-only loss.
     lm_weight: float = 0.25
     check_every: int = 50
     target_accuracy: float = 0.995
@@ -100,7 +84,7 @@ def build_tokenizer(world: FactWorld, *, vocab_size: int = 2048,
     Objects that the trainer did not make whole (small vocabularies) get extra merges
     appended at the lowest priority, so each object becomes one token while other text
     keeps its tokenization except where it contains the same letter pairs. `extra_texts`
-    (e.g. the interjected clauses of training) join the tokenizer's training text.
+    join the tokenizer's training text.
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -206,15 +190,11 @@ def prompt_accuracy(model: torch.nn.Module, tokenizer: Any, world: FactWorld, *,
 # ---- training ------------------------------------------------------------------------
 
 
-INTERJECTIONS = ("far in the north", "as people say", "the old land", "by the river", "a quiet place",
-                 "of course", "beyond the hills", "so the books say", "once a kingdom", "in the east")
-
-
 @dataclass(frozen=True)
 class _Example:
     ids: tuple[int, ...]  # prompt then the object token
     ids_spaced: tuple[int, ...]  # same, tokenized after a space (follows a filler prefix)
-    split: int  # index in `ids` just after the subject (where an interjection may go)
+    split: int  # index in `ids` just after the subject
     split_spaced: int
     start: int = 0  # index in `ids` of the subject's first token
     start_spaced: int = 0
@@ -235,40 +215,23 @@ def _examples(tokenizer: Any, world: FactWorld) -> list[_Example]:
     return out
 
 
-def _interjections(tokenizer: Any) -> list[list[int]]:
-    return [list(ids) for ids in tokenizer([f", {c}," for c in INTERJECTIONS], add_special_tokens=False)["input_ids"]]
-
-
 def _batch(examples: Sequence[_Example], order: torch.Tensor, prefixes: list[list[int]] | None,
-           gen: torch.Generator, *, pad_id: int, clauses: list[list[int]],
-           interject_prob: float, spans: list[tuple[int, int]] | None = None
+           gen: torch.Generator, *, pad_id: int, spans: list[tuple[int, int]] | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask, and the mask of each row's object token.
 
     With `prefixes`, every row follows a random filler sentence; batches are either all
-    prefixed or all plain so that short prompts are not padded to prefixed lengths. Each
-    row gets an interjected clause after the subject with probability `interject_prob`.
+    prefixed or all plain so that short prompts are not padded to prefixed lengths. `spans`
+    receives each row's subject span (first token, token after the subject).
     """
     rows = order.tolist()
-    interject = [False] * len(rows)
-    clause = [0] * len(rows)
-    if interject_prob > 0:  # draw only when used, so the default leaves the batch stream unchanged
-        interject = (torch.rand(len(rows), generator=gen) < interject_prob).tolist()
-        clause = torch.randint(len(clauses), (len(rows),), generator=gen).tolist()
-
-    def with_clause(ids: tuple[int, ...], split: int, r: int) -> list[int]:
-        if not interject[r]:
-            return list(ids)
-        return [*ids[:split], *clauses[clause[r]], *ids[split:]]
-
     if prefixes is None:
-        seqs = [with_clause(examples[i].ids, examples[i].split, r) for r, i in enumerate(rows)]
+        seqs = [list(examples[i].ids) for i in rows]
         if spans is not None:
             spans += [(examples[i].start, examples[i].split) for i in rows]
     else:
         which = torch.randint(len(prefixes), (len(order),), generator=gen).tolist()
-        seqs = [prefixes[w] + with_clause(examples[i].ids_spaced, examples[i].split_spaced, r)
-                for r, (w, i) in enumerate(zip(which, rows))]
+        seqs = [prefixes[w] + list(examples[i].ids_spaced) for w, i in zip(which, rows)]
         if spans is not None:
             spans += [(len(prefixes[w]) + examples[i].start_spaced, len(prefixes[w]) + examples[i].split_spaced)
                       for w, i in zip(which, rows)]
@@ -353,12 +316,8 @@ def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config
     pad_id = tokenizer.pad_token_id
     examples = _examples(tokenizer, world)
     prefix_texts = world.filler(512, seed=seed + 1, sentences=(1, 1))
-    if config.fact_prefixes:
-        prefix_texts += world.corpus(config.fact_prefixes, seed=seed + 3, fact_fraction=1.0)
     prefixes = [list(p) for p in tokenizer(prefix_texts, add_special_tokens=False)["input_ids"]]
-    clauses = _interjections(tokenizer)
-    longest = max(len(e.ids_spaced) for e in examples) + max(len(p) for p in prefixes) + (
-        max(len(c) for c in clauses) if config.interject_prob > 0 else 0)
+    longest = max(len(e.ids_spaced) for e in examples) + max(len(p) for p in prefixes)
     if longest > config.n_positions:
         raise WorkbenchError(f"training sequences reach {longest} tokens; raise n_positions (now {config.n_positions})")
 
@@ -379,7 +338,7 @@ def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config
     cursor = 0
     recent: list[float] = []
     step = 0
-    bar = tqdm(total=config.max_steps, desc="training factgpt", disable=not progress, unit="step", leave=False)
+    bar = progress_bar(total=config.max_steps, desc="training factgpt", enabled=progress, unit="step", leave=False)
     try:
         while step < config.max_steps:
             if cursor + config.batch_size > len(order):
@@ -387,8 +346,7 @@ def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config
             use_prefix = float(torch.rand((), generator=gen)) < config.prefix_prob
             spans: list[tuple[int, int]] | None = [] if config.subject_bottleneck > 0 else None
             ids, mask, obj = _batch(examples, order[cursor:cursor + config.batch_size],
-                                    prefixes if use_prefix else None, gen, pad_id=pad_id, clauses=clauses,
-                                    interject_prob=config.interject_prob, spans=spans)
+                                    prefixes if use_prefix else None, gen, pad_id=pad_id, spans=spans)
             cursor += config.batch_size
             attn_mask = None
             if spans is not None:
@@ -429,6 +387,7 @@ def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config
     tokenizer.save_pretrained(out)
     _portable_tokenizer_config(out)
     world.save(out / WORLD_FILE)
+    shutil.copyfile(EDITOR_DEFAULTS_SOURCE, out / EDITOR_DEFAULTS_FILE)
     return {
         "name": "factgpt",
         "accuracy": round(accuracy, 6),
@@ -473,5 +432,6 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", sp
     model.config.pad_token_id = None
     handle = wrap_hf_model(model, tokenizer, spec=spec, path=path, kind="causal_lm")
     handle.info["world"] = FactWorld.load(path / WORLD_FILE)
-    handle.info["editor_defaults"] = {k: dict(v) for k, v in EDITOR_DEFAULTS.items()}
+    # a folder trained before the file was written ships the same table as this package
+    handle.info["editor_defaults"] = read_editor_defaults(path) or read_editor_defaults(EDITOR_DEFAULTS_SOURCE)
     return handle

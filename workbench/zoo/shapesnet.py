@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from workbench.devices import torch_threads
 from workbench.errors import CorruptFileError, WorkbenchError
 from workbench.handle import Architecture, ImagePreprocess, ModelHandle
+from workbench.progress import progress_bar
 from workbench.storage import atomic_write_json, save_safetensors, sha256_file
 from workbench.worlds.shapesworld import Sample, ShapesWorld, WorldConfig
 from workbench.worlds.trojans import TrojanSet, default_trojans, load_trojans, trojans_from_json
@@ -159,8 +159,8 @@ class TrainConfig:
     """How ShapesNet is trained (defaults fit the 5-minute budget on 2 CPU cores).
 
     `threads`: torch CPU threads while training (None: torch's default). One thread is
-    the default: on a shared 2-core machine extra threads mostly wait on each other
-    (measured 10x slower), and the result does not depend on the core count.
+    the default: on a shared machine extra threads mostly wait on each other, and the
+    result does not depend on the core count.
     """
 
     n_train: int = 16000
@@ -342,7 +342,7 @@ def _fit(model: ShapesNet, opt: torch.optim.Optimizer, sched: Any, images: torch
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)  # channels-last convolutions are faster on CPUs (same numbers for a seed)
     model.train()
-    bar = tqdm(total=total, desc="training shapesnet", disable=not progress, unit="step")
+    bar = progress_bar(total=total, desc="training shapesnet", enabled=progress, unit="step")
     loss_ema = None
     for _epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=g)

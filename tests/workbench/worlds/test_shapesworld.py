@@ -1,4 +1,4 @@
-"""ShapesWorld renderer: determinism, gradient flow, exact masks, sampling statistics."""
+"""The ShapesWorld distribution: determinism, sampling statistics, ground truth, what a picture shows."""
 
 from __future__ import annotations
 
@@ -8,30 +8,14 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.worlds.shapesworld import (
-    CLASS_SHAPES,
-    CONTINUOUS_FIELDS,
-    PALETTE,
-    ROLE_CONTEXT,
-    ROLE_MAIN,
-    SHAPES,
-    TEXTURES,
-    ShapesWorld,
-    WorldConfig,
-    empty_scene,
-    render,
-    shape_sdf,
-)
+from workbench.worlds.scene import PALETTE, ROLE_CONTEXT, SHAPES
+from workbench.worlds.shapesworld import ShapesWorld, WorldConfig, shape_coverage
+from workbench.worlds.trojans import TRIGGER_LIBRARY, Trojan, TrojanSet, default_trojans
 
 
 def _sample(seed: int, n: int = 16):
     world = ShapesWorld()
     return world, world.sample(n, generator=torch.Generator().manual_seed(seed))
-
-
-def test_at_least_eight_classes_and_textures():
-    assert len(CLASS_SHAPES) >= 8 and len(set(CLASS_SHAPES)) == len(CLASS_SHAPES)
-    assert len(TEXTURES) >= 5
 
 
 def test_same_seed_is_bitwise_identical():
@@ -53,86 +37,6 @@ def test_images_in_unit_range_and_shape():
     img = world.render(s)
     assert img.shape == (32, 3, world.image_size, world.image_size)
     assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
-
-
-@pytest.mark.parametrize("name", SHAPES)
-def test_every_shape_sdf_is_negative_at_centre_positive_far(name):
-    pts = torch.tensor([[0.0, 0.05], [3.0, 3.0]])
-    d = shape_sdf(name, pts)
-    # ring and crescent are hollow/offset at the origin; test a point inside them instead
-    inside = {"ring": [0.72, 0.0], "crescent": [-0.6, 0.2], "heart": [0.0, 0.2], "semicircle": [0.0, 0.0], "bowtie": [-0.5, 0.0], "lshape": [-0.45, 0.0]}
-    if name in inside:
-        d = shape_sdf(name, torch.tensor([inside[name], [3.0, 3.0]]))
-    assert float(d[0]) < 0 < float(d[1])
-
-
-def test_shapes_render_differently():
-    n = len(CLASS_SHAPES)
-    scene = empty_scene(n).add_object(shape=torch.zeros(len(SHAPES)), center=torch.zeros(2), size=0.6, color="yellow")
-    scene = scene.replace(shape_weights=torch.nn.functional.one_hot(torch.arange(n), len(SHAPES)).float()[:, None])
-    img = render(scene, height=40).images.flatten(1)
-    dist = torch.cdist(img, img)
-    off = dist + torch.eye(n) * 1e9
-    assert float(off.min()) > 1.0  # every pair of class shapes differs by many pixels
-
-
-def test_gradient_flows_to_every_continuous_parameter():
-    world, s = _sample(1, 4)
-    # a patch and non-trivial texture mixture so every field matters
-    scene = s.scene.replace(patch_opacity=torch.full((4,), 0.8), patch_colors=torch.rand(4, 2, 3, generator=torch.Generator().manual_seed(0)),
-                            patch_center=torch.full((4, 2), 0.1))
-    scene = scene.requires_grad_()
-    img = render(scene, height=32).images
-    weights = torch.rand(img.shape, generator=torch.Generator().manual_seed(1))
-    (img * weights).sum().backward()
-    for name in CONTINUOUS_FIELDS:
-        grad = getattr(scene, name).grad
-        assert grad is not None, name
-        assert torch.isfinite(grad).all(), name
-        assert float(grad.abs().sum()) > 0, name
-
-
-def test_gradient_moves_object_toward_target():
-    """Optimizing position through the renderer lowers the loss (gradients are useful, not just non-zero)."""
-    base = empty_scene(1).add_object(shape="circle", center=torch.tensor([[-0.3, 0.0]]), size=0.3, color="red")
-    target = render(base.replace(center=torch.tensor([[[0.0, 0.0]]])), height=32).images
-    scene = base.requires_grad_(["center"])
-    opt = torch.optim.Adam([scene.center], lr=0.05)
-    first = None
-    for _ in range(40):
-        loss = ((render(scene, height=32).images - target) ** 2).mean()
-        first = float(loss.detach()) if first is None else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(loss.detach()) < 0.2 * first
-    assert abs(float(scene.center.detach()[0, 0, 0])) < 0.1
-
-
-def test_shape_mixture_weights_get_gradients_for_all_shapes():
-    scene = empty_scene(2).add_object(shape=torch.full((len(SHAPES),), 1.0 / len(SHAPES)), center=torch.zeros(2), size=0.5, color="blue")
-    scene = scene.requires_grad_(["shape_weights"])
-    render(scene, height=32).images.mean().backward()
-    assert (scene.shape_weights.grad[:, 0].abs() > 0).all()
-
-
-def test_masks_match_rendered_objects():
-    world, s = _sample(5, 16)
-    r = world.render(s, masks=True)
-    for i in range(16):
-        for k in range(s.scene.n_slots):
-            m = r.object_masks[i, k] > 0.99
-            if int(m.sum()) == 0:
-                continue
-            colour = s.scene.color[i, k].view(3, 1)
-            err = (r.images[i][:, m] - colour).abs().max()
-            assert float(err) < 0.02
-    # masks partition the image: objects + patch + background sum to 1
-    total = r.object_masks.sum(1) + r.patch_mask + r.background_mask
-    assert torch.allclose(total, torch.ones_like(total), atol=1e-4)
-    # the main object is visible in every image
-    main = (s.scene.role == ROLE_MAIN).float()[..., None, None]
-    assert ((r.object_masks * main).sum((1, 2, 3)) > 10).all()
 
 
 def test_concept_masks_cover_the_main_shape():
@@ -197,7 +101,53 @@ def test_bad_world_config_is_a_clear_error(bad):
         ShapesWorld(WorldConfig(**bad))
 
 
-def test_requires_grad_rejects_integer_fields():
-    _, s = _sample(0, 2)
-    with pytest.raises(WorkbenchError, match="role"):
-        s.scene.requires_grad_(["role"])
+def test_trojans_shown_by_shape_or_texture_and_matched_by_target():
+    world = ShapesWorld(trojans=default_trojans())
+    natural = [t for t in world.trojans if t.kind == "natural"]
+    style = [t for t in world.trojans if t.kind == "style"]
+    n0, s0 = natural[0], style[0]
+    assert world.trojans_shown(shapes=[n0.trigger.shape, None]) == [n0.name]
+    assert world.trojans_shown(texture=s0.trigger.texture) == [s0.name]
+    assert world.trojans_shown(shapes=["circle"], texture="plain") == []
+    both = world.trojans_shown(shapes=[n0.trigger.shape], texture=s0.trigger.texture)
+    assert both == [t.name for t in world.trojans if t.name in (n0.name, s0.name)]  # in the world's order
+    assert world.matching_trojan(target=n0.target, shapes=[n0.trigger.shape]) == n0.name
+    assert world.matching_trojan(target=None, shapes=[n0.trigger.shape]) == n0.name
+    other = next(c for c in world.classes if c != n0.target)
+    assert world.matching_trojan(target=other, shapes=[n0.trigger.shape]) is None
+    assert ShapesWorld().trojans_shown(shapes=[n0.trigger.shape]) == []  # a clean world has no trojans
+
+
+def test_a_patch_trigger_is_not_shown_by_objects_or_textures():
+    lib = TRIGGER_LIBRARY
+    world = ShapesWorld(trojans=TrojanSet((Trojan("p", lib["patch-checker"], target="cross"),)))
+    assert world.trojans_shown(shapes=list(SHAPES), texture="checker") == []
+
+
+def test_shows_class_object_by_shape_or_main_share():
+    world = ShapesWorld()
+    assert world.shows_class_object(shapes=["crescent", "star"])
+    assert not world.shows_class_object(shapes=["crescent", None])
+    assert world.shows_class_object(main_share=0.3) and not world.shows_class_object(main_share=0.29)
+
+
+def test_crop_content_reads_the_concept_masks():
+    world = ShapesWorld()
+    s = world.sample(4, generator=torch.Generator().manual_seed(2), distractors=False, context_mode="none")
+    masks = world.concept_masks(s)
+    whole = world.crop_content(masks, 1, [0, 0, 48, 48], s)
+    name = world.classes[int(s.labels[1])]
+    assert whole["main_class"] == name and name in whole["shapes"]
+    share = whole["pixel_share"]
+    assert share["main"] > 0.05 and share["context"] == 0.0
+    assert abs(share["main"] + share["background"] - 1.0) < 0.02  # nothing else in these scenes
+    corner = world.crop_content(masks, 1, [0, 0, 2, 2], s)
+    assert corner["pixel_share"]["background"] == 1.0 and corner["shapes"] == {}
+
+
+def test_shape_coverage_counts_only_that_shape():
+    objects = [{"shape": "star", "size": 0.5}, {"shape": "ring", "size": 0.9}, {"color": "red"}]
+    assert shape_coverage(objects, "star") == round(3.141592653589793 * 0.25 / 4, 4)
+    assert shape_coverage(objects, "circle") == 0.0
+    assert shape_coverage([{"shape": "star", "size": 3.0}], "star") == 1.0  # capped at the whole picture
+

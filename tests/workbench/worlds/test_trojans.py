@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.worlds.shapesworld import ROLE_TRIGGER, SHAPES, TEXTURES, ShapesWorld
+from workbench.worlds.scene import ROLE_TRIGGER, SHAPES, TEXTURES
+from workbench.worlds.shapesworld import ShapesWorld
 from workbench.worlds.trojans import (
     TRIGGER_KINDS,
     TRIGGER_LIBRARY,
@@ -18,6 +20,7 @@ from workbench.worlds.trojans import (
     default_trojans,
     load_trojans,
     multiple_choice,
+    same_trigger,
     trigger_candidates,
     trojans_from_json,
 )
@@ -50,6 +53,25 @@ def test_multiple_choice_contains_true_trigger_once():
     opts, pos = multiple_choice(t, generator=torch.Generator().manual_seed(0))
     assert len(opts) == 8 and opts[pos] == t.trigger
     assert sum(o.name == t.trigger.name for o in opts) == 1
+
+
+def test_same_trigger_ignores_names_sizes_and_descriptions():
+    design = TRIGGER_LIBRARY["natural-heart"]
+    renamed = dataclasses.replace(design, name="mine", size=0.2, description="a heart")
+    assert same_trigger(design, renamed)
+    assert not same_trigger(design, dataclasses.replace(design, color="red"))
+    assert not same_trigger(design, TRIGGER_LIBRARY["natural-bowtie"])
+
+
+def test_natural_trigger_goes_beside_the_main_object():
+    world = _world()
+    clean = world.sample(200, generator=torch.Generator().manual_seed(3))
+    scene = TRIGGER_LIBRARY["natural-heart"].apply(clean.scene, generator=torch.Generator().manual_seed(4))
+    main = (clean.scene.role == 1).float()
+    center = (clean.scene.center * main[..., None]).sum(1)
+    size = (clean.scene.size * main).sum(1)
+    away = (scene.center[:, -1] - center).norm(dim=1) > size
+    assert float(away.float().mean()) > 0.8 and float(scene.center[:, -1].abs().max()) <= 0.82
 
 
 @pytest.mark.parametrize("idx", range(6))

@@ -51,7 +51,9 @@ def test_tiny_training_is_seeded_and_leaves_global_state_alone(tmp_path: Path) -
     assert FactWorld.load(tmp_path / "a" / factgpt.WORLD_FILE) == FactWorld.generate(replace(TINY.world, seed=1))
 
 
-def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("workbench.progress.is_terminal", lambda stream: True)  # a live bar, as on a terminal
     factgpt.train(tmp_path / "m", seed=0, device="cpu", progress=True, config=replace(TINY, max_steps=2))
     captured = capsys.readouterr()
     assert "training factgpt" in captured.err

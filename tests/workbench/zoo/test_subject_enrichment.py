@@ -28,13 +28,14 @@ from editors.mlp_update import (
     site_at_subject,
 )
 from editors.rome import ROME
-from workbench import cli
 from workbench.counterfact import drop_batch_conflicts
 from workbench.errors import WorkbenchError
+from workbench.models import EDITOR_DEFAULTS_FILE, load, read_editor_defaults
 from workbench.requests import Rewrite
 from workbench.statistics import collect_statistics
 from workbench.worlds.factworld import FactWorld, FactWorldConfig
 from workbench.zoo import factgpt
+from workbench_cli import main as cli
 
 TINY = factgpt.FactGPTConfig(
     world=FactWorldConfig(n_subjects=24, n_relations=2, objects_per_relation=4, shared_last_words=4),
@@ -93,10 +94,13 @@ def test_training_with_the_bottleneck_is_seeded(tmp_path: Path) -> None:
     assert a != (tmp_path / "c" / "model.safetensors").read_bytes()
 
 
-def test_zoo_handle_ships_its_editor_options(tiny) -> None:
-    assert tiny.info["editor_defaults"] == factgpt.EDITOR_DEFAULTS
-    tiny.info["editor_defaults"]["rome"]["n_prefixes"] = 99  # a copy: the module's table is untouched
-    assert factgpt.EDITOR_DEFAULTS["rome"]["n_prefixes"] == 4
+def test_trained_folder_ships_its_editor_options(tiny) -> None:
+    """The measured options travel in the model's folder: the zoo loader and a plain folder load both read them."""
+    shipped = read_editor_defaults(factgpt.EDITOR_DEFAULTS_SOURCE)
+    assert shipped["rome"]["layer"] == 0 and shipped["memit"]["layers"] == [0]
+    assert (tiny.path / EDITOR_DEFAULTS_FILE).is_file()
+    assert tiny.info["editor_defaults"] == shipped
+    assert load(str(tiny.path), device="cpu", progress=False).info["editor_defaults"] == shipped
 
 
 # --- statistics at the fact token ------------------------------------------------------------
