@@ -50,8 +50,10 @@ class PGD:
     radius), from `seed`. `loss` "ce" is cross-entropy (torchattacks' choice); "margin" is
     the Carlini-Wagner logit margin. `early_stop` freezes items once they succeed (fewer
     wasted steps, but a different iterate than the textbook algorithm). `channels_last`
-    feeds the iterate in NHWC memory layout (same numbers up to float rounding; measured
-    15-20% faster convolutions on CPU); the returned images are ordinary contiguous tensors.
+    feeds the iterate in NHWC memory layout (same numbers up to float rounding; faster
+    convolutions on CPU, see benchmarks/RESULTS.md); the returned images are ordinary
+    contiguous tensors. `generate` costs the loop (`pgd`) plus two forward passes, the clean
+    and the final predictions.
     """
 
     norm: Norm = "linf"
@@ -161,11 +163,11 @@ def pgd(handle: ModelHandle, images: torch.Tensor, ref: torch.Tensor, *, config:
                 per_item = _loss(out, r, config.loss, targeted)
                 (grad,) = torch.autograd.grad(per_item.sum(), x)
                 losses.append(per_item.detach().mean())
-                finite = torch.isfinite(grad).flatten(1).all(1)
+                finite = grad.mul(0).sum(dim=tuple(range(1, grad.ndim))) == 0  # NaN for an item with NaN/inf
                 nonfinite = (~finite).any()
                 bad_steps = bad_steps + nonfinite.long()
                 first_bad = torch.where((first_bad < 0) & nonfinite, step, first_bad)
-                grad = torch.where(finite.view(-1, 1, 1, 1), grad, torch.zeros_like(grad))
+                grad = torch.where(finite.view(-1, 1, 1, 1), grad, 0.0)
                 with torch.no_grad():
                     if config.norm == "linf":
                         step_vec = grad.sign()
@@ -189,7 +191,7 @@ def pgd(handle: ModelHandle, images: torch.Tensor, ref: torch.Tensor, *, config:
             outs.append(x.detach().contiguous())
             traces.append(torch.stack(losses) * (b / n))
     bar.close()
-    adv = torch.cat(outs)
+    adv = outs[0] if len(outs) == 1 else torch.cat(outs)
     trace = [float(v) for v in torch.stack(traces).sum(0).cpu()]
     diverged = None
     if int(bad_steps):

@@ -17,7 +17,7 @@ before and after.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,12 @@ class SweepConfig:
     `n_rank_placements` placements, and the chosen design's consistent placement is then picked
     from the whole sweep. `max_occlusion`: with object masks, the largest share of an image's
     own object a placement may cover. `batch_size`: images per forward pass.
+
+    `controls`: how the noise patch and the natural crop are chosen. "best_of_n" (default)
+    gives them the designs' own selection: as many random candidates of each as there are
+    designs, ranked on the same calibration images and placements, the best measured; a
+    single random control against the best of N designs would favour the designs. "single":
+    one noise patch and one crop, as in the Activation Atlas.
     """
 
     sizes: tuple[float, ...] = (0.125, 0.167, 0.21, 0.25, 0.29, 0.33)
@@ -70,6 +76,11 @@ class SweepConfig:
     n_rank_placements: int = 54
     max_occlusion: float = 0.5
     batch_size: int = 512
+    controls: Literal["best_of_n", "single"] = "best_of_n"
+
+    def __post_init__(self) -> None:
+        if self.controls not in ("best_of_n", "single"):
+            raise WorkbenchError(f"controls={self.controls!r}; expected 'best_of_n' or 'single'")
 
     def sizes_px(self, handle: ModelHandle) -> tuple[int, ...]:
         """The patch sizes in pixels of `handle`'s input (the `sizes` fractions of the shorter side)."""
@@ -189,6 +200,27 @@ def natural_crop(pool: torch.Tensor, labels: torch.Tensor | None, target: int, s
     return PatchDesign(pool[i, :, y:y + size, x:x + size].clone(), "natural", {"pool_index": i, "box": [y, x, y + size, x + size]})
 
 
+def control_candidates(pre: Any, size: int, n: int, generator: torch.Generator, pool: torch.Tensor,
+                       pool_labels: torch.Tensor | None, target: int) -> tuple[list[PatchDesign], list[PatchDesign]]:
+    """`n` uniform-noise patches and `n` natural crops of `size` px, drawn in that order from `generator`."""
+    lo, hi = pre.input_range
+    noise = [PatchDesign(lo + (hi - lo) * torch.rand(pre.channels, size, size, generator=generator), "noise")
+             for _ in range(n)]
+    natural = [natural_crop(pool, pool_labels, target, size, generator) for _ in range(n)]
+    return noise, natural
+
+
+def rank_candidates(sweep: Any, candidates: list[PatchDesign]) -> list[tuple[float, PatchDesign, Any]]:
+    """Candidates best first by `sweep(patch) -> (success, prob)` on the ranking images: the share of
+    images flipped at some placement, ties broken by the mean best target probability."""
+    scored = []
+    for d in candidates:
+        s, p = sweep(d.patch)
+        scored.append((float(s.any(0).float().mean()) + 1e-3 * float(p.max(0).values.mean()), d, (s, p)))
+    scored.sort(key=lambda t: -t[0])
+    return scored
+
+
 # --- the protocol ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -265,25 +297,33 @@ def run_sweep(handle: ModelHandle, images: torch.Tensor, plan: SweepPlan, target
             prob = torch.where(hidden, probs0[which, target][None].expand_as(prob), prob)
         return succ, prob
 
-    bar = progress_bar(total=len(designs) + 2, desc="copy-paste sweep", enabled=progress, leave=False)
-    scored = []
+    n_controls = len(designs) if config.controls == "best_of_n" else 1
+    bar = progress_bar(total=len(designs) + (2 * n_controls if n_controls > 1 else 0), desc="copy-paste sweep",
+                       enabled=progress, leave=False)
     rank = cal[: config.n_rank]  # candidates are ranked on (at most) n_rank calibration images
     rank_where = thin(where, config.n_rank_placements)
-    for d in designs:
-        s, p = sweep(rank, d.patch, rank_where)
-        scored.append((float(s.any(0).float().mean()) + 1e-3 * float(p.max(0).values.mean()), d, (s, p)))
+    whole = len(rank) == len(cal) and len(rank_where) == len(where)
+
+    def on_rank(patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bar.update(1)
-    scored.sort(key=lambda t: -t[0])
+        return sweep(rank, patch, rank_where)
+
+    scored = rank_candidates(on_rank, designs)
     chosen = scored[0][1]
-    cal_sp = scored[0][2] if len(rank) == len(cal) and len(rank_where) == len(where) else None
-    lo, hi = pre.input_range
+    cal_sp = scored[0][2] if whole else None
     gen = torch.Generator().manual_seed(seed + 1)
     size = chosen.patch.shape[-1]
-    noise = PatchDesign(lo + (hi - lo) * torch.rand(pre.channels, size, size, generator=gen), "noise")
-    natural = natural_crop(*natural_pool, target, size, gen)
+    noises, naturals = control_candidates(pre, size, n_controls, gen, *natural_pool, target)
+    if n_controls > 1:  # the controls get the designs' own selection
+        best_noise, best_natural = rank_candidates(on_rank, noises)[0], rank_candidates(on_rank, naturals)[0]
+        noise, natural = best_noise[1], best_natural[1]
+        noise_cal, natural_cal = (best_noise[2], best_natural[2]) if whole else (None, None)
+    else:
+        (noise,), (natural,), noise_cal, natural_cal = noises, naturals, None, None
     results: dict[str, dict[str, Any]] = {}
     best_idx = None
-    for name, d, cal_res in (("design", chosen, cal_sp), ("noise", noise, None), ("natural", natural, None)):
+    measured = (("design", chosen, cal_sp), ("noise", noise, noise_cal), ("natural", natural, natural_cal))
+    for name, d, cal_res in measured:
         if cal_res is None:
             cal_res = sweep(cal, d.patch, where)
         t_res = sweep(test, d.patch, where)
@@ -293,8 +333,6 @@ def run_sweep(handle: ModelHandle, images: torch.Tensor, plan: SweepPlan, target
             consistent_k = m["consistent_index"]
             t_succ = t_res[0]
         results[name] = {k: v for k, v in m.items() if k not in ("best_placement_index", "consistent_index")}
-        if name != "design":
-            bar.update(1)
     bar.close()
     # per source class successes / attempts (test split, best placement)
     per_class: dict[str, dict[str, int]] = {}
@@ -329,7 +367,8 @@ def run_sweep(handle: ModelHandle, images: torch.Tensor, plan: SweepPlan, target
         "feature_kind": "trojan trigger" if chosen.trojan else "natural feature",
         "content": chosen.description.get("content"),
         "candidates": [{"score_calibration": round(s, 4), **d.to_json()} for s, d, _ in scored],
-        "controls": {"noise": results["noise"], "natural": results["natural"]},
+        "controls": {"noise": results["noise"], "natural": results["natural"], "selection": config.controls,
+                     "candidates_each": n_controls},
         "_tensors": {"patch": chosen.patch, "test_index": test, "best_index": best_idx, "where": where,
                      "candidates": [d for _, d, _ in scored]},
     }

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from tests.workbench.causal_trace_reference import causal_trace_reference
-from workbench.tracing import causal_trace
-from workbench.tracing.engine import distinct_restorations, trace_restorations
 from workbench.handle import ModelHandle
 from workbench.models import load
+from workbench.tracing import causal_trace
+from workbench.tracing.engine import distinct_restorations, trace_restorations
 
 
 def _best_of(repeats: int, fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, list[float], Any]:

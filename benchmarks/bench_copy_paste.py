@@ -8,7 +8,8 @@ feature visualizations of the same direction optimized while pasted on the calib
 images, and natural exemplar crops), chosen on a calibration split (ranked over a thinned
 sweep), then swept over 6x6 positions x 6 sizes (6-16 px of 48; Mu & Andreas's sweep;
 `--sweep atlas-v1` for the first version's 4x4 x 10/13/16 px) on the test split. Controls: a uniform-noise patch and a
-random natural crop, same sizes and sweep. Headline targets are the classes with natural
+random natural crop, same sizes and sweep, each the best of as many candidates as there were designs, ranked the same
+way (`--controls single`: one of each, as in the Activation Atlas). Headline targets are the classes with natural
 context features (star: yellow crescent, hexagon: orange half-disc, ring: navy/teal waves,
 triangle: sand/olive stripes); square (spurious red colour) and the trojan targets are
 reported separately, as is any design that turns out to be an implanted trigger.
@@ -84,6 +85,9 @@ def main() -> None:
     ap.add_argument("--no-strict", action="store_true", help="skip the context-features-only pass")
     ap.add_argument("--sweep", choices=("mu-andreas", "atlas-v1"), default="mu-andreas",
                     help="placements: 6x6 positions x 6 sizes (default, Mu & Andreas) or the first version's 4x4 x 3 sizes")
+    ap.add_argument("--controls", choices=("best_of_n", "single"), default="best_of_n",
+                    help="the controls' selection: the best of as many noise patches / crops as designs (default), "
+                         "or one of each as in the Activation Atlas")
     ap.add_argument("--oracle", action="store_true",
                     help="instead of designing, paste each context class's ground-truth context feature (the world's own "
                          "rule, rendered at the largest patch size): what the protocol gives the true context feature")
@@ -113,7 +117,8 @@ def main() -> None:
                           n_exemplars=3 if args.quick else 4, featvis_steps=112 if args.quick else 160,
                           n_pool=512 if args.quick else 1024)
     # atlas-v1: the sweep of the first version, 4 x 4 positions x 3 sizes (10, 13, 16 px of 48)
-    sweep = SweepConfig(grid=4, sizes=(0.21, 0.27, 0.33)) if args.sweep == "atlas-v1" else SweepConfig()
+    sweep = (SweepConfig(grid=4, sizes=(0.21, 0.27, 0.33), controls=args.controls) if args.sweep == "atlas-v1"
+             else SweepConfig(controls=args.controls))
     cfg = CopyPaste(design=design, sweep=sweep, seed=args.seed)
 
     def row(res, tgt, seconds):

@@ -2,10 +2,15 @@
 
 Same model (the zoo's ShapesNet, 3x48x48), same objective (a channel at layer2, a channel
 at layer3, a class logit), same parameterization (FFT, decorrelated colour, sd 0.01, Adam
-lr 0.05, batch 1) and the same transforms (lucid's standard set scaled to 48 px: pad 3,
-jitter 2, scale 0.9-1.1, rotate -10..10 degrees, jitter 2 (lucent needs > 1), then back to 48x48: lucent's
-`fixed_image_size=48` upsample, our `fit`). Lucent's ImageNet preprocessing is off
-(ShapesNet normalizes inside). Reported: steps per second, median of the repetitions.
+lr 0.05, batch 1) and the same transforms (lucid's standard set scaled to 48 px: pad 3 with
+grey, jitter 2, scale 0.9-1.1, rotate -10..10 degrees, jitter 2 (lucent needs > 1), then back
+to 48x48: lucent's `fixed_image_size=48` upsample, our `fit`). Lucent's ImageNet
+preprocessing is off (ShapesNet normalizes inside). Reported: steps per second, median of
+the repetitions, and the ratio to lucent two ways: lucent as users call it (the model's
+weights require grad, so every step also computes weight gradients) and lucent on a frozen
+model (`model.requires_grad_(False)`), which is what the workbench does for itself. Lucent's
+`render_vis` registers a forward hook on every module and never removes them; the benchmark
+removes them after each call, so no run pays for an earlier run's hooks.
 
     bash benchmarks/setup_peers.sh
     benchmarks/.venv-peers/bin/python benchmarks/bench_featvis.py [--quick]
@@ -20,11 +25,13 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 
-def _lucent_available() -> bool:
+def lucent_available() -> bool:
     try:
         import kornia
         import lucent.optvis.render  # noqa: F401
@@ -41,7 +48,31 @@ def _lucent_available() -> bool:
     return True
 
 
-def run_lucent(model: torch.nn.Module, objective: str, steps: int, size: int) -> float:
+@contextmanager
+def lucent_hooks_removed(model: torch.nn.Module) -> Iterator[None]:
+    """Remove the forward hooks added inside the block (lucent's `render_vis` leaves one per module)."""
+    before = {id(m): set(m._forward_hooks) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            for key in [k for k in m._forward_hooks if k not in before[id(m)]]:
+                del m._forward_hooks[key]
+
+
+@contextmanager
+def weights_requiring_grad(model: torch.nn.Module, flag: bool) -> Iterator[None]:
+    """`requires_grad` of every weight set to `flag` inside the block, restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.requires_grad_(flag)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def run_lucent(model: torch.nn.Module, objective: str, steps: int, size: int, *, frozen: bool = False) -> float:
     from lucent.optvis import objectives, param, render, transform
 
     scales = [1 + (i - 5) / 50 for i in range(11)]
@@ -55,11 +86,14 @@ def run_lucent(model: torch.nn.Module, objective: str, steps: int, size: int) ->
     else:
         obj = objectives.channel("fc", int(rest))  # a Linear output: lucent's channel = the logit
     torch.manual_seed(0)
-    start = time.perf_counter()
-    render.render_vis(model, obj, param_f=lambda: param.image(size, fft=True, decorrelate=True),
-                      transforms=tfs, thresholds=(steps,), preprocess=False, progress=False, show_image=False,
-                      fixed_image_size=size)
-    return steps / (time.perf_counter() - start)
+    with weights_requiring_grad(model, not frozen), lucent_hooks_removed(model):
+        start = time.perf_counter()
+        render.render_vis(model, obj, param_f=lambda: param.image(size, fft=True, decorrelate=True),
+                          transforms=tfs, thresholds=(steps,), preprocess=False, progress=False, show_image=False,
+                          fixed_image_size=size)
+        seconds = time.perf_counter() - start
+    assert not any(m._forward_hooks for m in model.modules()), "lucent's hooks were left on the model"
+    return steps / seconds
 
 
 def run_workbench(handle, objective: str, steps: int, *, fused: bool) -> float:
@@ -74,7 +108,8 @@ def run_workbench(handle, objective: str, steps: int, *, fused: bool) -> float:
                        T.jitter(2), T.fit(size, size))
     obj = fv.as_objective(objective)
     start = time.perf_counter()
-    res = fv.visualize(handle, obj, param=fv.Fourier(), transforms=tf, steps=steps, lr=0.05, progress=False, seed=0)
+    res = fv.visualize(handle, obj, param=fv.Fourier(sd=0.01), transforms=tf, steps=steps, lr=0.05, progress=False,
+                       seed=0)
     assert res.status == "completed", res.message
     return steps / (time.perf_counter() - start)
 
@@ -92,7 +127,7 @@ def main() -> None:
     size = handle.preprocess.height
     steps = 48 if args.quick else 192
     reps = 1 if args.quick else 3
-    have_lucent = _lucent_available()
+    have_lucent = lucent_available()
     objectives = ["channel:layer2:3", "channel:layer3:5", "logit:3"]
     rows = []
     for objective in objectives:
@@ -100,33 +135,41 @@ def main() -> None:
         run_workbench(handle, objective, 8, fused=True)
         if have_lucent:
             run_lucent(handle.model, objective, 8, size)
-        ours, ours_sep, theirs = [], [], []
-        for _ in range(reps):  # interleaved so machine load hits both alike
+        ours, ours_sep, theirs, theirs_frozen = [], [], [], []
+        for _ in range(reps):  # interleaved so machine load hits all alike
             ours.append(run_workbench(handle, objective, steps, fused=True))
             ours_sep.append(run_workbench(handle, objective, steps, fused=False))
             if have_lucent:
                 theirs.append(run_lucent(handle.model, objective, steps, size))
+                theirs_frozen.append(run_lucent(handle.model, objective, steps, size, frozen=True))
         row = {"objective": objective, "steps": steps, "reps": reps,
                "workbench_steps_per_s": round(statistics.median(ours), 1),
                "workbench_separate_ops_steps_per_s": round(statistics.median(ours_sep), 1),
-               "lucent_steps_per_s": round(statistics.median(theirs), 1) if theirs else None}
-        row["speedup"] = round(row["workbench_steps_per_s"] / row["lucent_steps_per_s"], 2) if theirs else None
-        row["speedup_separate_ops"] = (round(row["workbench_separate_ops_steps_per_s"] / row["lucent_steps_per_s"], 2)
-                                       if theirs else None)
+               "lucent_steps_per_s": round(statistics.median(theirs), 1) if theirs else None,
+               "lucent_frozen_steps_per_s": round(statistics.median(theirs_frozen), 1) if theirs else None}
+        for key, lucent_key in (("speedup", "lucent_steps_per_s"), ("speedup_vs_frozen", "lucent_frozen_steps_per_s")):
+            row[key] = round(row["workbench_steps_per_s"] / row[lucent_key], 2) if theirs else None
+            row[key + "_separate_ops"] = (round(row["workbench_separate_ops_steps_per_s"] / row[lucent_key], 2)
+                                          if theirs else None)
         rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     print(f"# featvis speed, ShapesNet 3x{size}x{size}, FFT param, lucid transforms, batch 1, "
-          f"torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"{'objective':<18} {'workbench':>10} {'wb sep.ops':>10} {'lucent':>8} {'speedup':>8} {'sp.sep':>7}")
-    for r in rows:
-        lu = f"{r['lucent_steps_per_s']:>8.1f}" if r["lucent_steps_per_s"] else f"{'n/a':>8}"
-        sp = f"{r['speedup']:>7.2f}x" if r["speedup"] else f"{'n/a':>8}"
-        sp2 = f"{r['speedup_separate_ops']:>6.2f}x" if r["speedup_separate_ops"] else f"{'n/a':>7}"
-        print(f"{r['objective']:<18} {r['workbench_steps_per_s']:>10.1f} {r['workbench_separate_ops_steps_per_s']:>10.1f} {lu} {sp} {sp2}")
-    print("(steps per second, median; target: workbench >= 2x lucent)")
+          f"torch {torch.__version__}, {args.threads} thread(s), {steps} steps, median of {reps}")
+    print(f"{'objective':<18} {'workbench':>10} {'wb sep.ops':>10} {'lucent':>8} {'lucent frz':>10} "
+          f"{'speedup':>8} {'vs frozen':>9} {'sep.ops':>8} {'sep.frz':>8}")
 
+    def num(v: float | None, width: int, suffix: str = "") -> str:
+        return f"{v:>{width - len(suffix)}.2f}{suffix}" if v is not None else f"{'n/a':>{width}}"
+
+    for r in rows:
+        print(f"{r['objective']:<18} {r['workbench_steps_per_s']:>10.1f} {r['workbench_separate_ops_steps_per_s']:>10.1f} "
+              f"{num(r['lucent_steps_per_s'], 8)} {num(r['lucent_frozen_steps_per_s'], 10)} "
+              f"{num(r['speedup'], 8, 'x')} {num(r['speedup_vs_frozen'], 9, 'x')} "
+              f"{num(r['speedup_separate_ops'], 8, 'x')} {num(r['speedup_vs_frozen_separate_ops'], 8, 'x')}")
+    print("(steps per second, median; speedup: over lucent as users call it (weights require grad); "
+          "vs frozen: over lucent with model.requires_grad_(False))")
 
 if __name__ == "__main__":
     main()

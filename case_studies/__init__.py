@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from workbench.casestudy import CaseStudy
 from workbench.errors import WorkbenchError
 
 STUDIES: tuple[tuple[int, str, str], ...] = (
@@ -41,8 +42,11 @@ def resolve(name: str) -> type:
         module, _, attr = name.partition(":")
         try:
             cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
+        except (ImportError, AttributeError, ValueError) as exc:
             raise WorkbenchError(f"cannot load study {name!r} ({exc}); give module:Class of a CaseStudy subclass") from None
+        if not (isinstance(cls, type) and issubclass(cls, CaseStudy)):
+            raise WorkbenchError(f"study {name!r} is a {type(cls).__name__}, not a CaseStudy class; give module:Class "
+                                 "of a workbench.casestudy.CaseStudy subclass")
         return cls
     key = _BY_NUMBER.get(name, name).replace("-", "_")
     if key not in available():

@@ -125,22 +125,24 @@ class Study(CaseStudy):
                        "points of chance at the edited site", "sentiment_above_chance_erased", "none",
                        ci_within(-0.05, 0.05), size=0.0, method="linear_probe",
                        source=f"{BENCH}: 1.000 -> 0.498 at every site tried (the constant answer's accuracy there); "
-                              "chance = the constant training-majority answer on the test sentences"),
+                              "chance = the constant training-majority answer on the test sentences",
+                              basis="replication"),
             Prediction("unrelated_kept", "a topic probe at the same site moves by less than 2 points",
                        "topic_change_erased", "none", ci_within(-0.02, 0.02), size=0.0,
-                       source=f"{BENCH}: topic 1.000 -> 1.000 (no headroom to see damage)"),
+                       source=f"{BENCH}: topic 1.000 -> 1.000 (no headroom to see damage)", basis="replication"),
             Prediction("beats_random_subspace", "erasing the LEACE subspace lowers sentiment probe accuracy by at least "
                        "30 points more than erasing a random subspace of the same rank", "erase_minus_random_drop",
                        "increase", ci_above(0.30), size=0.50, method="linear_probe",
-                       source="LEACE guarantee (probe at chance) vs a random direction in 384 dimensions (no change)"),
+                       source="LEACE guarantee (probe at chance) vs a random direction in 384 dimensions (no change)",
+                       basis="paper"),
             Prediction("residual_still_decodes", "the residual stream after the edited block still carries sentiment "
                        "(probe at least 40 points above chance): the skip connection routes the concept around the "
                        "erased sublayer", "sentiment_above_chance_resid_erased", "increase", ci_above(0.40), size=0.498,
-                       source=f"{BENCH}: residual after the block 1.000 -> 1.000", primary=False),
+                       source=f"{BENCH}: residual after the block 1.000 -> 1.000", primary=False, basis="replication"),
             Prediction("output_still_decodes", "the model's last layer (mean-pooled) still carries sentiment after the "
                        "edit (probe at least 40 points above chance)", "sentiment_above_chance_final_erased", "increase",
                        ci_above(0.40), size=0.5, source=f"follows from {BENCH}'s residual result (the last layer was "
-                                                        "not measured there)", primary=False),
+                                                        "not measured there)", primary=False, basis="replication"),
         ]
 
     def metrics(self) -> list[Metric]:

@@ -10,8 +10,9 @@ design on source images of the other classes (Activation Atlas protocol, Carter 
 (feature visualization, exemplar crop) picks its best candidate and the *consistent*
 placement on a calibration split; on the disjoint test split *best* placement counts an
 image when any placement of the sweep (positions x sizes) flips it to the target.
-Controls, same sizes, same sweep, same images: a uniform-noise patch and a random natural
-crop from the same pool. A design may not show the target's own shape (ground truth and
+Controls, same sizes, same sweep, same images, and the designs' own selection: the best of
+as many uniform-noise patches, and of as many random natural crops from the same pool, as
+there are designs, ranked on the same calibration images. A design may not show the target's own shape (ground truth and
 the clean-world judge check it, in `design_patches`).
 
 Groups, reported apart: *context* targets (classes with a natural context feature in
@@ -81,8 +82,10 @@ class Study(CaseStudy):
                   "other classes to the target more often than a noise patch or a random natural crop of the same "
                   "size swept over the same placements.")
     controls = (
-        Control("noise patch", "uniform noise in the input range, same sizes, same placement sweep, same test images"),
-        Control("random natural crop", "a random crop of a non-target pool scene, same sizes, sweep and test images"),
+        Control("noise patch", "the best of N uniform-noise patches (N = the number of designs, ranked as they are), "
+                "same sizes, same placement sweep, same test images"),
+        Control("random natural crop", "the best of N random crops of non-target pool scenes, ranked as the designs "
+                "are; same sizes, sweep and test images"),
         Control("unpatched", "the test images as they are: all classified correctly (the protocol's filter)"),
     )
     anchors = (
@@ -125,37 +128,40 @@ class Study(CaseStudy):
                        "(best placement) than a noise patch of the same sizes (context targets)",
                        "best_minus_noise_featvis", "increase", ci_above(0.0), size=0.319, method=fv,
                        source=f"{BENCH}: chosen feature-visualization designs (star, ring, triangle) 0.613/0.471/0.403 "
-                              "vs noise 0.267/0.173/0.089"),
+                              "vs noise 0.267/0.173/0.089", basis="replication"),
             Prediction("featvis_beats_natural", "feature-visualization patches beat a random natural crop of the same "
                        "sizes (context targets)", "best_minus_natural_featvis", "increase", ci_above(0.0), size=0.274,
-                       method=fv, source=f"{BENCH}: star, ring, triangle vs natural crop 0.100/0.435/0.131"),
+                       method=fv, source=f"{BENCH}: star, ring, triangle vs natural crop 0.100/0.435/0.131",
+                       basis="replication"),
             Prediction("exemplars_beat_noise", "exemplar-crop patches flip more images (best placement) than a noise "
                        "patch (context targets)", "best_minus_noise_exemplar", "increase", ci_above(0.0), size=0.330,
-                       method=ex, source=f"{BENCH}: the one chosen exemplar design (hexagon) 0.503 vs noise 0.173"),
+                       method=ex, source=f"{BENCH}: the one chosen exemplar design (hexagon) 0.503 vs noise 0.173",
+                       basis="replication"),
             Prediction("exemplars_beat_natural", "exemplar-crop patches beat a random natural crop (context targets)",
                        "best_minus_natural_exemplar", "increase", ci_above(0.0), size=0.299, method=ex,
-                       source=f"{BENCH}: hexagon 0.503 vs natural crop 0.204"),
+                       source=f"{BENCH}: hexagon 0.503 vs natural crop 0.204", basis="replication"),
             Prediction("best_reaches_atlas", "designed patches (both sources) reach the Activation Atlas best-placement "
                        "success of 57.5% on context targets", "best_ctx", "increase",
                        ci_above(0.575), size=0.497,
                        source=f"target: {ATLAS} 57.5%; size: {BENCH}: 0.497 pooled over the four context targets",
-                       primary=False),
+                       primary=False, basis="replication"),
             Prediction("ratio_3x_noise", "designed patches flip at least 3x as many images as the noise patch",
                        "ratio_noise_ctx", "increase", ci_above(3.0), size=2.84,
                        source=f"target: 3x the noise patch's success; size: {BENCH}: 0.497 / 0.175 = 2.84x",
-                       primary=False),
+                       primary=False, basis="replication"),
             Prediction("consistent_reaches_atlas", "one consistent placement reaches the Activation Atlas 37.2%",
                        "consistent_ctx", "increase", ci_above(0.372), size=0.234,
-                       source=f"target: {ATLAS} 37.2%; size: {BENCH}: 0.234 pooled", primary=False),
+                       source=f"target: {ATLAS} 37.2%; size: {BENCH}: 0.234 pooled", primary=False,
+                       basis="replication"),
             Prediction("p_target_rises", "the target's probability rises (best placement minus unpatched) by at least "
                        "0.2", "p_gain_best_ctx", "increase", ci_above(0.2), size=0.449,
                        source=f"{BENCH}: 0.003 -> 0.452 mean over context targets; {ATLAS}: 0.053 -> 0.422",
-                       primary=False),
+                       primary=False, basis="replication"),
             Prediction("trojan_targets_beat_noise", "on trojan-target classes designed patches beat the noise patch "
                        "(reported apart from the context targets)", "best_minus_noise_trojan_targets", "increase",
                        ci_above(0.0), size=0.25,
                        source=f"{BENCH}: cross 1.0 vs 0.921, diamond 1.0 vs 0.429, circle 0.125 vs 0.026",
-                       primary=False),
+                       primary=False, basis="replication"),
         ]
 
     def metrics(self) -> list[Metric]:
@@ -251,10 +257,11 @@ class Study(CaseStudy):
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
         from adversaries.placement_sweep import (
-            natural_crop,
+            control_candidates,
             paste,
             placements,
             protocol_metrics,
+            rank_candidates,
             resize_patch,
             sweep_success,
         )
@@ -287,27 +294,28 @@ class Study(CaseStudy):
                                      lambda: cfg.design_patches(handle, target, images[cal]))
         where = placements(pre.height, pre.width, cfg.sweep.sizes_px(handle), cfg.sweep.grid)
         rank = cal[: cfg.sweep.n_rank]  # candidates are ranked on (at most) n_rank calibration images
-        scored = []
-        cal_sweeps: dict[int, Any] = {}
-        for d in designs:
-            s, p = sweep_success(handle, images[rank], d.patch, where, target)
-            scored.append((float(s.any(0).float().mean()) + 1e-3 * float(p.max(0).values.mean()), d))
-            if len(rank) == len(cal):
-                cal_sweeps[id(d)] = (s, p)
-        order = sorted(range(len(scored)), key=lambda i: -scored[i][0])
+        whole = len(rank) == len(cal)
+
+        def on_rank(patch: torch.Tensor) -> Any:
+            return sweep_success(handle, images[rank], patch, where, target)
+
+        scored = rank_candidates(on_rank, designs)  # best first; the record lists the designs in their own order
+        score_of = {id(d): s for s, d, _ in scored}
+        cal_sweeps = {id(d): sp for _, d, sp in scored} if whole else {}
         chosen: list[tuple[str, str, Any]] = []  # (source, kind, design)
         for src in SOURCES:
             for kind in (NATURAL, TRIGGER):
-                pick = next((scored[i][1] for i in order if scored[i][1].source == src
-                             and (scored[i][1].trojan is not None) == (kind == TRIGGER)), None)
+                pick = next((d for _, d, _ in scored if d.source == src and (d.trojan is not None) == (kind == TRIGGER)),
+                            None)
                 if pick is not None:
                     chosen.append((src, kind, pick))
         size = max(int(d.patch.shape[-1]) for d in designs)
         cg = torch.Generator().manual_seed(case_seed(seed, f"controls:{key}") % (2 ** 62))
-        lo, hi = pre.input_range
-        noise = lo + (hi - lo) * torch.rand(pre.channels, size, size, generator=cg)
         pool, pool_labels, _ = cfg.natural_pool(handle, images)
-        natural = natural_crop(pool, pool_labels, target, size, cg)
+        # the controls get the designs' own selection: as many candidates, ranked on the same images
+        noises, naturals = control_candidates(pre, size, len(designs), cg, pool, pool_labels, target)
+        _, noise, noise_cal = rank_candidates(on_rank, noises)[0]
+        _, natural, natural_cal = rank_candidates(on_rank, naturals)[0]
 
         def measure(patch: torch.Tensor, cal_res: Any = None) -> tuple[dict[str, Any], Any]:
             if cal_res is None:
@@ -315,8 +323,8 @@ class Study(CaseStudy):
             test_res = sweep_success(handle, images[test], patch, where, target)
             return protocol_metrics(cal_res, test_res, where), test_res
 
-        m_noise, _ = measure(noise)
-        m_nat, _ = measure(natural.patch)
+        m_noise, _ = measure(noise.patch, noise_cal if whole else None)
+        m_nat, _ = measure(natural.patch, natural_cal if whole else None)
         rows, tensors, comps = [], {}, []
         names = world.classes
         for src, kind, d in chosen:
@@ -353,7 +361,7 @@ class Study(CaseStudy):
                    "p_target_before": float(probs0[test, target].mean()), "p_target_consistent": m["p_target_consistent"],
                    "p_target_best": m["p_target_best"], "consistent_placement": m["consistent_placement"],
                    "n_attempts": int(len(test)), "per_class": per_class, "design": d.to_json(),
-                   "calibration_score": round(next(s for s, dd in scored if dd is d), 4), "examples": examples,
+                   "calibration_score": round(score_of[id(d)], 4), "examples": examples,
                    "artifact_tag": tag}
             rows.append(row)
             action = f"paste the {LABEL[src]} patch for {key} ({group}{', trojan trigger' if kind == TRIGGER else ''})"
@@ -361,8 +369,8 @@ class Study(CaseStudy):
                                ("control_natural", "random natural crop, same sizes and sweep")):
                 comps.append(Comparison(METHOD[src], action, "best-placement success rate", m["success_best"], row[ctrl],
                                         name, better="higher").to_json())
-        tensors["candidates"] = torch.stack([resize_patch(d.patch, size) for _, d in scored]).float().contiguous()
-        tensors["control.noise"] = noise.float().contiguous()
+        tensors["candidates"] = torch.stack([resize_patch(d.patch, size) for d in designs]).float().contiguous()
+        tensors["control.noise"] = noise.patch.float().contiguous()
         tensors["control.natural"] = natural.patch.float().contiguous()
         artifact = None
         if self.store is not None:
@@ -371,8 +379,8 @@ class Study(CaseStudy):
             artifact = f"images/s{seed}-{key}.safetensors"
             self.store.write_artifact(artifact, save(tensors))
         candidates = [{"source": d.source, "content": d.description.get("content"), "trojan": d.trojan,
-                       "part": d.description.get("part"), "score_calibration": round(s, 4),
-                       "chosen": any(d is c for _, _, c in chosen)} for s, d in scored]
+                       "part": d.description.get("part"), "score_calibration": round(score_of[id(d)], 4),
+                       "chosen": any(d is c for _, _, c in chosen)} for d in designs]
         return {"target": key, "group": group, "rows": rows, "candidates": candidates, "artifact": artifact,
                 "n_images": len(images), "n_correct": int(len(idx)), "n_calibration": int(len(cal)),
                 "n_attempts": int(len(test)), "n_placements": len(where), "placement_sizes": sorted({w[2] for w in where}),

@@ -82,20 +82,21 @@ class Study(CaseStudy):
         src = "ROME paper, CounterFact, GPT-2 XL"
         return [
             Prediction("rome_beats_ft", "ROME's S beats FT's by at least 10 points", "S_rome_minus_ft", "increase",
-                       ci_above(10.0), size=24.1, source=f"{src}: 89.2 vs 65.1"),
+                       ci_above(10.0), size=24.1, source=f"{src}: 89.2 vs 65.1", basis="paper"),
             Prediction("rome_beats_ftl", "ROME's S beats FT-L's by at least 10 points", "S_rome_minus_ftl", "increase",
-                       ci_above(10.0), size=22.3, source=f"{src}: 89.2 vs 66.9"),
+                       ci_above(10.0), size=22.3, source=f"{src}: 89.2 vs 66.9", basis="paper"),
             Prediction("rome_beats_kn", "ROME's S beats KN's by at least 20 points", "S_rome_minus_kn", "increase",
-                       ci_above(20.0), size=53.6, source=f"{src}: 89.2 vs 35.6"),
+                       ci_above(20.0), size=53.6, source=f"{src}: 89.2 vs 35.6", basis="paper"),
             Prediction("ft_breaks_neighbours", "FT's NS is at least 10 points below ROME's", "NS_ft_minus_rome",
-                       "decrease", ci_below(-10.0), size=-35.0, source=f"{src}: 40.4 vs 75.4"),
+                       "decrease", ci_below(-10.0), size=-35.0, source=f"{src}: 40.4 vs 75.4", basis="paper"),
             Prediction("rome_efficacy", "ROME's efficacy ES is at least 95", "ES_rome", "increase", ci_above(95.0),
-                       size=100.0, source=f"{src}: 100"),
+                       size=100.0, source=f"{src}: 100", basis="paper"),
             Prediction("rome_fluency_kept", "ROME changes generation entropy GE by less than 5%", "GE_rome_rel_change",
-                       "none", ci_within(-0.05, 0.05), size=-0.0075, source=f"{src}: GE 621.96 vs 626.64 unedited"),
+                       "none", ci_within(-0.05, 0.05), size=-0.0075, source=f"{src}: GE 621.96 vs 626.64 unedited",
+                       basis="paper"),
             Prediction("memit_matches_rome", "for single edits MEMIT's S is within 10 points of ROME's",
                        "S_memit_minus_rome", "none", ci_within(-10.0, 10.0), size=0.0,
-                       source="MEMIT paper: MEMIT matches ROME at small edit counts", primary=False),
+                       source="MEMIT paper: MEMIT matches ROME at small edit counts", primary=False, basis="paper"),
         ]
 
     def metrics(self) -> list[Metric]:

@@ -69,18 +69,21 @@ class Study(CaseStudy):
         return [
             Prediction("traced_beats_other", "ROME at the traced layer scores higher S than the mean of the other "
                        "layers, by at least 5 points", "traced_minus_other", "increase", ci_above(5.0), size=20.0,
-                       method="causal_tracing", source="ROME paper: edits at the traced mid-layer MLPs work best"),
+                       method="causal_tracing", source="ROME paper: edits at the traced mid-layer MLPs work best",
+                       basis="paper"),
             Prediction("traced_is_best", "for most facts the traced layer is the best edit layer (S within 1 point "
                        "of the best)", "best_layer_match", "increase", ci_above(0.5), size=0.7, method="causal_tracing",
-                       source="ROME's premise; Hase et al. predict failure"),
+                       source="ROME's premise; Hase et al. predict failure", basis="paper"),
             Prediction("effect_predicts_success", "within a fact, layers with larger trace effects edit better "
                        "(Spearman across layers, mean over facts)", "within_fact_rank_corr", "increase",
-                       ci_above(0.2), size=0.5, method="causal_tracing", source="ROME premise; Hase et al.: ~0"),
+                       ci_above(0.2), size=0.5, method="causal_tracing", source="ROME premise; Hase et al.: ~0",
+                       basis="paper"),
             Prediction("rome_S_at_traced", "ROME at the traced layer reaches S of at least 75", "S_traced", "increase",
-                       ci_above(75.0), size=98.5, source="editing benchmark on FactGPT v2 (benchmarks/RESULTS.md): 98.5"),
+                       ci_above(75.0), size=98.5, source="editing benchmark on FactGPT v2 (benchmarks/RESULTS.md): 98.5",
+                       basis="replication"),
             Prediction("neighbours_unchanged", "neighbourhood prompts keep their answers: NS moves by less than 10 "
                        "points from the unedited model", "NS_change_traced", "none", ci_within(-10.0, 10.0),
-                       size=-2.7, source="ROME paper: NS 75.4 edited vs 78.1 unedited"),
+                       size=-2.7, source="ROME paper: NS 75.4 edited vs 78.1 unedited", basis="paper"),
         ]
 
     def metrics(self) -> list[Metric]:

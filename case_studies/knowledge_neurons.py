@@ -5,7 +5,8 @@ position, refined by threshold 0.2 x max and sharing across paraphrases) names a
 knowledge neurons; a one-pass gradient x activation attribution names another set. Action:
 zero (suppress) or double (amplify) those neurons' value vectors, a `WeightDelta` from
 `editors.knowledge_neuron_edit.neuron_delta`. Control: the same number of random neurons
-drawn from the same layers, edited by the same call. Measured on the fact's prompt and its
+drawn from the same layers and matched on activation (each as active on the fact's prompts
+as the attributed neuron it stands for), edited by the same call. Measured on the fact's prompt and its
 paraphrases: the relative change of p(answer) (Dai et al.'s measure) and of its log-odds
 (which does not saturate when p is near 1); and, where no change is predicted, on facts of
 other relations.
@@ -89,16 +90,59 @@ def top_neurons(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
     return [(int(i) // d, int(i) % d) for i in flat]
 
 
-def random_like(handle: Any, chosen: Sequence[tuple[int, int]], *, seed: int) -> list[tuple[int, int]]:
-    """Random neurons: as many per layer as `chosen` has there, avoiding `chosen` (seeded)."""
+@torch.no_grad()
+def last_position_activations(handle: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """[n_layers, d_mlp]: each MLP neuron's activation at the last position, averaged over `prompts`."""
+    from workbench.hooks import capture
+    from workbench.tokens import encode_prompt
+
+    sites = [f"blocks.{layer}.mlp.hook_post" for layer in range(handle.arch.n_layers)]
+    total = None
+    for prompt in prompts:
+        ids = torch.tensor([encode_prompt(handle.tokenizer, prompt)], device=handle.device)
+        with capture(handle, sites) as acts:
+            handle.model(input_ids=ids)
+        now = torch.stack([acts[s][0, -1].float().cpu() for s in sites])
+        total = now if total is None else total + now
+    assert total is not None
+    return total / len(prompts)
+
+
+def random_like(handle: Any, chosen: Sequence[tuple[int, int]], *, seed: int,
+                activations: torch.Tensor | None = None, band: float = 0.05) -> list[tuple[int, int]]:
+    """Random neurons matched to `chosen`: one per chosen neuron, in its layer, avoiding `chosen` (seeded).
+
+    With `activations` ([n_layers, d_mlp], e.g. `last_position_activations` on the fact's prompts)
+    each one is drawn among the neurons whose activation ranks within `band` (a share of the
+    layer's width) of the chosen neuron's rank, so the control is as active on these prompts as
+    the treatment and only the attribution differs. Without them, uniformly within the layer.
+    """
     from editors.knowledge_neuron_edit import random_neurons
 
-    per_layer: dict[int, int] = {}
-    for layer, _ in chosen:
-        per_layer[layer] = per_layer.get(layer, 0) + 1
-    out: list[tuple[int, int]] = []
-    for j, (layer, n) in enumerate(sorted(per_layer.items())):
-        out += random_neurons(handle, n, seed=seed + j, layers=[layer], exclude=chosen)
+    if activations is None:
+        per_layer: dict[int, int] = {}
+        for layer, _ in chosen:
+            per_layer[layer] = per_layer.get(layer, 0) + 1
+        out: list[tuple[int, int]] = []
+        for j, (layer, n) in enumerate(sorted(per_layer.items())):
+            out += random_neurons(handle, n, seed=seed + j, layers=[layer], exclude=chosen)
+        return out
+    gen = torch.Generator().manual_seed(seed)
+    taken = {(int(a), int(b)) for a, b in chosen}
+    out = []
+    for layer, neuron in chosen:
+        order = torch.argsort(activations[layer], stable=True)  # rank 0: the least active
+        rank = {int(i): r for r, i in enumerate(order.tolist())}
+        width = activations.shape[1]
+        half = max(1, round(band * width))
+        lo, hi = max(0, rank[neuron] - half), min(width, rank[neuron] + half + 1)
+        pool = [int(i) for i in order[lo:hi].tolist() if (layer, int(i)) not in taken]
+        while not pool and (lo > 0 or hi < width):  # widen until a neuron is free
+            lo, hi = max(0, lo - half), min(width, hi + half)
+            pool = [int(i) for i in order[lo:hi].tolist() if (layer, int(i)) not in taken]
+        pick = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+        taken.add((layer, pick))
+        out.append((layer, pick))
     return out
 
 
@@ -115,7 +159,8 @@ class Study(CaseStudy):
                   "value vectors lowers the answer's probability more than zeroing as many random neurons of the same "
                   "layers, doubling them raises it more, and facts of other relations do not move.")
     controls = (
-        Control("random neurons", "as many random neurons per layer as the attributed set, same edit call"),
+        Control("random neurons", "one random neuron per attributed one, same layer, matched on its activation at "
+                "the fact's prompts; same edit call"),
         Control("other relations", "facts of other relations, measured under the same edit (no change predicted)"),
     )
     anchors = (
@@ -141,18 +186,19 @@ class Study(CaseStudy):
             Prediction("ig_suppress_beats_random", "zeroing IG knowledge neurons lowers p(answer) by at least 2% "
                        "(relative) more than zeroing random neurons of the same layers", "suppress_ig_minus_random",
                        "increase", ci_above(0.02), size=0.29, method="integrated_gradients",
-                       source="Dai et al. 2022: -29% on average for knowledge neurons (BERT, ParaRel)"),
+                       source="Dai et al. 2022: -29% on average for knowledge neurons (BERT, ParaRel)", basis="paper"),
             Prediction("ig_amplify_beats_random", "doubling IG knowledge neurons raises the answer's log-odds by at "
                        "least 0.1 more than doubling random neurons", "amplify_logodds_ig_minus_random", "increase",
                        ci_above(0.1), size=0.5, method="integrated_gradients",
-                       source="Dai et al. 2022: +31% p(correct) when amplified x2 (our size in log-odds is a guess)"),
+                       source="Dai et al. 2022: +31% p(correct) when amplified x2 (our size in log-odds is a guess)",
+                       basis="guess"),
             Prediction("other_facts_unchanged", "zeroing a fact's IG neurons moves facts of other relations by less "
                        "than 5% (relative p)", "unrelated_change_ig", "none", ci_within(-0.05, 0.05), size=0.0,
-                       source="Dai et al. 2022: other relations' facts barely change"),
+                       source="Dai et al. 2022: other relations' facts barely change", basis="paper"),
             Prediction("gxa_suppress_beats_random", "the one-pass gradient x activation attribution also picks "
                        "neurons whose suppression beats random by 2%", "suppress_gxa_minus_random", "increase",
                        ci_above(0.02), size=0.1, method="gradient_x_activation",
-                       source="first-order approximation of IG; size a guess", primary=False),
+                       source="first-order approximation of IG; size a guess", primary=False, basis="guess"),
         ]
 
     def metrics(self) -> list[Metric]:
@@ -215,8 +261,9 @@ class Study(CaseStudy):
         result: dict[str, Any] = {"subject": rw.subject, "prompts": prompts, "target": rw.target_true,
                                   "p_before": before, "unrelated_before": u_before, "refined_ig": len(attribution.neurons),
                                   "neurons": {}, "effects": {}, "comparisons": []}
+        activations = last_position_activations(handle, prompts)
         for a in ATTRIBUTIONS:
-            rand = random_like(handle, chosen[a], seed=case_seed(seed, key + a) % (2**31))
+            rand = random_like(handle, chosen[a], seed=case_seed(seed, key + a) % (2**31), activations=activations)
             result["neurons"][a] = {"chosen": [list(n) for n in chosen[a]], "random": [list(n) for n in rand]}
             for cond, neurons in ((a, chosen[a]), (f"rand_{a}", rand)):
                 for mode, kw in MODES.items():  # treatment and control: the same delta builder, only the neurons differ
@@ -228,10 +275,10 @@ class Study(CaseStudy):
             eff = _case_effects(result, a)
             result["comparisons"].append(Comparison(
                 METHOD_NAMES[a], "suppress attributed neurons", "relative drop of p(answer)", eff["drop"],
-                eff["drop_rand"], "random neurons, same layers").to_json())
+                eff["drop_rand"], "random neurons, same layers, matched on activation").to_json())
             result["comparisons"].append(Comparison(
                 METHOD_NAMES[a], "amplify attributed neurons x2", "rise of answer log-odds", eff["rise_lo"],
-                eff["rise_lo_rand"], "random neurons, same layers").to_json())
+                eff["rise_lo_rand"], "random neurons, same layers, matched on activation").to_json())
         return result
 
     def rows(self, record: Mapping[str, Any]) -> list[dict[str, Any]]:

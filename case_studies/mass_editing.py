@@ -71,13 +71,14 @@ class Study(CaseStudy):
         return [
             Prediction("memit_beats_sequential_rome", "at the largest edit count MEMIT's S beats sequential ROME's "
                        "by at least 10 points", "S_memit_minus_romeseq_max", "increase", ci_above(10.0), size=35.5,
-                       source="MEMIT paper, 10,000 edits on GPT-J: 85.8 vs 50.3"),
+                       source="MEMIT paper, 10,000 edits on GPT-J: 85.8 vs 50.3", basis="paper"),
             Prediction("memit_scales", "MEMIT's S at the largest edit count is within 15 points of its S at the "
                        "smallest", "S_memit_max_minus_min", "none", ci_within(-15.0, 15.0), size=-5.0,
-                       source="MEMIT paper: S stays high up to 10,000 edits"),
+                       source="MEMIT paper: S stays high up to 10,000 edits", basis="paper"),
             Prediction("sequential_rome_degrades", "sequential ROME's S falls by at least 10 points from the "
                        "smallest to the largest edit count", "S_romeseq_max_minus_min", "decrease", ci_below(-10.0),
-                       size=-39.0, source="MEMIT paper: ROME 89.2 single edit vs 50.3 at 10,000 sequential"),
+                       size=-39.0, source="MEMIT paper: ROME 89.2 single edit vs 50.3 at 10,000 sequential",
+                       basis="paper"),
         ]
 
     def metrics(self) -> list[Metric]:

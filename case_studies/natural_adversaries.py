@@ -112,28 +112,29 @@ class Study(CaseStudy):
             Prediction("fl_fit_predicts_heldout", "the described object's fooling rate on fresh scenes is within 10 "
                        "points of its rate on the fit scenes", "fl_heldout_minus_fit", "none", ci_within(-0.10, 0.10),
                        size=round(_mean([b["held"] - b["fit"] for b in fl]), 4), method="feature_level",
-                       source=f"{BENCH}: fit 0.729 / 0.958 vs held-out 0.701 / 0.965"),
+                       source=f"{BENCH}: fit 0.729 / 0.958 vs held-out 0.701 / 0.965", basis="replication"),
             Prediction("fl_beats_random_object", "on fresh scenes the described object fools at least 20 points more "
                        "often than random objects of the same size", "fl_minus_random", "increase", ci_above(0.20),
                        size=round(_mean([b["held"] - b["random"] for b in fl]), 4), method="feature_level",
-                       source=f"{BENCH}: 0.701 vs 0.288, 0.965 vs 0.280"),
+                       source=f"{BENCH}: 0.701 vs 0.288, 0.965 vs 0.280", basis="replication"),
             Prediction("snafue_fit_predicts_heldout", "the top natural patches' fooling rate on fresh scenes is within "
                        "10 points of their rate on the fit scenes", "snafue_heldout_minus_fit", "none",
                        ci_within(-0.10, 0.10), size=0.0, method="snafue",
                        source="no held-out number in the benchmark; the patches are chosen by embedding, not by "
-                              "fit-set success, so no winner's curse is expected"),
+                              "fit-set success, so no winner's curse is expected", basis="guess"),
             Prediction("snafue_beats_random_natural", "on fresh scenes the top natural patches fool at least 10 points "
                        "more often than random natural patches", "snafue_minus_random", "increase", ci_above(0.10),
                        size=round(_mean([b["natural"] - b["random"] for b in sn]), 4), method="snafue",
-                       source=f"{BENCH}: natural top-5 mean minus random natural, per pair"),
+                       source=f"{BENCH}: natural top-5 mean minus random natural, per pair", basis="replication"),
             Prediction("snafue_natural_matches_synthetic", "natural patches matched by embedding keep the synthetic "
                        "patch's fooling rate within 20 points (SNAFUE's premise)", "snafue_natural_minus_synthetic",
                        "none", ci_within(-0.20, 0.20), size=round(_mean([b["natural"] - b["synthetic"] for b in sn]), 4),
-                       method="snafue", source=f"{BENCH}: natural top-5 vs synthetic patch, per pair", primary=False),
+                       method="snafue", source=f"{BENCH}: natural top-5 vs synthetic patch, per pair", primary=False,
+                       basis="replication"),
             Prediction("fl_no_object_baseline", "without the object no fresh source scene is classified as the target",
                        "fl_baseline", "none", ci_within(0.0, 0.05), size=0.0,
                        source=f"{BENCH}: no-object baseline 0.000; scenes are correctly classified by construction",
-                       primary=False),
+                       primary=False, basis="replication"),
         ]
 
     def metrics(self) -> list[Metric]:

@@ -91,18 +91,20 @@ class Study(CaseStudy):
         return [
             Prediction("disagree_gain", "accuracy on colour-disagreeing scenes rises by at least 20 points",
                        "gain_rewrite", "increase", ci_above(20.0), size=24.0,
-                       source=f"{BENCH}: 0.132 -> 0.371 (+24.0) at the default"),
+                       source=f"{BENCH}: 0.132 -> 0.371 (+24.0) at the default", basis="replication"),
             Prediction("clean_kept", "clean accuracy moves by less than 1 point", "clean_change_rewrite", "none",
-                       ci_within(-1.0, 1.0), size=-0.25, source=f"{BENCH}: 0.992 -> 0.989"),
+                       ci_within(-1.0, 1.0), size=-0.25, source=f"{BENCH}: 0.992 -> 0.989", basis="replication"),
             Prediction("beats_random_update", "the rewrite's gain beats a random update of the same rank and norm by at "
                        "least 15 points", "gain_rewrite_minus_random", "increase", ci_above(15.0), size=24.0,
-                       source="a random direction should carry no rule; size = the rewrite's benchmark gain"),
+                       source="a random direction should carry no rule; size = the rewrite's benchmark gain",
+                       basis="replication"),
             Prediction("rank_k_beats_rank_one", f"rank {RANK} gains at least 5 points more than rank 1",
                        "gain_rewrite_minus_rank_one", "increase", ci_above(5.0), size=11.6,
-                       source=f"{BENCH}: +24.0 (rank 32) vs +12.4 (rank 1)", primary=False),
+                       source=f"{BENCH}: +24.0 (rank 32) vs +12.4 (rank 1)", primary=False, basis="replication"),
             Prediction("right_layer_beats_wrong", f"{LAYER} gains at least 5 points more than {WRONG_LAYER}",
                        "gain_rewrite_minus_wrong_layer", "increase", ci_above(5.0), size=15.2,
-                       source=f"{BENCH}: +24.0 vs +8.8 ({WRONG_LAYER} at rank 8; here rank {RANK})", primary=False),
+                       source=f"{BENCH}: +24.0 vs +8.8 ({WRONG_LAYER} at rank 8; here rank {RANK})", primary=False,
+                       basis="replication"),
         ]
 
     def metrics(self) -> list[Metric]:

@@ -14,10 +14,10 @@ content plus the clean-world network of `workbench.judge`) never saw a trojan. C
 1/8; the published human best is 0.47 (all methods together 0.49, CLIP as judge
 0.06-0.21); the workbench's target for the best method is 0.6.
 
-Controls: chance (1/8, the protocol's baseline and each method's comparison on the
-leaderboard), and random views: clean ShapesWorld scenes (no trigger) answering the same
-question with the same code, which measures what an uninformative method scores when the
-distractors are chosen to look like its views. Every method is a leaderboard entry (named
+Controls: chance (1/8, the protocol's baseline), and random views: clean ShapesWorld scenes
+(no trigger) answering the same question with the same code, which measures what an
+uninformative method scores when the distractors are chosen to look like its views; it is
+each method's comparison on the leaderboard. Every method is a leaderboard entry (named
 like the same method in other studies: "feature_level" and "snafue" as in study 8).
 Scores are reported per method, per trojan kind (patch, style, natural feature) and for
 all methods judged together.
@@ -113,8 +113,9 @@ class Study(CaseStudy):
                   "automatic judge picks the true trigger out of 8 options more often than chance (1/8), though style "
                   "(texture) triggers stay nearly undetectable, as Casper et al. found.")
     controls = (
-        Control("chance", "1 in 8: the protocol's baseline (each method's comparison on the leaderboard)"),
-        Control("random views", "4 clean ShapesWorld scenes without any trigger answer the same question, same code"),
+        Control("chance", "1 in 8: the protocol's baseline"),
+        Control("random views", "4 clean ShapesWorld scenes without any trigger answer the same question, same code "
+                "(each method's comparison on the leaderboard)"),
     )
     anchors = (
         Anchor("Casper et al. 2023: best method with human judges (RFLA-Perturb)", HUMAN_BEST, "score_snafue",
@@ -150,10 +151,12 @@ class Study(CaseStudy):
         preds = [
             Prediction("methods_above_chance", "pooled over methods and trojans, the 8-way score is above chance (1/8)",
                        "score_all", "increase", ci_above(CHANCE), size=mean_bench,
-                       source=f"{BENCH}: mean of the {len(BENCH_SCORE)} methods' means {mean_bench}{budget}"),
+                       source=f"{BENCH}: mean of the {len(BENCH_SCORE)} methods' means {mean_bench}{budget}",
+                       basis="replication"),
             Prediction("best_method_above_chance", "natural search (SNAFUE), the benchmark's best method, scores above "
                        "chance", "score_snafue", "increase", ci_above(CHANCE), size=BENCH_SCORE["natural"],
-                       method=NAMES["natural"], source=f"{BENCH}: 0.67 (4 of 6 trojans right){budget}"),
+                       method=NAMES["natural"], source=f"{BENCH}: 0.67 (4 of 6 trojans right){budget}",
+                       basis="replication"),
         ]
         for m in NAMES:
             if m == "natural":
@@ -161,28 +164,30 @@ class Study(CaseStudy):
             preds.append(Prediction(
                 f"{SHORT[m]}_above_chance", f"{m} scores above chance", f"score_{SHORT[m]}", "increase",
                 ci_above(CHANCE), size=BENCH_SCORE[m], method=NAMES[m], source=f"{BENCH}: {BENCH_SCORE[m]:.2f}{budget}",
-                primary=False))
+                primary=False, basis="replication"))
         preds += [
             Prediction("best_method_meets_target", "natural search reaches the target of 0.6", "score_snafue",
                        "increase", ci_above(TARGET), size=BENCH_SCORE["natural"], method=NAMES["natural"],
-                       source=f"target: the workbench's 0.6; size: {BENCH}", primary=False),
+                       source=f"target: the workbench's 0.6; size: {BENCH}", primary=False, basis="replication"),
             Prediction("patch_above_chance", "patch triggers are rediscovered above chance (all methods)", "score_patch",
-                       "increase", ci_above(CHANCE), size=0.35, source=f"{BENCH}: patch trojans 0.35", primary=False),
+                       "increase", ci_above(CHANCE), size=0.35, source=f"{BENCH}: patch trojans 0.35", primary=False,
+                       basis="replication"),
             Prediction("natural_above_chance", "natural-feature triggers are rediscovered above chance (Casper et al.: "
                        "the easiest kind)", "score_natural", "increase", ci_above(CHANCE), size=0.10,
                        source=f"direction: Casper et al. 2023 (natural easiest); size: {BENCH}: 0.10 on the zoo model "
-                              "(0.67 on its held-out set)", primary=False),
+                              "(0.67 on its held-out set)", primary=False, basis="replication"),
             Prediction("style_nearly_undetectable", "style (texture) triggers stay nearly undetectable: their score "
                        "stays below twice chance (0.25)", "score_style", "decrease", ci_below(0.25), size=0.22,
                        source=f"Casper et al. 2023 (style nearly undetectable); size: {BENCH}: 0.22 on the zoo model, "
-                              "0.00 on its held-out set", primary=False),
+                              "0.00 on its held-out set", primary=False, basis="replication"),
             Prediction("all_together_above_chance", "all methods judged together answer above chance", "score_combined",
                        "increase", ci_above(CHANCE), size=0.17,
-                       source=f"{BENCH}: 'all pooled' 0.17; Casper et al. (humans): 0.49", primary=False),
+                       source=f"{BENCH}: 'all pooled' 0.17; Casper et al. (humans): 0.49", primary=False,
+                       basis="replication"),
             Prediction("random_views_not_above_chance", "clean scenes without a trigger do not beat chance under this "
                        "protocol (the distractors are chosen to look like the views)", "score_random_views", "none",
                        ci_within(0.0, CHANCE), size=0.0, source="protocol: uninformative views, hardest distractors",
-                       primary=False),
+                       primary=False, basis="guess"),
         ]
         return preds
 
@@ -193,11 +198,11 @@ class Study(CaseStudy):
         preds = [
             Prediction("methods_above_chance", "pooled over methods (SNAFUE at the quick budget, the others at the tiny "
                        "budget) and trojans, the 8-way score is above chance (1/8)", "score_all", "increase",
-                       ci_above(CHANCE), size=q["all"], source=f"{src}: {q['all']:.3f}"),
+                       ci_above(CHANCE), size=q["all"], source=f"{src}: {q['all']:.3f}", basis="replication"),
             Prediction("best_method_above_chance", "natural search (SNAFUE), the benchmark's best method, run at the "
                        "benchmark's budget (quick), scores above chance", "score_snafue", "increase", ci_above(CHANCE),
                        size=q["natural"], method=NAMES["natural"],
-                       source=f"{src}: {q['natural']:.2f}; {BENCH}: 0.67 (4 of 6 trojans right)"),
+                       source=f"{src}: {q['natural']:.2f}; {BENCH}: 0.67 (4 of 6 trojans right)", basis="replication"),
         ]
         for m in NAMES:
             if m == "natural":
@@ -205,30 +210,33 @@ class Study(CaseStudy):
             preds.append(Prediction(
                 f"{SHORT[m]}_above_chance", f"{m} {tiny} scores above chance", f"score_{SHORT[m]}", "increase",
                 ci_above(CHANCE), size=q[m], method=NAMES[m],
-                source=f"{src}: {q[m]:.2f} (at budget quick, the benchmark's: {BENCH_SCORE[m]:.2f})", primary=False))
+                source=f"{src}: {q[m]:.2f} (at budget quick, the benchmark's: {BENCH_SCORE[m]:.2f})", primary=False,
+                basis="replication"))
         preds += [
             Prediction("best_method_meets_target", "natural search (budget quick) reaches the target of 0.6",
                        "score_snafue", "increase", ci_above(TARGET), size=q["natural"], method=NAMES["natural"],
-                       source=f"target: the workbench's 0.6; size: {src}: {q['natural']:.2f}", primary=False),
+                       source=f"target: the workbench's 0.6; size: {src}: {q['natural']:.2f}", primary=False,
+                       basis="replication"),
             Prediction("patch_above_chance", "patch triggers are rediscovered above chance (all methods, quick-mode "
                        "budgets)", "score_patch", "increase", ci_above(CHANCE), size=q["patch"],
-                       source=f"{src}: patch trojans {q['patch']:.2f}", primary=False),
+                       source=f"{src}: patch trojans {q['patch']:.2f}", primary=False, basis="replication"),
             Prediction("natural_above_chance", "natural-feature triggers are rediscovered above chance (Casper et al.: "
                        "the easiest kind; quick-mode budgets)", "score_natural", "increase", ci_above(CHANCE),
                        size=q["natural_kind"], source=f"direction: Casper et al. 2023 (natural easiest); size: {src}: "
-                                                      f"{q['natural_kind']:.2f}", primary=False),
+                                                      f"{q['natural_kind']:.2f}", primary=False, basis="replication"),
             Prediction("style_nearly_undetectable", "style (texture) triggers stay nearly undetectable: their score "
                        "stays below twice chance (0.25; quick-mode budgets)", "score_style", "decrease", ci_below(0.25),
                        size=q["style"], source=f"Casper et al. 2023 (style nearly undetectable); size: {src}: "
-                                               f"{q['style']:.2f}", primary=False),
+                                               f"{q['style']:.2f}", primary=False, basis="replication"),
             Prediction("all_together_above_chance", "all methods judged together answer above chance (quick-mode "
                        "budgets)", "score_combined", "increase", ci_above(CHANCE), size=q["combined"],
-                       source=f"{src}: {q['combined']:.2f}; Casper et al. (humans): 0.49", primary=False),
+                       source=f"{src}: {q['combined']:.2f}; Casper et al. (humans): 0.49", primary=False,
+                       basis="replication"),
             Prediction("random_views_not_above_chance", "clean scenes without a trigger do not beat chance under this "
                        "protocol (the distractors are chosen to look like the views)", "score_random_views", "none",
                        ci_within(0.0, CHANCE), size=q["random"],
                        source=f"protocol: uninformative views, hardest distractors; {src}: {q['random']:.2f}",
-                       primary=False),
+                       primary=False, basis="guess"),
         ]
         return preds
 
@@ -307,8 +315,11 @@ class Study(CaseStudy):
         random_row = {"method": RANDOM, "score": mc["score"], "consensus_correct": mc["consensus_correct"],
                       "options": mc["options"], "true_index": mc["true_index"], "votes": mc["votes"],
                       "n_views": len(mc["votes"])}
+        # the leaderboard's control is what uninformative views measurably score on the same question, which
+        # is above 1/8 when the distractors are chosen to resemble the views
         comps = [Comparison(NAMES[r["method"]], f"synthesize views for {key} ({trojan.kind} trojan)",
-                            "8-way rediscovery score", r["score"], CHANCE, "chance (1 in 8)", better="higher").to_json()
+                            "8-way rediscovery score", r["score"], random_row["score"],
+                            "random clean views (same question, same code)", better="higher").to_json()
                  for r in rows]
         return {"trojan": key, "kind": trojan.kind, "target": trojan.target, "source": trojan.source,
                 "trigger": trojan.trigger.name, "trojan_config": trojan.to_json(), "universal": trojan.source is None, "budget": budgets,

@@ -97,38 +97,41 @@ class Study(CaseStudy):
             Prediction("ad_cut_90", "removing the activation-difference units cuts attack success by at least 90% "
                        "(relative, mean over the six trojans)", "cut_ad", "increase", ci_above(0.9), size=0.821,
                        method="activation_difference",
-                       source=f"{target}; size: {BENCH}: mean cut 82% (style 100/95, patch 66/84, natural 90/57)"),
+                       source=f"{target}; size: {BENCH}: mean cut 82% (style 100/95, patch 66/84, natural 90/57)",
+                       basis="replication"),
             Prediction("ad_clean_kept", "the same edits move clean accuracy by less than 1 point", "clean_drop_ad",
                        "none", ci_within(-1.0, 1.0), size=0.92, method="activation_difference",
-                       source=f"{target}; size: {BENCH}: mean clean drop 0.9 points (up to 2.2)"),
+                       source=f"{target}; size: {BENCH}: mean clean drop 0.9 points (up to 2.2)", basis="replication"),
             Prediction("ad_beats_random", "activation-difference units lower attack success by at least 0.5 more "
                        "than as many random units at the same site", "random_gap_ad", "increase", ci_above(0.5),
                        size=0.80, method="activation_difference",
-                       source=f"{BENCH}: random units left attack success at 0.92-1.0; treatment 0.0-0.39"),
+                       source=f"{BENCH}: random units left attack success at 0.92-1.0; treatment 0.0-0.39",
+                       basis="replication"),
             Prediction("ad_style_cut_90", "for the two style (background texture) trojans the cut is at least 90%",
                        "cut_ad_style", "increase", ci_above(0.9), size=0.977, method="activation_difference",
-                       source=f"{BENCH}: 100% and 95.4%, one layer2 channel each", primary=False),
+                       source=f"{BENCH}: 100% and 95.4%, one layer2 channel each", primary=False, basis="replication"),
             Prediction("ad_object_cut_90", "for the patch and natural-object trojans the cut is at least 90%",
                        "cut_ad_object", "increase", ci_above(0.9), size=0.743, method="activation_difference",
-                       source=f"{target}; size: {BENCH}: 66%, 84%, 90%, 57%", primary=False),
+                       source=f"{target}; size: {BENCH}: 66%, 84%, 90%, 57%", primary=False, basis="replication"),
             Prediction("ad_target_met", "most cases meet the full target (cut >= 90% and clean drop <= 1 point)",
                        "target_met_ad", "increase", ci_above(0.5), size=0.33, method="activation_difference",
-                       source=f"{target}; size: {BENCH}: 2 of 6 trojans", primary=False),
+                       source=f"{target}; size: {BENCH}: 2 of 6 trojans", primary=False, basis="replication"),
             Prediction("dissection_cut_90", "removing the units whose maps best match the trigger's mask "
                        "(dissection IoU) at the same site and k cuts attack success by at least 90%", "cut_dis",
                        "increase", ci_above(0.9), size=0.33, method="dissection",
                        source=f"{target}; size a guess from {BENCH}: dissection ranks the style trojans' unit first "
-                              "(IoU 0.88) but not the patch units", primary=False),
+                              "(IoU 0.88) but not the patch units", primary=False, basis="guess"),
             Prediction("dissection_beats_random", "dissection units lower attack success by at least 0.2 more than "
                        "random units", "random_gap_dis", "increase", ci_above(0.2), size=0.33, method="dissection",
-                       source="guess: the style trojans (1/3 of cases) fully, the others not at all", primary=False),
+                       source="guess: the style trojans (1/3 of cases) fully, the others not at all", primary=False,
+                       basis="guess"),
         ]
         if "attribution" in self.selection:
             preds.append(Prediction(
                 "attribution_beats_random", "conductance-attributed units lower attack success by at least 0.5 more "
                 "than random units", "random_gap_attr", "increase", ci_above(0.5), size=0.66, method="attribution",
                 source=f"{BENCH}, other methods: attribution left 0.0-0.62 attack success vs random 0.89-1.0",
-                primary=False))
+                primary=False, basis="replication"))
         return preds
 
     def metrics(self) -> list[Metric]:

@@ -262,10 +262,9 @@ def eraser_delta(handle: ModelHandle, site: str | Site, eraser: Any, *, method: 
             raise WorkbenchError(f"eraser is for {left.shape[0]}-dim vectors but {path} writes {w_oi.shape[0]}")
         # W_oi <- W_oi - L (R W_oi)
         rw = right @ w_oi  # (k, d_in)
-        if conv1d:  # W_io = W_oi^T: delta = -(R W_oi)^T L^T
-            changes[f"{path}.weight"] = LowRank(rw.T.to(dtype), (-left).to(dtype))
-        else:
-            changes[f"{path}.weight"] = LowRank((-left).to(dtype), rw.T.to(dtype))
+        u, v = compact_factors(-left, rw.T)
+        # W_io = W_oi^T: the change is v u^T
+        changes[f"{path}.weight"] = LowRank(v.to(dtype), u.to(dtype)) if conv1d else LowRank(u.to(dtype), v.to(dtype))
         c = module.bias.detach().double().cpu() if has_bias else torch.zeros(w_oi.shape[0], dtype=torch.float64)
         db = -(left @ (right @ c))
         if bias_b is not None:
@@ -274,18 +273,32 @@ def eraser_delta(handle: ModelHandle, site: str | Site, eraser: Any, *, method: 
         if w_oi.shape[1] != left.shape[0]:
             raise WorkbenchError(f"eraser is for {left.shape[0]}-dim vectors but {path} reads {w_oi.shape[1]}")
         wl = w_oi @ left  # (d_out, k)
-        if conv1d:  # W_io delta = -R^T (W_oi L)^T
-            changes[f"{path}.weight"] = LowRank(right.T.to(dtype), (-wl).to(dtype))
-        else:
-            changes[f"{path}.weight"] = LowRank((-wl).to(dtype), right.T.to(dtype))
+        u, v = compact_factors(-wl, right.T)
+        changes[f"{path}.weight"] = LowRank(v.to(dtype), u.to(dtype)) if conv1d else LowRank(u.to(dtype), v.to(dtype))
         db = wl @ (right @ bias_b) if bias_b is not None else torch.zeros(w_oi.shape[0], dtype=torch.float64)
     if bool((db.abs() > 0).any()):
         if not has_bias:
             raise _not_foldable(resolved, f"{path} has no bias to carry the eraser's constant term (LEACE keeps the mean); "
                                           "fit with affine=False to fold only the projection, or use the run-time hook")
         changes[f"{path}.bias"] = db.to(dtype)
-    meta = {"site": resolved.name, "side": side, "module": path, "rank": int(left.shape[1]), **(extra or {})}
+    meta = {"site": resolved.name, "side": side, "module": path, "rank": int(u.shape[1]), **(extra or {})}
     return WeightDelta.from_model(handle.model, changes, method=method, request=request, extra=meta)
+
+
+def compact_factors(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the change `u @ v.T` with as many columns as its numerical rank (float64).
+
+    LEACE stores a k-class eraser in k columns, of which at most k - 1 are independent (the
+    class indicators sum to one; a binary concept is a rank-1 change); the columns that add
+    nothing are dropped, with the threshold `torch.linalg.matrix_rank` uses for float32.
+    """
+    u, v = u.double(), v.double()
+    qu, ru = torch.linalg.qr(u)
+    qv, rv = torch.linalg.qr(v)
+    a, s, bh = torch.linalg.svd(ru @ rv.T)
+    tol = float(s.max()) * max(u.shape[0], v.shape[0]) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+    r = int((s > tol).sum())
+    return qu @ (a[:, :r] * s[:r]), qv @ bh[:r].T
 
 
 @register("erase")
@@ -319,14 +332,50 @@ class ConceptErasure:
         counts = check_concept(request)
         with assert_unchanged(handle.model):
             eraser = fit_eraser(handle, self.site, request, method=self.method, pooling=self.pooling, affine=self.affine)
-            return eraser_delta(handle, self.site, eraser, method="erase",
-                                request={"n": len(request.labels), "classes": {str(k): v for k, v in sorted(counts.items())}},
-                                extra={"config": asdict(self)})
+            delta = eraser_delta(handle, self.site, eraser, method="erase",
+                                 request={"n": len(request.labels), "classes": {str(k): v for k, v in sorted(counts.items())}},
+                                 extra={"config": asdict(self)})
+        if delta.extra["rank"] == 0:
+            log.warning("the %s eraser at %s changes no direction: the concept's cross-covariance there is below the "
+                        "fitter's tolerance (svd_tol 0.01), so nothing is erased; try leace or another site", self.method,
+                        self.site)
+        return delta
 
 
 # --------------------------------------------------------------------------------------
 # Probes
 # --------------------------------------------------------------------------------------
+
+
+def stratified_split(labels: Sequence[int], *, train_share: float, seed: int,
+                     keys: Sequence[Any] | None = None) -> tuple[list[int], list[int]]:
+    """Seeded stratified split: (train indices, test indices), each class in both parts in proportion.
+
+    Each class's examples are ordered by `keys` (e.g. the texts; default: their positions)
+    and then shuffled with `seed`, so with keys the split depends on the data and the seed,
+    not on the order of the file. A class of n >= 2 examples puts round(train_share * n),
+    at least 1 and at most n - 1, in the training part.
+    """
+    if not 0.0 < train_share < 1.0:
+        raise WorkbenchError(f"train share {train_share}: expected a number between 0 and 1")
+    if keys is not None and len(keys) != len(labels):
+        raise WorkbenchError(f"{len(keys)} keys for {len(labels)} labels; give one key per example")
+    canonical = list(range(len(labels))) if keys is None else sorted(range(len(labels)), key=lambda i: (str(keys[i]), i))
+    by_class: dict[int, list[int]] = {}
+    for i in canonical:
+        by_class.setdefault(int(labels[i]), []).append(i)
+    rng = random.Random(seed)
+    train: list[int] = []
+    test: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        rng.shuffle(members)
+        n = len(members)
+        k = n if n < 2 else min(max(round(train_share * n), 1), n - 1)
+        train += members[:k]
+        test += members[k:]
+    position = {i: rank for rank, i in enumerate(canonical)}
+    return sorted(train, key=position.__getitem__), sorted(test, key=position.__getitem__)
 
 
 def probe_accuracy(x_train: torch.Tensor, y_train: torch.Tensor | Sequence[int], x_test: torch.Tensor,
@@ -388,14 +437,18 @@ SENTIMENTS = ("negative", "positive")
 TOPICS = tuple(_TOPICS)
 
 
+MAX_EXAMPLE_SENTENCES = 100_000
+
+
 def example_sentences(n: int, *, seed: int) -> tuple[list[str], list[int], list[int]]:
     """`n` template sentences with two independent labels: sentiment (0 neg, 1 pos) and topic (index into TOPICS).
 
     Sentiment and topic are drawn independently and balanced, so erasing one should leave
     the other: the test of an unrelated concept.
     """
-    if n < 2:
-        raise WorkbenchError(f"ask for at least 2 sentences; got {n}")
+    if not 2 <= n <= MAX_EXAMPLE_SENTENCES:
+        raise WorkbenchError(f"ask for 2..{MAX_EXAMPLE_SENTENCES} template sentences; got {n} (for more, give your own "
+                             "texts)")
     rng = random.Random(seed)
     texts, sentiment, topic = [], [], []
     for i in range(n):

@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from editors.registry import register
 from workbench.delta import WeightDelta, assert_unchanged
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, require_finite
 from workbench.handle import ModelHandle
 from workbench.requests import Rewrite, target_token_ids
 from workbench.sites import require_causal_lm
@@ -189,6 +189,7 @@ class FineTune:
     method: ClassVar[str] = "ft"
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.weights not in ("mlp_out", "mlp_in", "both"):
             raise WorkbenchError(f"weights must be 'mlp_out', 'mlp_in' or 'both'; got {self.weights!r}")
         if self.steps < 1:

@@ -26,7 +26,7 @@ import torch
 from editors.finetune import as_rewrites, request_json
 from editors.registry import register
 from workbench.delta import WeightDelta, assert_unchanged
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, require_finite
 from workbench.handle import ModelHandle
 from workbench.knowledge_neurons import attribute_neurons
 from workbench.requests import Rewrite, target_token_ids
@@ -186,6 +186,7 @@ class KnowledgeNeuronEdit:
     method: ClassVar[str] = "kn"
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.mode not in ("suppress", "amplify", "replace"):
             raise WorkbenchError(f"mode must be 'suppress', 'amplify' or 'replace'; got {self.mode!r}")
         if self.steps < 1:

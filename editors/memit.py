@@ -34,6 +34,7 @@ from editors.mlp_update import (
     ValueConfig,
     check_layer,
     check_prefix_source,
+    check_stat_samples,
     context_templates,
     dense_in_layout,
     given_statistics,
@@ -49,7 +50,7 @@ from editors.mlp_update import (
 )
 from editors.registry import register
 from workbench.delta import Change, WeightDelta, assert_unchanged
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, require_finite
 from workbench.requests import Rewrite, validate_rewrite
 from workbench.sites import require_causal_lm
 
@@ -126,6 +127,8 @@ class MEMIT:
         check_prefix_source(self.prefix_source)
         if self.value_contexts not in ("all", "plain"):
             raise WorkbenchError(f"value_contexts={self.value_contexts!r}; expected 'all' or 'plain'")
+        check_stat_samples(self.mom2_n_samples, "MEMIT ")
+        require_finite(self)
 
     @classmethod
     def ending_at(cls, layer: int, n_layers: int, **kwargs: Any) -> MEMIT:
@@ -150,7 +153,7 @@ class MEMIT:
         require_causal_lm(handle, "MEMIT", weight_role="mlp_out")
         layers = self.resolved_layers(handle)
         for rw in rewrites:
-            validate_rewrite(handle.tokenizer, rw)
+            validate_rewrite(handle.tokenizer, rw, model=handle.model)
         model = handle.model
         last = layers[-1]
         timings: dict[str, float] = {}

@@ -136,6 +136,16 @@ def sample_texts(
 PrefixSource = Literal["generated", "world"]
 
 
+MAX_STAT_SAMPLES = 10_000_000  # key-statistics tokens: ROME uses 100,000; ten million take hours on a CPU
+
+
+def check_stat_samples(n_samples: int, who: str = "") -> None:
+    """Refuse a number of key-statistics tokens outside 1..MAX_STAT_SAMPLES (before any corpus is built)."""
+    if not 1 <= n_samples <= MAX_STAT_SAMPLES:
+        raise WorkbenchError(f"{who}mom2_n_samples={n_samples}: expected 1..{MAX_STAT_SAMPLES} tokens of key "
+                             "statistics (ROME: 100000)")
+
+
 def check_prefix_source(source: str, who: str = "") -> None:
     """Refuse a context-prefix source other than the `PrefixSource` values."""
     if source not in get_args(PrefixSource):
@@ -566,6 +576,8 @@ def key_statistics(
     `n_samples` counts tokens (for "prompts": prompts, at most all of them).
     """
     from workbench.statistics import collect_statistics
+
+    check_stat_samples(n_samples)
 
     site = key_site(layer)
     if texts is not None:

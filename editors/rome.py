@@ -35,6 +35,7 @@ from editors.mlp_update import (
     ValueConfig,
     check_layer,
     check_prefix_source,
+    check_stat_samples,
     context_templates,
     given_statistics,
     in_layout,
@@ -46,7 +47,7 @@ from editors.mlp_update import (
 )
 from editors.registry import register
 from workbench.delta import WeightDelta, assert_unchanged
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, require_finite
 from workbench.requests import Rewrite, validate_rewrite
 from workbench.sites import require_causal_lm
 
@@ -91,6 +92,8 @@ class ROME:
         if self.n_prefixes < 0:
             raise WorkbenchError(f"ROME n_prefixes={self.n_prefixes}; expected >= 0")
         check_prefix_source(self.prefix_source, "ROME ")
+        check_stat_samples(self.mom2_n_samples, "ROME ")
+        require_finite(self)
 
     def resolved_layer(self, handle: Any) -> int:
         return check_layer(handle, handle.arch.n_layers // 2 if self.layer is None else self.layer)
@@ -113,7 +116,7 @@ class ROME:
             request = items[0]
         require_causal_lm(handle, "ROME", weight_role="mlp_out")
         layer = self.resolved_layer(handle)
-        validate_rewrite(handle.tokenizer, request)
+        validate_rewrite(handle.tokenizer, request, model=handle.model)
         model = handle.model
         info, param = mlp_out(handle, layer)
         timings: dict[str, float] = {}

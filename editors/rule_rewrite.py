@@ -32,7 +32,7 @@ from torch import nn
 
 from editors.registry import register
 from workbench.delta import WeightDelta, assert_unchanged
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, require_finite
 from workbench.handle import ModelHandle
 from workbench.hooks import capture
 
@@ -183,6 +183,12 @@ class RuleRewrite:
     directions: Literal["difference", "keys"] = "keys"
 
     name: ClassVar[str] = "rewrite"
+
+    def __post_init__(self) -> None:
+        require_finite(self)
+        if self.rank < 1 or self.ridge < 0:
+            raise WorkbenchError(f"RuleRewrite needs rank >= 1 and ridge >= 0; got rank={self.rank}, "
+                                 f"ridge={self.ridge}")
 
     def fit(self, handle: ModelHandle, request: RewritePairs) -> WeightDelta:
         if not isinstance(request, RewritePairs):

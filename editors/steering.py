@@ -38,7 +38,7 @@ from editors.folding import NotFoldableError, canonical_kind, is_conv1d_hf
 from editors.registry import register
 from workbench.bootstrap import spearman
 from workbench.delta import WeightDelta, assert_unchanged
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, require_finite
 from workbench.handle import ModelHandle
 from workbench.sites import Site, resolve_site
 from workbench.unit_selection import Position
@@ -135,6 +135,9 @@ class Steering:
     unit_norm: bool = False
 
     name: ClassVar[str] = "steer"
+
+    def __post_init__(self) -> None:
+        require_finite(self)
 
     def fit(self, handle: ModelHandle, request: ContrastPairs) -> WeightDelta:
         if not isinstance(request, ContrastPairs):

@@ -30,7 +30,7 @@ from torch import nn
 from editors.folding import FoldPlan, NotFoldableError, Side, plan_gates, plan_units
 from editors.registry import register
 from workbench.delta import WeightDelta, assert_unchanged
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, require_finite
 from workbench.handle import ModelHandle
 from workbench.sites import Site, resolve_site
 
@@ -205,6 +205,7 @@ class UnitAblation:
     method: ClassVar[str] = "ablate"
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.side not in ("auto", "write", "read"):
             raise WorkbenchError(f"side must be 'auto', 'write' or 'read'; got {self.side!r}")
 
@@ -399,6 +400,7 @@ class GateConfig:
     max_gate: float = 2.0
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.steps < 1 or self.batch_triggered < 1 or self.batch_clean < 1:
             raise WorkbenchError(f"GateConfig needs steps and batch sizes >= 1; got {self}")
         if self.lr <= 0 or self.kl_weight < 0 or self.sparsity < 0:

@@ -36,9 +36,10 @@ class ToyStudy(CaseStudy):
     def predictions(self) -> list[Prediction]:
         return [
             Prediction("beats_random", "the method's action beats the random one by at least 0.2", "advantage",
-                       "increase", ci_above(0.2), size=1.0, method="toy_method", source="toy"),
+                       "increase", ci_above(0.2), size=1.0, method="toy_method", source="toy",
+                       basis="finding"),
             Prediction("no_side_effect", "an unrelated quantity stays within +-0.3", "side_effect", "none",
-                       ci_within(-0.3, 0.3), size=0.0),
+                       ci_within(-0.3, 0.3), size=0.0, basis="guess"),
         ]
 
     def metrics(self) -> list[Metric]:

@@ -1,7 +1,11 @@
 """Across studies: how well-calibrated were the predictions, and which methods earned trust?
 
 `calibration(results)` pools every prediction of every study: how often it held, failed or
-was inconclusive, and how far the measured value landed from the predicted size.
+was inconclusive, and how far the measured value landed from the predicted size, overall,
+by study, by method and by the basis of the size (a finding of the same run, a paper, a
+replication of this project's own earlier measurement, a target, a guess). A replication
+measures reproducibility, not what an interpretation predicts, so the by-method summary
+leaves replications out.
 
 `leaderboard(results)` ranks interpretability methods (causal tracing, integrated
 gradients, activation difference, feature visualization, ...) by what their findings
@@ -57,6 +61,7 @@ def prediction_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
             interval = list(size) if isinstance(size, (list, tuple)) else None
             rows.append({
                 "study": res["study"], "id": v["id"], "claim": v["claim"], "method": v.get("method"),
+                "basis": v.get("basis") or "unstated",
                 "metric": v["metric"], "direction": v["direction"], "primary": v.get("primary", True),
                 "predicted": point, "predicted_interval": interval, "measured": measured, "ci": ci,
                 "error": err, "abs_rel_error": rel,
@@ -104,13 +109,17 @@ def calibration(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     rows = prediction_rows(results)
     by_study = defaultdict(list)
     by_method = defaultdict(list)
+    by_basis = defaultdict(list)
     for r in rows:
         by_study[r["study"]].append(r)
-        by_method[r["method"] or "(editor claims)"].append(r)
+        by_basis[r["basis"]].append(r)
+        if r["basis"] != "replication":
+            by_method[r["method"] or "(editor claims)"].append(r)
     return {
         "overall": _summary(rows),
         "by_study": {k: _summary(v) for k, v in by_study.items()},
         "by_method": {k: _summary(v) for k, v in sorted(by_method.items())},
+        "by_basis": {k: _summary(v) for k, v in sorted(by_basis.items())},
         "predictions": rows,
     }
 

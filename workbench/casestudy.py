@@ -54,6 +54,8 @@ Direction = Literal["increase", "decrease", "none"]
 Verdict = Literal["held", "failed", "inconclusive"]
 RuleKind = Literal["ci_above", "ci_below", "ci_within"]
 VERDICTS: tuple[str, ...] = ("held", "failed", "inconclusive")
+Basis = Literal["finding", "paper", "replication", "target", "guess"]
+BASES: tuple[str, ...] = ("finding", "paper", "replication", "target", "guess")
 PREDICTION_FILE = "prediction.json"
 HASH_FILE = "prediction.sha256"
 RESULTS_FILE = "results.json"
@@ -157,9 +159,12 @@ class Prediction:
     """One falsifiable claim: metric, direction, predicted size, verdict rule.
 
     `size` is the predicted value of the metric (a number, or a (low, high) interval); the
-    calibration summary compares it with what was measured. `method` names the
-    interpretability method whose finding the claim rests on (None for claims about editors
-    alone). Direction "none" is a no-change prediction and needs a `ci_within` rule;
+    calibration summary compares it with what was measured. `basis` says where a size comes
+    from (`BASES`): computed from a finding made in the same run, a published result, a value
+    this project measured before (a replication, which never counts as a prediction of an
+    interpretation), a target set as a goal, or a guess; `source` says which. `method` names
+    the interpretability method whose finding the claim rests on (None for claims about
+    editors alone). Direction "none" is a no-change prediction and needs a `ci_within` rule;
     "increase" needs `ci_above`, "decrease" `ci_below`. `primary` claims decide the study's
     overall verdict.
     """
@@ -173,6 +178,7 @@ class Prediction:
     method: str | None = None
     source: str = ""
     primary: bool = True
+    basis: Basis | None = None
 
     def __post_init__(self) -> None:
         if not self.id or not self.id.replace("_", "").replace("-", "").isalnum():
@@ -184,12 +190,16 @@ class Prediction:
                                  f"rule, got {self.rule.kind}")
         if isinstance(self.size, (tuple, list)) and (len(self.size) != 2 or self.size[0] > self.size[1]):
             raise WorkbenchError(f"prediction {self.id}: size interval must be (low, high); got {self.size!r}")
+        if self.basis is not None and self.basis not in BASES:
+            raise WorkbenchError(f"prediction {self.id}: basis {self.basis!r}; expected one of {', '.join(BASES)}")
+        if self.size is not None and self.basis is None:
+            raise WorkbenchError(f"prediction {self.id}: say where its size comes from (basis: {', '.join(BASES)})")
 
     def to_json(self) -> dict[str, Any]:
         size: Any = list(self.size) if isinstance(self.size, (tuple, list)) else self.size
         return {"id": self.id, "claim": self.claim, "metric": self.metric, "direction": self.direction,
                 "size": size, "rule": self.rule.to_json(), "method": self.method, "source": self.source,
-                "primary": self.primary}
+                "basis": self.basis, "primary": self.primary}
 
 
 @dataclass(frozen=True)
@@ -513,7 +523,8 @@ def judge(prediction: Mapping[str, Any], metric: Mapping[str, Any] | None) -> di
     return {"id": prediction["id"], "claim": prediction["claim"], "metric": prediction["metric"],
             "direction": prediction["direction"], "size": prediction["size"], "rule": rule.text(),
             "method": prediction.get("method"), "source": prediction.get("source", ""),
-            "primary": bool(prediction.get("primary", True)), "measured": value, "ci": ci,
+            "basis": prediction.get("basis"), "primary": bool(prediction.get("primary", True)), "measured": value,
+            "ci": ci,
             "verdict": verdict, "why": why}
 
 
@@ -572,7 +583,7 @@ def metrics_csv(study: str, metrics: Mapping[str, Any]) -> str:
 
 
 __all__ = [
-    "Anchor", "CaseStudy", "Comparison", "Control", "Direction", "Estimate", "Figure", "Metric", "Prediction",
+    "BASES", "Anchor", "Basis", "CaseStudy", "Comparison", "Control", "Direction", "Estimate", "Figure", "Metric", "Prediction",
     "Rule", "StudyContext", "VERDICTS", "Verdict", "case_seed", "ci_above", "ci_below", "ci_within", "judge",
     "rows_csv", "zoo_identity",
 ]

@@ -77,12 +77,19 @@ Change = torch.Tensor | LowRank
 
 def _as_change(name: str, value: Any) -> Change:
     if isinstance(value, LowRank):
-        return LowRank(value.u.detach(), value.v.detach())
-    if isinstance(value, tuple) and len(value) == 2:
-        return LowRank(value[0].detach(), value[1].detach())
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    raise WorkbenchError(f"change for {name!r} must be a Tensor or low-rank (u, v) factors, not {type(value).__name__}")
+        change: Change = LowRank(value.u.detach(), value.v.detach())
+    elif isinstance(value, tuple) and len(value) == 2:
+        change = LowRank(value[0].detach(), value[1].detach())
+    elif isinstance(value, torch.Tensor):
+        change = value.detach()
+    else:
+        raise WorkbenchError(f"change for {name!r} must be a Tensor or low-rank (u, v) factors, not "
+                             f"{type(value).__name__}")
+    parts = (change.u, change.v) if isinstance(change, LowRank) else (change,)
+    if not all(bool(torch.isfinite(t).all()) for t in parts):
+        raise WorkbenchError(f"the change to {name} has NaN or infinite entries (the fit diverged, or a factor or "
+                             "strength overflowed the weights' number range); no delta is made of it")
+    return change
 
 
 def _frobenius(change: Change) -> float:

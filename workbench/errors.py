@@ -7,6 +7,10 @@ traceback from deep inside torch.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any
+
 
 class WorkbenchError(ValueError):
     """A problem with the user's input: says what was wrong and what would be right."""
@@ -39,3 +43,17 @@ class LockHeldError(WorkbenchError):
         super().__init__(message)
         self.path = path
         self.holder = holder
+
+
+def check_finite(name: str, value: Any) -> None:
+    """Refuse a float (or each float of a tuple/list) that is NaN or infinite, naming the setting."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise WorkbenchError(f"{name}={value!r}: expected a finite number (not NaN or infinity)")
+
+
+def require_finite(config: Any) -> None:
+    """Refuse a config dataclass any of whose float settings is NaN or infinite (it would fit a NaN delta)."""
+    for f in dataclasses.fields(config):
+        check_finite(f"{type(config).__name__} {f.name}", getattr(config, f.name))

@@ -28,7 +28,7 @@ from workbench.errors import WorkbenchError
 from workbench.hooks import capture, patch
 from workbench.requests import target_token_ids
 from workbench.sites import require_causal_lm
-from workbench.tokens import last_logits_kwargs
+from workbench.tokens import check_fits, last_logits_kwargs
 
 if TYPE_CHECKING:
     from workbench.handle import ModelHandle
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SITE = "blocks.{L}.mlp.hook_post"
 Method = Literal["riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
 METHODS: tuple[str, ...] = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+MAX_STEPS = 10_000  # integration steps: the paper uses 20; far beyond this the sum changes nothing measurable
 
 
 class KnowledgeNeuron(NamedTuple):
@@ -149,8 +150,8 @@ def _check_fraction(name: str, value: float) -> None:
 
 def _check(handle: ModelHandle, layers: Sequence[int] | None, steps: int, method: str) -> tuple[int, ...]:
     require_causal_lm(handle, "knowledge-neuron attribution")
-    if steps < 1:
-        raise WorkbenchError(f"steps {steps}: expected a positive number of integration steps (paper: 20)")
+    if not 1 <= steps <= MAX_STEPS:
+        raise WorkbenchError(f"steps {steps}: expected 1..{MAX_STEPS} integration steps (paper: 20)")
     if method not in METHODS:
         raise WorkbenchError(f"unknown integration method {method!r}; valid: {', '.join(METHODS)}")
     n = handle.arch.n_layers
@@ -176,6 +177,7 @@ def _encode(handle: ModelHandle, prompt: str) -> torch.Tensor:
     if not isinstance(prompt, str) or not prompt.strip():
         raise WorkbenchError(f"prompt {prompt!r} is empty; give the text whose next token is the target")
     ids = handle.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    check_fits(handle.model, len(ids), f"the prompt {prompt[:30]!r}{'...' if len(prompt) > 30 else ''}")
     return torch.tensor([ids], dtype=torch.long, device=handle.device)
 
 
@@ -233,6 +235,9 @@ def attribute_neurons(
     chosen = _check(handle, layers, steps, method)
     _check_fraction("threshold", threshold)
     _check_fraction("share", share)
+    if batch_size is not None and batch_size < 1:
+        raise WorkbenchError(f"batch_size {batch_size}: expected a positive number of rows per pass, or None "
+                             "(all steps at once)")
     if device is not None:
         check_model_device(handle.device, device)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)

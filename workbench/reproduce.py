@@ -36,6 +36,7 @@ from workbench.storage import atomic_write_json, atomic_write_text, held_lock
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+RUN_FILE = "run.json"
 
 
 @contextmanager
@@ -65,6 +66,21 @@ def _options(studies: Sequence[CaseStudy], device: str, threads: int | None) -> 
     return " ".join([*parts, f"device={device}", f"threads={threads}"])
 
 
+def check_run_folder(out: Path) -> None:
+    """Refuse an `out` that exists but is not a reproduce run to resume: a file, or a folder of other things."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a folder; give a new folder, or an earlier run's --out "
+                             "to resume it")
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    if others and not (out / RUN_FILE).is_file():
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise WorkbenchError(f"--out {out} holds {shown} but no {RUN_FILE}: it is not a `workbench reproduce` run, "
+                             "and nothing in it is written over; give a new folder, or an earlier run's --out to "
+                             "resume it")
+
+
 def run_studies(
     studies: Sequence[CaseStudy],
     out: str | Path,
@@ -78,8 +94,9 @@ def run_studies(
     Holds `out`'s lock throughout: another run (or `render`) on the same folder is refused at once.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out {out} exists and is not a folder")
+    if threads is not None and threads < 1:
+        raise WorkbenchError(f"threads={threads}: expected at least 1 (or None for torch's default)")
+    check_run_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "workbench reproduce", _options(studies, device, threads),
                      "wait for it or use another --out"):
@@ -90,7 +107,7 @@ def _run_studies(studies: Sequence[CaseStudy], out: Path, *, device: str, progre
                  threads: int | None) -> dict[str, Any]:
     if threads is not None:
         torch.set_num_threads(int(threads))
-    atomic_write_json(out / "run.json", {"studies": [s.name for s in studies], "quick": [s.quick for s in studies],
+    atomic_write_json(out / RUN_FILE, {"studies": [s.name for s in studies], "quick": [s.quick for s in studies],
                                          "seeds": [list(s.seeds) for s in studies], "device": device,
                                          "threads": threads, "started": time.time()})
     ctx = StudyContext(device=device, progress=progress)

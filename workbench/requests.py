@@ -92,15 +92,31 @@ def subject_token_span(tokenizer: Any, prompt: str, subject: str) -> tuple[int, 
 
 def target_token_ids(tokenizer: Any, target: str) -> list[int]:
     """Token ids of the target continuation (with its leading space); error if it is empty."""
+    if not isinstance(target, str) or not target.strip():
+        raise WorkbenchError(f"target {target!r} is empty; give the answer word, e.g. 'Paris'")
     ids = tokenizer(target_text(target), add_special_tokens=False)["input_ids"]
     if not ids:
         raise WorkbenchError(f"target {target!r} tokenizes to nothing; give a word the tokenizer knows")
     return list(ids)
 
 
-def validate_rewrite(tokenizer: Any, rewrite: Rewrite) -> None:
-    """Fail early, with the prompt's tokens, on a subject or target the tokenizer cannot place."""
+def validate_rewrite(tokenizer: Any, rewrite: Rewrite, *, model: Any = None) -> None:
+    """Fail early, with the prompt's tokens, on a subject or target the tokenizer cannot place.
+
+    With `model`, also on a prompt (rewrite, paraphrase or neighbourhood) that, with its longest
+    target, has more tokens than the model has positions.
+    """
+    from workbench.tokens import check_fits, encode_prompt
+
     subject_token_span(tokenizer, rewrite.prompt, rewrite.subject)
-    target_token_ids(tokenizer, rewrite.target_new)
+    targets = [target_token_ids(tokenizer, rewrite.target_new)]
     if rewrite.target_true:
-        target_token_ids(tokenizer, rewrite.target_true)
+        targets.append(target_token_ids(tokenizer, rewrite.target_true))
+    if model is None:
+        return
+    longest = max(len(t) for t in targets)
+    prompts = [("the prompt", rewrite.text)]
+    prompts += [(f"paraphrase prompt {i}", p) for i, p in enumerate(rewrite.paraphrase_prompts)]
+    prompts += [(f"neighborhood prompt {i}", p) for i, p in enumerate(rewrite.neighborhood_prompts)]
+    for what, text in prompts:
+        check_fits(model, len(encode_prompt(tokenizer, text)) + longest, f"{what} with its target")

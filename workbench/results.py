@@ -25,7 +25,7 @@ from typing import Any
 
 from workbench.errors import CorruptFileError, WorkbenchError
 from workbench.progress import progress_bar
-from workbench.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, json_default, sha256_json
+from workbench.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, json_text, sha256_json
 
 _SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 _MAX_NAME = 180  # file names stay well under the usual 255-byte limit
@@ -80,8 +80,8 @@ def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _normalize(obj: Any) -> Any:
-    """Round-trip through JSON so tuples, Paths and numpy scalars compare as stored."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=json_default))
+    """Round-trip through JSON so tuples, Paths, numpy scalars and non-finite numbers (null) compare as stored."""
+    return json.loads(json_text(obj))
 
 
 class RunStore:

@@ -280,7 +280,11 @@ def require_causal_lm(handle: ModelHandle, purpose: str, *, weight_role: str | N
     `purpose` names the method in the message ("ROME", "causal tracing"); `weight_role` also
     requires that role in the map (editors that write `mlp_out` need it).
     """
+    from workbench.tokens import has_vocabulary, missing_tokenizer
+
     causal = ", ".join(sorted(k for k in SITE_MAPS if k != "bert"))
+    if handle.kind == "causal_lm" and handle.tokenizer is not None and not has_vocabulary(handle.tokenizer):
+        raise WorkbenchError(f"{purpose} needs a tokenizer, and " + missing_tokenizer(handle.spec, handle.path))
     if handle.kind != "causal_lm" or handle.tokenizer is None:
         raise WorkbenchError(f"{purpose} works on causal language models with a tokenizer; {handle.spec!r} is a "
                              f"{handle.kind} model{'' if handle.tokenizer is not None else ' without a tokenizer'} "

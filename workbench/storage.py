@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,7 +32,13 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     else:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         path = Path(base) / "workbench"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as exc:
+        from workbench.errors import WorkbenchError
+
+        raise WorkbenchError(f"cache folder {str(path)!r} cannot be created ({exc}); give a writable folder with "
+                             f"--cache or ${CACHE_ENV}") from None
     return path
 
 
@@ -191,7 +198,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
+    """Write `obj` as JSON; NaN and infinities become null (JSON has no such numbers)."""
+    return atomic_write_text(path, json_text(obj, indent=2) + "\n")
 
 
 def json_default(obj: Any) -> Any:
@@ -201,6 +209,24 @@ def json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialize {type(obj).__name__} to JSON")
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float (in dicts, lists, tuples, tensors and arrays) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return json_safe(obj.tolist())
+    return obj
+
+
+def json_text(obj: Any, *, default: Callable[[Any], Any] = json_default, **kwargs: Any) -> str:
+    """Strict JSON of `obj` (sorted keys): non-finite numbers as null, never the non-JSON `NaN`/`Infinity`."""
+    return json.dumps(json_safe(obj), sort_keys=True, allow_nan=False, default=default, **kwargs)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -213,7 +239,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-able object in canonical form (sorted keys, no whitespace)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default)
+    text = json_text(obj, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -280,7 +306,7 @@ def save_safetensors_checked(path: str | os.PathLike[str], tensors: Any, metadat
     `load_safetensors_checked` detects truncation and tampering of data and metadata alike.
     """
     cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    meta_json = json.dumps(metadata, sort_keys=True, separators=(",", ":"), default=json_default)
+    meta_json = json_text(metadata, separators=(",", ":"))
     header = {_SAFETENSORS_META_KEY: meta_json, _SAFETENSORS_SHA_KEY: _safetensors_checksum(cpu, meta_json)}
     return save_safetensors(path, cpu, header)
 

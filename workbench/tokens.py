@@ -65,6 +65,35 @@ def context_length(model: torch.nn.Module) -> int | None:
     return None
 
 
+def check_fits(model: torch.nn.Module, n_tokens: int, what: str) -> None:
+    """Refuse a sequence of `n_tokens` longer than the model's positions (`context_length`); `what` names it."""
+    from workbench.errors import WorkbenchError
+
+    limit = context_length(model)
+    if limit is not None and n_tokens > limit:
+        raise WorkbenchError(f"{what} is {n_tokens} tokens long, and the model takes at most {limit} positions; "
+                             f"shorten it to {limit} tokens or fewer")
+
+
+TOKENIZER_FILES = ("tokenizer.json, or tokenizer_config.json with the vocabulary files (vocab.json and merges.txt, "
+                   "tokenizer.model, or vocab.txt)")
+
+
+def has_vocabulary(tokenizer: Any) -> bool:
+    """False for no tokenizer, and for the empty one transformers builds for a folder without tokenizer files."""
+    if tokenizer is None:
+        return False
+    size = getattr(tokenizer, "vocab_size", None)
+    return not isinstance(size, int) or size > 0
+
+
+def missing_tokenizer(spec: str, path: Any = None) -> str:
+    """What to say when a text model has no usable tokenizer: where it was looked for and which files make one."""
+    where = f"the folder {path}" if path is not None else spec
+    return (f"{where} holds no tokenizer: a tokenizer needs {TOKENIZER_FILES}; save one there with "
+            "tokenizer.save_pretrained(folder)")
+
+
 def last_logits_kwargs(model: torch.nn.Module) -> dict[str, Any]:
     """Keyword arguments that make a causal LM compute logits for the last position only, where it can."""
     try:
@@ -103,5 +132,5 @@ def sample_tokens(model: torch.nn.Module, ids: torch.Tensor, steps: int, *, top_
     return new
 
 
-__all__ = ["context_length", "encode_prompt", "last_logits_kwargs", "pad_batch", "pad_id", "prompt_offset",
-           "sample_tokens"]
+__all__ = ["TOKENIZER_FILES", "check_fits", "context_length", "encode_prompt", "has_vocabulary", "last_logits_kwargs",
+           "missing_tokenizer", "pad_batch", "pad_id", "prompt_offset", "sample_tokens"]

@@ -185,8 +185,12 @@ def input_batches(handle: ModelHandle, inputs: Inputs, batch_size: int) -> Itera
         for i in range(0, inputs.shape[0], batch_size):
             yield inputs[i:i + batch_size].to(dev), None
         return
+    from workbench.tokens import has_vocabulary, missing_tokenizer
+
     if handle.tokenizer is None:
         raise WorkbenchError(f"{handle.spec} has no tokenizer; give an image tensor instead of texts")
+    if not has_vocabulary(handle.tokenizer):
+        raise WorkbenchError(missing_tokenizer(handle.spec, handle.path))
     for i in range(0, len(inputs), batch_size):
         enc = handle.tokenizer(list(inputs[i:i + batch_size]), return_tensors="pt", padding=True, truncation=True,
                                max_length=min(int(getattr(handle.tokenizer, "model_max_length", 512) or 512), 512))

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench_cli.checks import new_folder, positive_int, seed_int
 from workbench_cli.settings import build_config
 
 log = logging.getLogger(__name__)
@@ -236,9 +237,8 @@ def _attack(args: argparse.Namespace) -> None:
 
     cls = adversaries.get(args.method)
     config = build_config(cls, args.set)
-    if args.n < 1:
-        raise WorkbenchError(f"--n {args.n}: expected a positive number of inputs")
-    out = Path(args.out or f"attack-{args.method}")
+    out = new_folder(args.out or f"attack-{args.method}", "--out")
+    assert out is not None
     args.out = str(out)
     handle = load(args.model, device=args.device, progress=False)
     protocol = PROTOCOLS.get(args.method)
@@ -283,8 +283,8 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("model", help="zoo:shapesnet, zoo:factgpt, minilm, a local Hugging Face folder or a hub name")
     p.add_argument("--source", default=None, help="source class of the drawn images (ShapesWorld models) or the protocol's source")
     p.add_argument("--target", default=None, help="target class name or index (omit for untargeted)")
-    p.add_argument("--n", type=int, default=32, help="number of inputs to draw (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing inputs (the config has its own seed)")
+    p.add_argument("--n", type=positive_int, default=32, help="number of inputs to draw (default 32)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for drawing inputs (the config has its own seed)")
     p.add_argument("--inputs", default=None, help="safetensors file with 'images' (and optional 'labels')")
     p.add_argument("--out", default=None, help="output folder (default attack-METHOD)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

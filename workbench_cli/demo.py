@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from workbench_cli.checks import creatable, int_in, threads
+from workbench_cli.studies import MAX_SEEDS
+
 
 def run_demo(out: Path, *, device: str = "auto", seeds: int | None = None, threads: int | None = 1,
              progress: bool = True) -> dict[str, Any]:
@@ -28,11 +31,7 @@ def run_demo(out: Path, *, device: str = "auto", seeds: int | None = None, threa
 def _cmd(args: argparse.Namespace) -> None:
     from workbench_cli.studies import summary_text
 
-    if args.seeds is not None and args.seeds < 1:
-        from workbench.errors import WorkbenchError
-
-        raise WorkbenchError(f"--seeds {args.seeds}: expected at least 1")
-    result = run_demo(Path(args.out), device=args.device, seeds=args.seeds, threads=args.threads,
+    result = run_demo(creatable(args.out, "--out"), device=args.device, seeds=args.seeds, threads=args.threads,
                       progress=not args.json)
     args.emit(args, result, summary_text)
 
@@ -40,7 +39,8 @@ def _cmd(args: argparse.Namespace) -> None:
 def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emit: Callable[..., None]) -> None:
     p = sub.add_parser("demo", help="run every case study in quick mode and write a report (= reproduce --quick)")
     p.add_argument("--out", default="demo-report", help="output folder (report.html, results.json, one folder per study)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per study (default: each study's quick default)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--seeds", type=int_in(1, MAX_SEEDS, "a number of seeds"), default=None,
+                   help="seeds per study (default: each study's quick default)")
+    p.add_argument("--threads", type=threads, default=1, help="torch CPU threads (default 1)")
     common(p)
     p.set_defaults(func=_cmd, emit=emit)

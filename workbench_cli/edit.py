@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench_cli.checks import new_folder, positive_int, seed_int
 
 
 def _parse_layer(value: str | None, n_layers: int) -> int | str | None:
@@ -88,21 +88,6 @@ def _overrides(cls: type, args: argparse.Namespace, site: Any) -> dict[str, Any]
     return out
 
 
-def _fresh_folder(path: str | None, flag: str) -> Path | None:
-    """An output folder the command may create: refuse one that exists, before anything is computed."""
-    if path is None:
-        return None
-    out = Path(path)
-    if out.exists():
-        raise WorkbenchError(f"{flag} {out} exists; give a new folder (results are never written over an earlier run)")
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise WorkbenchError(f"{flag} {out}: cannot create it ({parent} is not a writable folder)")
-    return out
-
-
 def _layer_source(site: Any, handle: Any, method: str) -> str:
     from workbench_protocols.editing import shipped_options
 
@@ -130,13 +115,11 @@ def _edit(args: argparse.Namespace) -> None:
 
     cls = editors.get(args.method)
     batch = bool(getattr(cls, "BATCH", False))
-    from workbench_cli.settings import parse_settings
-
-    parse_settings(cls, args.set)  # refuse a bad --set before loading (or training) the model
-    out = _fresh_folder(args.out, "--out")
-    save_model = _fresh_folder(args.save_model, "--save-model")
-    if args.batch_size < 1:
-        raise WorkbenchError(f"--batch-size {args.batch_size}: expected a positive number of prompts")
+    cls(**_overrides(cls, args, None))  # refuse a bad --set (its config's own checks too) before loading the model
+    out = new_folder(args.out, "--out")
+    save_model = new_folder(args.save_model, "--save-model")
+    if out is not None and save_model is not None and out.absolute() == save_model.absolute():
+        raise WorkbenchError(f"--out and --save-model are both {out}; give two different new folders")
     handle = load(args.model, device=args.device, progress=False)
     require_causal_lm(handle, args.method, weight_role="mlp_out")
     layer = _parse_layer(args.layer, handle.arch.n_layers)
@@ -223,9 +206,10 @@ def _edit(args: argparse.Namespace) -> None:
 
 
 def _save_model(handle: Any, delta: Any, out: Path) -> Path:
-    """Write the edited model (safetensors), its tokenizer and shipped options to the new folder `out`, atomically."""
+    """Write the edited model (safetensors), its tokenizer, shipped options and world to the new folder `out`, atomically."""
     from workbench.models import EDITOR_DEFAULTS_FILE
     from workbench.storage import atomic_write_json, fill_new_folder
+    from workbench.zoo import WORLD
 
     def fill(tmp: Path) -> None:
         with delta.applied(handle.model):
@@ -234,6 +218,8 @@ def _save_model(handle: Any, delta: Any, out: Path) -> Path:
         shipped = handle.info.get("editor_defaults")
         if shipped:
             atomic_write_json(tmp / EDITOR_DEFAULTS_FILE, shipped)
+        if hasattr(handle.world, "save"):
+            handle.world.save(tmp / WORLD)
 
     fill_new_folder(out, fill)
     return out
@@ -320,19 +306,19 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--target", default=None, help="the new answer")
     p.add_argument("--target-true", default=None, help="the current answer (default: the model's top-1 token)")
     p.add_argument("--records", default=None, help="CounterFact-format JSON file of rewrites")
-    p.add_argument("--n", type=int, default=None, help="use the first N records")
+    p.add_argument("--n", type=positive_int, default=None, help="use the first N records")
     p.add_argument("--layer", default=None,
                    help="layer to edit, or 'auto' (the MLP peak of a causal trace); default: the editor's")
     p.add_argument("--fact-token", default=None, choices=("subject_last", "prompt_last"),
                    help="where rome/memit read the key (default: subject_last; 'auto' layers may pick prompt_last)")
-    p.add_argument("--mom2-samples", type=int, default=None,
+    p.add_argument("--mom2-samples", type=positive_int, default=None,
                    help="tokens of corpus statistics for rome/memit (default: the editor's, 100000)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="editor option (repeatable), e.g. --set n_prefixes=10; zoo models ship measured defaults")
     p.add_argument("--out", default=None, help="run folder: delta(s), per-case results, summary.json")
     p.add_argument("--save-model", default=None, help="write the edited model here (save_pretrained + tokenizer)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass when measuring")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="prompts per forward pass when measuring")
     p.add_argument("--no-fluency", action="store_true", help="skip the generation-fluency measure (faster)")
-    p.add_argument("--seed", type=int, default=0, help="seed of fluency sampling and bootstrap intervals")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of fluency sampling and bootstrap intervals")
     common(p)
     p.set_defaults(func=_edit, emit=emit)

@@ -7,9 +7,13 @@
 
 `featvis` writes `grid.png`, `snapshots.png` (with --snapshots), `images.safetensors` and
 `featvis.json`; Ctrl-C stops the optimization and still writes the current image (status
-"interrupted"). `rediscover` writes `rediscovery.json`, `rediscovery.txt` (the table) and
+"interrupted"); when no start gives the unit a gradient (it never fires) it exits 2 and
+writes nothing. `rediscover` writes `rediscovery.json`, `rediscovery.txt` (the table) and
 one PNG of views per trojan and method; with --json it prints mean_score and per_trojan
-({name, kind, method, score}, ...).
+({name, kind, method, score, attack_success}, ...), and model_accuracy. Scores are read beside
+the model's clean accuracy and each trojan's attack success (in the table too): a trigger the
+model barely learned is hard to rediscover. `--train` uses the zoo's recipe, `--quick-train` a
+quicker, weaker one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench_cli.checks import new_folder, seed_int
 
 
 def _load_image_model(spec: str, device: str) -> Any:
@@ -43,9 +48,19 @@ def _class(handle: Any, value: str) -> int:
     return names.index(value)
 
 
+def _snapshot_steps(text: str) -> tuple[int, ...]:
+    """`--snapshots 0,64,256` as step numbers."""
+    parts = [s.strip() for s in text.split(",") if s.strip()] if text else []
+    bad = [s for s in parts if not s.isdigit()]
+    if bad:
+        raise WorkbenchError(f"--snapshots takes comma-separated step numbers >= 0, e.g. 0,64,256; got {text!r}")
+    return tuple(int(s) for s in parts)
+
+
 def _featvis(args: argparse.Namespace) -> None:
     from workbench import featvis as fv
 
+    snaps = _snapshot_steps(args.snapshots)
     handle = _load_image_model(args.model, args.device)
     fv.render.require_image_model(handle)
     if args.logit is not None:
@@ -66,9 +81,11 @@ def _featvis(args: argparse.Namespace) -> None:
         if args.site is None:
             raise WorkbenchError("--diversity needs --site (it compares activations at that site)")
         objective = objective + args.diversity * fv.diversity(args.site)
-    snaps = tuple(int(s) for s in args.snapshots.split(",") if s.strip()) if args.snapshots else ()
     res = fv.visualize(handle, objective, param=fv.parse_param(args.param), steps=args.steps, lr=args.lr,
-                       batch=args.batch, snapshots=snaps, seed=args.seed, progress=not args.json)
+                       batch=args.batch, snapshots=snaps, seed=args.seed, progress=not args.json,
+                       init_noise=args.init_noise)
+    if res.failed:
+        raise WorkbenchError(f"featvis found nothing: {res.message}")
     out = res.save(args.out)
     result = res.to_json()
     result.update({"model": args.model, "out": str(out), "grid": str(out / "grid.png")})
@@ -94,15 +111,18 @@ def _featvis(args: argparse.Namespace) -> None:
 def _rediscover(args: argparse.Namespace) -> None:
     from workbench_protocols import rediscovery as rd
 
+    new_folder(args.out, "--out")
     trojans = None
     if args.trojans:
         from workbench.worlds.trojans import load_trojans
 
         trojans = load_trojans(args.trojans)
+    if args.quick_train and not args.train:
+        raise WorkbenchError("--quick-train applies with --train (it picks the quick recipe for the model trained first)")
     if args.train:
         if trojans is None:
             raise WorkbenchError("--train needs --trojans CONFIG (the held-out set to implant)")
-        handle = rd.model_for_trojans(trojans, seed=args.seed, cache=args.cache, quick=args.budget != "full",
+        handle = rd.model_for_trojans(trojans, seed=args.seed, cache=args.cache, quick=args.quick_train,
                                       progress=not args.json)
     else:
         handle = _load_image_model(args.model, args.device)
@@ -131,6 +151,9 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--tv", type=float, default=0.0, help="total-variation penalty weight")
     p.add_argument("--diversity", type=float, default=0.0, help="diversity weight (needs --batch >= 2)")
     p.add_argument("--snapshots", default="", help="comma-separated steps to keep, e.g. 0,64,256")
+    p.add_argument("--init-noise", type=float, default=None,
+                   help="start noise (std before the sigmoid; fourier and pixels; default 0.3); a start that gives "
+                        "the unit no gradient is retried with more")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="featvis-out", help="output folder")
     common(p)
@@ -139,11 +162,14 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p = sub.add_parser("rediscover", help="trojan rediscovery: 8-way multiple choice per trojan and method")
     p.add_argument("model", help="zoo:shapesnet or a ShapesNet folder trained with --trojans")
     p.add_argument("--trojans", default=None, help="trojan config JSON (a held-out set); default: the model's own")
-    p.add_argument("--train", action="store_true", help="train (and cache) a ShapesNet with --trojans first")
+    p.add_argument("--train", action="store_true", help="train (and cache) a ShapesNet with --trojans first, "
+                                                        "with the zoo's recipe")
+    p.add_argument("--quick-train", action="store_true",
+                   help="with --train: the quick recipe (6,000 images, 4 epochs; a weaker model, minutes faster)")
     p.add_argument("--methods", default=None, help="comma-separated subset of: featvis-logit, featvis-logit-fourier, "
                                                     "copy-paste, feature-level, natural, scene-search, adversarial-filtering, adversarial-patch")
     p.add_argument("--budget", default="quick", choices=("tiny", "quick", "full"), help="optimization budget per method")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", default="rediscovery-out", help="output folder")
     common(p)
     p.set_defaults(func=_rediscover, emit=emit)

@@ -1,8 +1,8 @@
 """`workbench trace ...` and `workbench neurons ...`: locate where a model keeps a fact.
 
 `trace` runs causal tracing and leaves one heatmap PNG per kind plus `trace.json` (all
-effects) in `--out`; `neurons` lists knowledge neurons from integrated gradients over
-the MLP neurons, refined across paraphrase prompts.
+effects) in `--out`, a new folder (an existing one is refused); `neurons` lists knowledge
+neurons from integrated gradients over the MLP neurons, refined across paraphrase prompts.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench_cli.checks import finite_float, new_folder, positive_int, seed_int
 
 TRACE_JSON = "trace.json"
 
@@ -48,14 +49,24 @@ def parse_layers(text: str | None, n_layers: int | None = None) -> list[int] | N
 
 
 def _trace(args: argparse.Namespace) -> None:
+    from workbench.storage import fill_new_folder
     from workbench.tracing import causal_trace
+    from workbench.tracing.engine import check_kinds
 
+    out = new_folder(args.out, "--out")
+    assert out is not None
+    check_kinds(args.kinds)
     handle = _load(args)
     trace = causal_trace(handle, args.prompt, args.subject, target=args.target, kinds=args.kinds, noise=args.noise,
                          n_samples=args.samples, window=args.window, seed=args.seed, batch_size=args.batch_size)
-    out = Path(args.out)
-    plots = trace.plot(out)
-    json_path = trace.save_json(out / TRACE_JSON)
+
+    def fill(tmp: Path) -> list[Path]:
+        written = trace.plot(tmp)
+        trace.save_json(tmp / TRACE_JSON)
+        return [out / p.name for p in written]
+
+    plots = fill_new_folder(out, fill)
+    json_path = out / TRACE_JSON
     result = trace.to_json()
     result.update({"model": args.model, "json": str(json_path), "plots": [str(p) for p in plots]})
 
@@ -79,8 +90,6 @@ def _trace(args: argparse.Namespace) -> None:
 def _neurons(args: argparse.Namespace) -> None:
     from workbench.knowledge_neurons import attribute_neurons
 
-    if args.top < 1:
-        raise WorkbenchError(f"--top {args.top}: expected a positive number of neurons to list")
     handle = _load(args)
     layers = parse_layers(args.layers, handle.arch.n_layers)
     attr = attribute_neurons(handle, args.prompt, args.target, layers=layers, steps=args.steps,
@@ -114,11 +123,13 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--subject", required=True, help="the subject whose token embeddings are corrupted")
     p.add_argument("--target", default=None, help="answer to trace (default: the model's top-1 next token)")
     p.add_argument("--kinds", default="hidden,mlp,attn", help="comma list of hidden, mlp, attn (default: all)")
-    p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default 3)")
-    p.add_argument("--samples", type=int, default=10, help="noise draws (default 10)")
-    p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (default 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: from a memory budget)")
+    p.add_argument("--noise", type=finite_float, default=3.0,
+                   help="noise std as a multiple of the embedding std (default 3)")
+    p.add_argument("--samples", type=positive_int, default=10, help="noise draws (default 10)")
+    p.add_argument("--window", type=positive_int, default=10, help="layers restored together for mlp/attn (default 10)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="rows per forward pass (default: from a memory budget)")
     p.add_argument("--out", required=True, help="folder for trace_<kind>.png and trace.json")
     common(p)
     p.set_defaults(func=_trace, emit=emit)
@@ -129,12 +140,15 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
                    help="a prompt whose next token is the target; repeat for paraphrases")
     p.add_argument("--target", required=True, help="the answer (its first token is attributed)")
     p.add_argument("--layers", default=None, help="layers to attribute: '2', '1,3' or '0-3' (default: all)")
-    p.add_argument("--steps", type=int, default=20, help="integration steps (default 20, as the paper)")
-    p.add_argument("--threshold", type=float, default=0.2, help="keep neurons above this x the max (default 0.2)")
-    p.add_argument("--share", type=float, default=0.5, help="keep neurons found for >= this share of prompts (default 0.5)")
+    p.add_argument("--steps", type=positive_int, default=20, help="integration steps (default 20, as the paper)")
+    p.add_argument("--threshold", type=finite_float, default=0.2,
+                   help="keep neurons above this x the max (default 0.2)")
+    p.add_argument("--share", type=finite_float, default=0.5,
+                   help="keep neurons found for >= this share of prompts (default 0.5)")
     p.add_argument("--method", default="riemann_right",
                    choices=("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"))
-    p.add_argument("--batch-size", type=int, default=None, help="rows per IG pass (default: all steps at once)")
-    p.add_argument("--top", type=int, default=10, help="how many neurons to list (default 10)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="rows per IG pass (default: all steps at once)")
+    p.add_argument("--top", type=positive_int, default=10, help="how many neurons to list (default 10)")
     common(p)
     p.set_defaults(func=_neurons, emit=emit)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from workbench.errors import WorkbenchError
+from workbench_cli.checks import device
 
 log = logging.getLogger("workbench")
 
@@ -29,17 +29,30 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        """As argparse, but a one-value option given `--` (`--units=--`, which argparse turns into an empty
+        list, skipping the type check) is a usage error."""
+        namespace, extras = super().parse_known_args(*args, **kwargs)
+        for action in self._actions:
+            if (isinstance(action, argparse._StoreAction) and action.nargs is None
+                    and isinstance(getattr(namespace, action.dest, None), list)):
+                self.error(f"argument {'/'.join(action.option_strings) or action.dest}: expected one value, not '--'")
+        return namespace, extras
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--device", default="auto", type=device, help="cpu, cuda, cuda:N or auto (default: auto)")
     parser.add_argument("--cache", default=None, help="cache folder (default: $WORKBENCH_CACHE or ~/.cache/workbench)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
 
 
 def _emit(args: argparse.Namespace, result: Any, text: Callable[[Any], str]) -> None:
+    """Print `result`: one strict JSON document (NaN and infinities as null) with --json, else `text(result)`."""
+    from workbench.storage import json_text
+
     if args.json:
-        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        sys.stdout.write(json_text(result, indent=2, default=str) + "\n")
     else:
         sys.stdout.write(text(result).rstrip("\n") + "\n")
 
@@ -63,19 +76,21 @@ def _zoo_train(args: argparse.Namespace) -> None:
                               progress=True, force=args.force)
     result = zoo.info(args.name, seed=args.seed, cache=args.cache)
     result["path"] = str(path)
+    result["spec"] = zoo.spec_of(args.name, args.seed)
     _emit(args, result, _format_info)
 
 
 def _zoo_info(args: argparse.Namespace) -> None:
     from workbench import zoo
 
-    result = zoo.info(args.name, seed=args.seed, cache=args.cache, device=args.device)
-    result["path"] = str(zoo.entry_dir(args.name, seed=args.seed, cache=args.cache))
+    result = zoo.describe(args.name, seed=args.seed, cache=args.cache, device=args.device)
     _emit(args, result, _format_info)
 
 
 def _format_info(info: dict[str, Any]) -> str:
-    lines = [f"{info.get('name')}: accuracy {info.get('accuracy'):.4f}, trained in {info.get('train_seconds')} s"]
+    acc, seconds = info.get("accuracy"), info.get("train_seconds")
+    lines = [f"{info.get('name')}: " + (f"accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "no accuracy recorded")
+             + (f", trained in {seconds} s" if seconds is not None else "")]
     for key in sorted(info):
         if key in {"name", "accuracy", "train_seconds", "trojans"}:
             continue
@@ -96,7 +111,7 @@ def _sites(args: argparse.Namespace) -> None:
     from workbench.models import load
     from workbench.sites import list_sites
 
-    handle = load(args.model, device=args.device)
+    handle = load(args.model, device=args.device, progress=False)
     if args.site:
         result = describe_site(handle, args.site)
         _emit(args, result, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
@@ -150,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     for action, func, helptext in (("train", _zoo_train, "train (or verify the cache of) a zoo model"),
                                    ("info", _zoo_info, "accuracy, trojan success, sizes, timing")):
         p = zoo_sub.add_parser(action, help=helptext)
-        p.add_argument("name", help="zoo model name (factgpt, shapesnet)")
+        p.add_argument("name", help="zoo model name (factgpt, shapesnet)"
+                       + ("; or a model folder (shows its zoo_info.json or config)" if action == "info" else ""))
         p.add_argument("--seed", type=int, default=None, help="training seed (default: the zoo's)")
         if action == "train":
             p.add_argument("--force", action="store_true", help="retrain even when a verified cache exists")
@@ -170,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (exit 2, one line already written) or --help (exit 0)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench_cli.checks import creatable, finite_float, int_in, positive_int, seed_int, threads
+
+MAX_SEEDS = 1000
+MAX_WORKER = 100_000  # the sampler's seed is seed + 1000 x worker
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -24,15 +28,11 @@ def _reproduce(args: argparse.Namespace) -> None:
     from workbench.reproduce import run_studies
 
     names = args.studies or case_studies.available()
-    if args.seeds is not None and args.seeds < 1:
-        raise WorkbenchError(f"--seeds {args.seeds}: expected at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise WorkbenchError(f"--threads {args.threads}: expected at least 1")
+    out = creatable(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"), "--out")
     studies = [case_studies.make(n, quick=args.quick, seeds=args.seeds) for n in names]
     seen = [s.name for s in studies]
     if len(set(seen)) != len(seen):
         raise WorkbenchError(f"a study is named twice: {seen}")
-    out = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
     result = run_studies(studies, out, device=args.device, progress=not args.json, threads=args.threads)
     args.emit(args, result, summary_text)
 
@@ -103,11 +103,9 @@ def _tune(args: argparse.Namespace) -> None:
 
     from workbench_protocols.tuning import tune
 
-    if args.trials < 1:
-        raise WorkbenchError(f"--trials {args.trials}: expected at least 1")
+    tunable = resolve_tune_target(args.target)
+    out = creatable(args.out or f"runs/tune-{tunable.name}", "--out")
     if args.threads is not None:
-        if args.threads < 1:
-            raise WorkbenchError(f"--threads {args.threads}: expected at least 1")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -122,8 +120,8 @@ def _tune(args: argparse.Namespace) -> None:
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
 
-    result = tune(resolve_tune_target(args.target), n_trials=args.trials, n_cases=args.cases, storage=args.storage,
-                  study_name=args.study_name, out=Path(args.out) if args.out else None, seed=args.seed,
+    result = tune(tunable, n_trials=args.trials, n_cases=args.cases, storage=args.storage,
+                  study_name=args.study_name, out=out, seed=args.seed,
                   worker=args.worker, max_ns_loss=args.max_ns_loss, settings=_pairs(args.set, "--set"),
                   constraints=args.constraint or (), fixed=_pairs(args.fix, "--fix"), ranges=ranges,
                   device=args.device, timeout=args.timeout, progress=not args.json, announce=announce,
@@ -156,9 +154,11 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("studies", nargs="*", help="study names or numbers (default: every study that exists); "
                                               "module:Class for your own CaseStudy")
     p.add_argument("--quick", action="store_true", help="reduced sizes (all studies in a few minutes)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per study (default: the study's, usually 5)")
+    p.add_argument("--seeds", type=int_in(1, MAX_SEEDS, "a number of seeds"), default=None,
+                   help="seeds per study (default: the study's, usually 5)")
     p.add_argument("--out", default=None, help="run folder (default runs/reproduce[-quick]); rerun to resume")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: small models, shared CPUs)")
+    p.add_argument("--threads", type=threads, default=1,
+                   help="torch CPU threads (default 1: small models, shared CPUs)")
     common(p)
     p.set_defaults(func=_reproduce, emit=emit)
 
@@ -170,8 +170,9 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p = sub.add_parser("tune", help="search an editor's or adversary's options with optuna toward a stated objective")
     p.add_argument("target", help="rome, memit, ft, ft-l, kn, adversarial-patch, copy-paste, ablate, or a study "
                                   "whose action it tunes (e.g. trojan_surgery, copy_paste)")
-    p.add_argument("--trials", type=int, default=20, help="trials this worker runs")
-    p.add_argument("--cases", type=int, default=None, help="knowledge editors: rewrites each trial is scored on (10)")
+    p.add_argument("--trials", type=positive_int, default=20, help="trials this worker runs")
+    p.add_argument("--cases", type=positive_int, default=None,
+                   help="knowledge editors: rewrites each trial is scored on (10)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="an evaluation setting (e.g. target=star, trojan=style-star, n_heldout=64); repeatable")
     p.add_argument("--constraint", action="append", metavar="METRIC<=X",
@@ -185,14 +186,15 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--study-name", default=None, help="optuna study name (default: TARGET-HASH-seedN, the hash of the "
                                                       "statement: objective, settings, space)")
     p.add_argument("--out", default=None, help="run folder (default runs/tune-TARGET): optuna.db, tune-worker*.json")
-    p.add_argument("--max-ns-loss", type=float, default=None,
+    p.add_argument("--max-ns-loss", type=finite_float, default=None,
                    help="knowledge editors: NS may drop at most this many points (default 2; same as "
                         "--constraint 'NS_loss<=X')")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation data and the sampler")
-    p.add_argument("--worker", type=int, default=0, help="worker index (offsets the sampler seed)")
-    p.add_argument("--timeout", type=float, default=None, help="stop this worker after this many seconds")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the evaluation data and the sampler")
+    p.add_argument("--worker", type=int_in(0, MAX_WORKER, "a worker index"), default=0,
+                   help="worker index (offsets the sampler seed)")
+    p.add_argument("--timeout", type=finite_float, default=None, help="stop this worker after this many seconds")
     p.add_argument("--no-confirm", action="store_true",
                    help="skip re-evaluating the best trial on fresh data (seed + 5000) after the search")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=threads, default=1, help="torch CPU threads (default 1)")
     common(p)
     p.set_defaults(func=_tune, emit=emit)

@@ -8,9 +8,10 @@
     workbench steer minilm --site blocks.3.mlp.hook_out --concept sentiment --strengths -2,-1,0,1,2
     workbench rewrite zoo:shapesnet --layer fc --rank 2 --json
 
-Each command fits a WeightDelta, saves it (`--out`, default `./<command>.delta.safetensors`)
-and prints before/after metrics. Bad input (unknown site, units out of range, a site that
-cannot be folded into weights, single-class concept data) exits 2 with one line.
+Each command fits a WeightDelta, saves it (`--out`, default `./<command>.delta.safetensors`;
+an existing file is refused, never written over) and prints before/after metrics. Bad input
+(unknown site, units out of range, a site that cannot be folded into weights, single-class
+concept data) exits 2 with one line.
 """
 
 from __future__ import annotations
@@ -18,19 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench_cli.checks import finite_float, new_file, positive_int, seed_int, threads
 
 log = logging.getLogger(__name__)
 
 CONCEPTS = ("sentiment", "topic")
+DELTA_COMMANDS = ("ablate", "erase", "steer", "rewrite")
 
 
 def _ints(text: str | None, what: str) -> list[int]:
-    if text is None or not text.strip():
+    if text is None or not text.replace(",", "").strip():
         raise WorkbenchError(f"{what} is empty; give comma-separated integers such as 3,17,40")
     try:
         return [int(t) for t in text.split(",") if t.strip()]
@@ -40,13 +44,17 @@ def _ints(text: str | None, what: str) -> list[int]:
 
 def _floats(text: str, what: str) -> list[float]:
     try:
-        return [float(t) for t in text.split(",") if t.strip()]
+        values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise WorkbenchError(f"{what} {text!r}: expected comma-separated numbers such as -2,-1,0,1,2") from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise WorkbenchError(f"{what} {text!r}: expected comma-separated finite numbers such as -2,-1,0,1,2")
+    return values
 
 
 def _out(args: argparse.Namespace, command: str) -> Path:
-    return Path(args.out) if args.out else Path(f"{command}.delta.safetensors")
+    """Where the delta goes: `--out`, default `./<command>.delta.safetensors`; an existing file is refused."""
+    return new_file(args.out or f"{command}.delta.safetensors", "--out")
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -54,6 +62,10 @@ def _load(args: argparse.Namespace) -> Any:
 
     from workbench.models import load
 
+    if getattr(args, "command", None) in DELTA_COMMANDS:
+        _out(args, args.command)  # outputs are checked before any work
+    if getattr(args, "plot", None):
+        new_file(args.plot, "--plot")
     if args.threads:
         torch.set_num_threads(args.threads)
     return load(args.model, device=args.device, progress=False)
@@ -67,6 +79,19 @@ def _world(handle: Any) -> Any:
     return world_of(handle)
 
 
+def _labels(values: Any, key: str, path: str, n_texts: int) -> list[int]:
+    """The `key` list of a --data file: one integer class (>= 0) per text."""
+    if not isinstance(values, list):
+        raise WorkbenchError(f"--data {path}: {key!r} must be a list of integer classes, one per text")
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise WorkbenchError(f"--data {path}: {key!r} holds {bad[0]!r}; give integer classes >= 0 (e.g. 0 and 1)")
+    if len(values) != n_texts:
+        raise WorkbenchError(f"--data {path} has {n_texts} texts and {len(values)} {key}; give exactly one label per "
+                             "text")
+    return list(values)
+
+
 def _concept_data(args: argparse.Namespace, n: int) -> tuple[list[str], list[int], list[int] | None, str]:
     """Texts, the labels of the concept, the labels of the other (unrelated) concept, and its name."""
     from editors.concept_erasure import example_sentences
@@ -77,11 +102,16 @@ def _concept_data(args: argparse.Namespace, n: int) -> tuple[list[str], list[int
             raise WorkbenchError(f"--data {args.data}: no such file; give a JSON file {{\"texts\": [...], \"labels\": [...]}}")
         try:
             obj = json.loads(path.read_text())
-            texts, labels = list(obj["texts"]), [int(v) for v in obj["labels"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise WorkbenchError(f"--data {args.data} is not a JSON object with 'texts' and integer 'labels' ({exc})") from None
+        except (ValueError, OSError) as exc:
+            raise WorkbenchError(f"--data {args.data} is not readable JSON ({exc})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("texts"), list) or "labels" not in obj:
+            raise WorkbenchError(f"--data {args.data}: expected a JSON object {{\"texts\": [...], \"labels\": [...]}}")
+        texts = obj["texts"]
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise WorkbenchError(f"--data {args.data}: 'texts' must be a non-empty list of non-empty strings")
+        labels = _labels(obj["labels"], "labels", args.data, len(texts))
         other = obj.get("other_labels")
-        return texts, labels, None if other is None else [int(v) for v in other], "other"
+        return texts, labels, None if other is None else _labels(other, "other_labels", args.data, len(texts)), "other"
     if args.concept not in CONCEPTS:
         raise WorkbenchError(f"--concept {args.concept!r}: choose one of {', '.join(CONCEPTS)} or give --data FILE")
     texts, sentiment, topic = example_sentences(n, seed=args.seed)
@@ -230,11 +260,22 @@ def _before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
     for k, v in before.items():
         out[f"{k}_before"] = v
         out[f"{k}_after"] = after.get(k)
+        _note_overflow(out, f"{k}_after")
     if pb is not None and pa is not None:
         import torch
 
         out["pooled_cosine_to_before"] = round(float(torch.nn.functional.cosine_similarity(pb, pa, dim=-1).mean()), 5)
     return out
+
+
+NOT_FINITE = "not a finite number (JSON null): the edited model's outputs overflowed; use a smaller factor or strength"
+
+
+def _note_overflow(result: dict[str, Any], key: str) -> None:
+    """Say why next to a measured value that is NaN or infinite (JSON output shows it as null)."""
+    value = result.get(key)
+    if isinstance(value, float) and not math.isfinite(value):
+        result[f"{key}_note"] = NOT_FINITE
 
 
 def _format_generic(r: dict[str, Any]) -> str:
@@ -246,34 +287,42 @@ def _format_generic(r: dict[str, Any]) -> str:
 def _erase(args: argparse.Namespace) -> None:
     import torch
 
-    from editors.concept_erasure import ConceptData, ConceptErasure, fold_target, probe_accuracy, representations
+    from editors.concept_erasure import (
+        ConceptData,
+        ConceptErasure,
+        fold_target,
+        probe_accuracy,
+        representations,
+        stratified_split,
+    )
 
     handle = _load(args)
     side, module_path, _ = fold_target(handle, args.site)  # exits 2 (with the hook alternative) before any work
     texts, labels, other, other_name = _concept_data(args, args.n)
-    n_train = int(len(texts) * 0.6)
+    train, test = stratified_split(labels, train_share=0.6, seed=args.seed, keys=texts)
     editor = ConceptErasure(args.site, method=args.method, pooling=args.pooling, affine=not args.no_affine)
-    delta = editor.fit(handle, ConceptData.of(texts[:n_train], labels[:n_train]))
+    delta = editor.fit(handle, ConceptData.of([texts[i] for i in train], [labels[i] for i in train]))
     # A write fold changes the site itself; a read fold changes what the reader computes from it.
     probe_site = args.site if side == "write" else module_path
     y = torch.tensor(labels)
+    tr, te = torch.tensor(train, dtype=torch.long), torch.tensor(test, dtype=torch.long)
 
     def probes() -> dict[str, float]:
         x, _ = representations(handle, probe_site, texts, pooling="mean" if args.pooling == "none" else args.pooling)
-        out = {"concept": probe_accuracy(x[:n_train], y[:n_train], x[n_train:], y[n_train:])}
+        out = {"concept": probe_accuracy(x[tr], y[tr], x[te], y[te])}
         if other is not None:
             yo = torch.tensor(other)
-            out["other"] = probe_accuracy(x[:n_train], yo[:n_train], x[n_train:], yo[n_train:])
+            out["other"] = probe_accuracy(x[tr], yo[tr], x[te], yo[te])
         return out
 
     before = probes()
     with delta.applied(handle.model):
         after = probes()
-    counts = torch.bincount(y[n_train:])
+    counts = torch.bincount(y[te])
     result = {
         "site": args.site, "fold": side, "module": module_path, "probe_site": probe_site, "method": args.method,
         "concept": args.concept if not args.data else "data", "other_concept": other_name if other is not None else None,
-        "n_train": n_train, "n_test": len(texts) - n_train,
+        "n_train": len(train), "n_test": len(test), "split": f"stratified by class, seed {args.seed}",
         "probe_before": round(before["concept"], 4), "probe_after": round(after["concept"], 4),
         "chance": round(float(counts.max()) / float(counts.sum()), 4),
         "other_before": round(before["other"], 4) if "other" in before else None,
@@ -283,7 +332,8 @@ def _erase(args: argparse.Namespace) -> None:
     args.emit(args, result, lambda r: (
         f"erased {r['concept']} at {r['site']} (folded into {r['module']}, {r['fold']} side; probe reads {r['probe_site']})\n"
         f"  probe for {r['concept']}: {r['probe_before']:.3f} -> {r['probe_after']:.3f} (chance {r['chance']:.3f})\n"
-        f"  probe for {r['other_concept']}: {r['other_before']} -> {r['other_after']}\n  delta: {r['delta_path']}"))
+        f"  probe for {r['other_concept']}: {r['other_before']} -> {r['other_after']}\n"
+        f"  delta: {r['delta_path']} (a rank-{r['rank']} change of {r['module']}; split {r['split']})"))
 
 
 # --- steer --------------------------------------------------------------------------------
@@ -316,6 +366,7 @@ def _steer(args: argparse.Namespace) -> None:
               "measure": "mean projection of neutral sentences on the concept axis",
               "measure_before": round(before, 6), "measure_after": round(after, 6), "dose_response": curve.to_json(),
               "delta_path": str(delta.save(_out(args, "steer")))}
+    _note_overflow(result, "measure_after")
     if args.plot:
         result["plot"] = str(curve.plot(args.plot, ylabel="projection on concept axis"))
     args.emit(args, result, lambda r: (
@@ -365,9 +416,9 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     def base(name: str, helptext: str, func: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("model", help="zoo:shapesnet, zoo:factgpt, minilm, a local Hugging Face folder or a hub name")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=seed_int, default=0)
         p.add_argument("--out", default=None, help=f"where the delta is saved (default ./{name}.delta.safetensors)")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--threads", type=threads, default=None, help="torch CPU threads")
         common(p)
         p.set_defaults(func=func, emit=emit)
         return p
@@ -375,7 +426,7 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     def concept_args(p: argparse.ArgumentParser, n: int) -> None:
         p.add_argument("--concept", default=None, help="built-in template sentences: sentiment or topic")
         p.add_argument("--data", default=None, help='JSON file {"texts": [...], "labels": [...], "other_labels": [...]?}')
-        p.add_argument("--n", type=int, default=n, help="number of built-in sentences")
+        p.add_argument("--n", type=positive_int, default=n, help="number of built-in sentences")
 
     p = base("units", "rank units of a site (activation difference, dissection, attribution, shapley)", _units)
     p.add_argument("--site", required=True)
@@ -383,46 +434,47 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
                    choices=("activation_difference", "dissection", "attribution", "shapley"))
     p.add_argument("--trojan", default=None, help="ShapesNet: triggered vs clean scenes of this trojan")
     p.add_argument("--dissect-concept", default=None, help="concept mask for dissection (default: the trigger's)")
-    p.add_argument("--quantile", type=float, default=0.99,
+    p.add_argument("--quantile", type=finite_float, default=0.99,
                    help="dissection: activation quantile that counts as 'on' (lower it for large concepts such as textures)")
     p.add_argument("--target", type=int, default=None, help="class or token id for attribution/shapley on text")
-    p.add_argument("--k", type=int, default=20, help="how many units to print")
+    p.add_argument("--k", type=positive_int, default=20, help="how many units to print")
     p.add_argument("--plot", default=None, help="write the evidence PNG here")
-    p.add_argument("--shapley-samples", type=int, default=16)
-    p.add_argument("--candidates", type=int, default=16)
+    p.add_argument("--shapley-samples", type=positive_int, default=16)
+    p.add_argument("--candidates", type=positive_int, default=16)
     p.set_defaults(concept=None, data=None)
     p.add_argument("--concept", default=None, help="text models: sentiment or topic (positive = class 1)")
     p.add_argument("--data", default=None)
-    p.add_argument("--n", type=int, default=128, help="inputs per set")
+    p.add_argument("--n", type=positive_int, default=128, help="inputs per set")
 
     p = base("ablate", "remove or scale units by a weight edit; --trojan runs ShapesNet trojan surgery", _ablate)
     p.add_argument("--trojan", default=None, help="trojan name (ShapesNet): select units, ablate, compare with random units")
     p.add_argument("--site", default=None, help="site of the units (with --trojan: restrict the search to this site)")
     p.add_argument("--units", default=None, help="comma-separated unit indices (without --trojan)")
     p.add_argument("--values", default=None, help="constant per unit replacing it (e.g. clean means); default 0")
-    p.add_argument("--factor", type=float, default=0.0, help="scale instead of remove (1 = unchanged)")
+    p.add_argument("--factor", type=finite_float, default=0.0, help="scale instead of remove (1 = unchanged)")
     p.add_argument("--side", default="auto", choices=("auto", "write", "read"))
-    p.add_argument("--n-units", type=int, default=None, help="with --trojan: how many units (default: chosen on selection data)")
+    p.add_argument("--n-units", type=positive_int, default=None,
+                   help="with --trojan: how many units (default: chosen on selection data)")
     p.add_argument("--method", default="activation_difference",
                    choices=("activation_difference", "attribution", "shapley", "dissection", "greedy", "mask"),
                    help="with --trojan: how units are selected; greedy adds units across sites one at a time, "
                         "by attack probability plus clean KL (slower: minutes); mask learns a gate per unit of every "
                         "site (Adam, --mask-steps) and keeps the units whose gates moved most (minutes)")
-    p.add_argument("--mask-steps", type=int, default=None,
+    p.add_argument("--mask-steps", type=positive_int, default=None,
                    help="with --method mask: optimization steps of the unit gates (the budget; default GateConfig.steps)")
-    p.add_argument("--mask-max-gate", type=float, default=None,
+    p.add_argument("--mask-max-gate", type=finite_float, default=None,
                    help="with --method mask: largest gate (1: units are only moved toward their clean mean; "
                         "default GateConfig.max_gate = 2: a unit may also be amplified up to 2x around that mean)")
     p.add_argument("--mask-mode", default="scale", choices=("scale", "hard"),
                    help="with --method mask: scale the chosen units by their learned gates (toward the clean mean, "
                         "or away from it above 1), "
                         "or mean-ablate them")
-    p.add_argument("--draws", type=int, default=5, help="random-unit control draws")
-    p.add_argument("--n-select", type=int, default=128,
+    p.add_argument("--draws", type=positive_int, default=5, help="random-unit control draws")
+    p.add_argument("--n-select", type=positive_int, default=128,
                    help="with --trojan: selection scenes (triggered, with clean twins); --method mask learns on as many more")
-    p.add_argument("--n-eval", type=int, default=500, help="triggered scenes for attack success")
-    p.add_argument("--n-clean", type=int, default=1000, help="clean scenes for accuracy")
-    p.add_argument("--n-ref", type=int, default=None,
+    p.add_argument("--n-eval", type=positive_int, default=500, help="triggered scenes for attack success")
+    p.add_argument("--n-clean", type=positive_int, default=1000, help="clean scenes for accuracy")
+    p.add_argument("--n-ref", type=positive_int, default=None,
                    help="with --trojan: clean selection scenes (unit means, clean budget; default 3000 for --method mask, "
                         "1000 otherwise)")
 
@@ -436,7 +488,7 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
 
     p = base("steer", "add a contrastive direction to a layer's output bias; sweep the strength", _steer)
     p.add_argument("--site", required=True)
-    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--strength", type=finite_float, default=1.0)
     p.add_argument("--strengths", default="-2,-1,-0.5,0,0.5,1,2",
                    help="dose-response sweep (write --strengths=-2,0,2 when the list starts with a minus)")
     p.add_argument("--position", default="mean", help="token position for the direction: mean, first, last or an index")
@@ -446,8 +498,8 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
 
     p = base("rewrite", "rewrite a ShapesNet layer so the spurious colour no longer signals its class", _rewrite)
     p.add_argument("--layer", default="layer3.conv2", help="Conv2d or Linear layer to rewrite (default layer3.conv2)")
-    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--rank", type=positive_int, default=32)
     p.add_argument("--directions", default="keys", choices=("difference", "keys"))
     p.add_argument("--mask", default="none", help="restrict exemplar positions to a concept mask (main) or none")
     p.add_argument("--n", type=int, default=800, help="exemplar pairs")
-    p.add_argument("--n-eval", type=int, default=1000, help="scenes per accuracy")
+    p.add_argument("--n-eval", type=positive_int, default=1000, help="scenes per accuracy")

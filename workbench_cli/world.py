@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench_cli.checks import new_file, positive_int, seed_int
 
 WORLDS = ("factworld", "shapesworld")
 
@@ -23,8 +23,7 @@ def _export(args: argparse.Namespace) -> None:
     if args.world != "factworld":
         raise WorkbenchError(f"world export supports factworld (CounterFact records), not {args.world!r}; "
                              "for shapesworld use `workbench world render shapesworld`")
-    if args.n < 1:
-        raise WorkbenchError(f"--n {args.n}: expected a positive number of records")
+    out = new_file(args.out, "--out")
     if args.model is not None:
         world = _model_world(args.model)
     else:
@@ -33,7 +32,7 @@ def _export(args: argparse.Namespace) -> None:
     if args.n > available:
         what = "subjects (--distinct-subjects)" if args.distinct_subjects else "facts"
         raise WorkbenchError(f"--n {args.n}: this world has {available} {what}; ask for at most {available}")
-    out = world.export_counterfact(args.out, args.n, seed=args.seed, distinct_subjects=args.distinct_subjects)
+    out = world.export_counterfact(out, args.n, seed=args.seed, distinct_subjects=args.distinct_subjects)
     result = {"world": "factworld", "world_seed": world.config.seed, "model": args.model, "n": args.n,
               "seed": args.seed, "distinct_subjects": args.distinct_subjects, "out": str(out)}
     args.emit(args, result, lambda r: f"wrote {r['n']} CounterFact records to {r['out']}")
@@ -57,7 +56,7 @@ def _render(args: argparse.Namespace) -> None:
                              "for factworld use `workbench world export factworld`")
     if not 1 <= args.n <= 1024:
         raise WorkbenchError(f"--n {args.n}: expected 1..1024 scenes per row block")
-    out = render_gallery(Path(args.out), n=args.n, seed=args.seed)
+    out = render_gallery(new_file(args.out, "--out"), n=args.n, seed=args.seed)
     args.emit(args, {"world": "shapesworld", "n": args.n, "seed": args.seed, "out": str(out)},
               lambda r: f"wrote a grid of ShapesWorld scenes to {r['out']}")
 
@@ -70,10 +69,10 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None],
 
     p = world_sub.add_parser("export", help="write FactWorld records in CounterFact format")
     p.add_argument("world", choices=WORLDS)
-    p.add_argument("--n", type=int, required=True, help="number of records")
+    p.add_argument("--n", type=positive_int, required=True, help="number of records")
     p.add_argument("--out", required=True, help="output JSON file")
-    p.add_argument("--seed", type=int, default=0, help="which facts are sampled for rewrites")
-    p.add_argument("--world-seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0, help="which facts are sampled for rewrites")
+    p.add_argument("--world-seed", type=seed_int, default=0,
                    help="which world (default 0: the world FactGPT is trained on)")
     p.add_argument("--model", default=None,
                    help="export the world of this FactGPT zoo model instead (e.g. zoo:factgpt-large); "
@@ -87,6 +86,6 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None],
     p.add_argument("world", choices=WORLDS)
     p.add_argument("--n", type=int, default=8, help="scenes per row")
     p.add_argument("--out", required=True, help="output PNG file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     common(p)
     p.set_defaults(func=_render, emit=emit)

@@ -31,11 +31,11 @@ from typing import Any, Literal
 
 import editors
 from workbench.bootstrap import harmonic
-from workbench.tracing import causal_trace
 from workbench.counterfact import evaluate_rewrites
 from workbench.errors import WorkbenchError
 from workbench.requests import Rewrite, subject_token_span, target_token_ids, validate_rewrite
-from workbench.tokens import encode_prompt
+from workbench.tokens import check_fits, encode_prompt
+from workbench.tracing import causal_trace
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,10 @@ def request_rewrite(handle: Any, *, prompt: str, subject: str, target: str, targ
             subject_token_span(handle.tokenizer, prompt, subject)  # raises, listing the prompt's tokens
         prompt = prompt.replace(subject, "{}", 1)
     subject_token_span(handle.tokenizer, prompt, subject)
-    target_token_ids(handle.tokenizer, target)
+    target_ids = target_token_ids(handle.tokenizer, target)
     if target_true is None:
         ids = encode_prompt(handle.tokenizer, prompt.format(subject))
+        check_fits(handle.model, len(ids) + len(target_ids), "the prompt with its target")
         with torch.no_grad():
             logits = handle.model(input_ids=torch.tensor([ids], device=handle.device)).logits[0, -1]
         target_true = handle.tokenizer.decode([int(logits.argmax())]).strip() or None
@@ -130,7 +131,7 @@ def validate_rewrites(handle: Any, rewrites: Sequence[Rewrite], *, source: str =
     """Fail before any fitting, naming the case, on a subject or target the tokenizer cannot place."""
     for i, rw in enumerate(rewrites):
         try:
-            validate_rewrite(handle.tokenizer, rw)
+            validate_rewrite(handle.tokenizer, rw, model=handle.model)
         except WorkbenchError as exc:
             raise WorkbenchError(f"{source} case {rw.case_id if rw.case_id is not None else i}: {exc}") from None
 

@@ -509,30 +509,50 @@ class RediscoveryResult:
             "per_kind": self.by("kind"),
             "per_method_one_answer": self.by_consensus("method"),
             "per_kind_one_answer": self.by_consensus("kind"),
-            "per_trojan": [{k: r[k] for k in ("name", "kind", "method", "score", "consensus", "consensus_correct",
-                                              "target", "source", "seconds")} for r in self.rows],
+            "per_trojan": [{**{k: r[k] for k in ("name", "kind", "method", "score", "consensus", "consensus_correct",
+                                                 "target", "source", "seconds")},
+                            "attack_success": self.model.get("attack_success", {}).get(r["name"])} for r in self.rows],
             "combined": self.combined,
+            "model_accuracy": self.model.get("accuracy"),
+            "model_quality": self.model,
             "skipped_methods": self.skipped,
             "seconds": round(self.seconds, 1),
         }
 
     combined: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    """What was asked of: the model's clean accuracy and each trojan's attack success (`model_quality`)."""
 
     def table(self) -> str:
-        lines = [f"{'trojan':<20} {'kind':<8} " + " ".join(f"{m[:14]:>14}" for m in self.methods) + f" {'all':>6}"]
+        success = self.model.get("attack_success", {})
+        lines = []
+        if self.model:
+            acc = self.model.get("accuracy")
+            lines.append(f"model {self.model.get('spec')}: clean accuracy {acc if acc is None else format(acc, '.3f')}"
+                         + (f", trained with the {self.model['recipe']} recipe" if self.model.get("recipe") else "")
+                         + (f" on {self.model['n_train_images']} images" if self.model.get("n_train_images") else "")
+                         + f" (attack success: {self.model.get('source')})")
+        lines.append(f"{'trojan':<20} {'kind':<8} {'attack':>6} " + " ".join(f"{m[:14]:>14}" for m in self.methods)
+                     + f" {'all':>6}")
         names = list(dict.fromkeys(r["name"] for r in self.rows))
         for n in names:
             rs = {r["method"]: r for r in self.rows if r["name"] == n}
             kind = next(iter(rs.values()))["kind"]
             cells = " ".join(f"{rs[m]['score']:>14.2f}" if m in rs else f"{'-':>14}" for m in self.methods)
             comb = self.combined.get("per_trojan", {}).get(n)
-            lines.append(f"{n:<20} {kind:<8} {cells} {comb if comb is not None else float('nan'):>6.2f}")
+            asr = success.get(n)
+            lines.append(f"{n:<20} {kind:<8} {asr if asr is not None else float('nan'):>6.2f} {cells} "
+                         f"{comb if comb is not None else float('nan'):>6.2f}")
         pm = self.by("method")
-        lines.append(f"{'mean':<20} {'':<8} " + " ".join(f"{pm.get(m, float('nan')):>14.2f}" for m in self.methods)
+        lines.append(f"{'mean':<20} {'':<8} {'':>6} " + " ".join(f"{pm.get(m, float('nan')):>14.2f}" for m in self.methods)
                      + f" {self.combined.get('mean', float('nan')):>6.2f}")
         one = self.by_consensus("method")
-        lines.append(f"{'one answer':<20} {'':<8} " + " ".join(f"{one.get(m, float('nan')):>14.2f}" for m in self.methods)
+        lines.append(f"{'one answer':<20} {'':<8} {'':>6} "
+                     + " ".join(f"{one.get(m, float('nan')):>14.2f}" for m in self.methods)
                      + "   (share of questions whose weighted consensus is the true trigger)")
+        if success:
+            lines.append("attack: the trojan's attack success on this model (share of triggered source scenes "
+                         "classified as the target)")
         for kind, v in sorted(self.by("kind").items()):
             lines.append(f"  {kind} trojans: {v:.2f}")
         lines.append(f"chance {CHANCE:.3f}; published human best {HUMAN_BEST} (Casper et al. 2023)")
@@ -630,7 +650,40 @@ def rediscover(handle: ModelHandle, *, trojans: TrojanSet | None = None, methods
     res = RediscoveryResult(rows=rows, methods=used, skipped=skipped, seconds=time.perf_counter() - start)
     res.combined = {"per_trojan": combined_rows,
                     "mean": round(sum(combined_rows.values()) / max(len(combined_rows), 1), 4)}
+    res.model = model_quality(handle, tset, seed=seed)
     return res
+
+
+def model_quality(handle: ModelHandle, trojans: TrojanSet, *, seed: int = 0, n: int = 2000,
+                  n_trojan: int = 500) -> dict[str, Any]:
+    """The model's clean accuracy and each trojan's attack success, which a rediscovery score is read beside.
+
+    From the model's training record (`handle.info`: zoo models and `model_for_trojans` keep one)
+    when it has every trojan; else measured on fresh scenes (`n` clean, `n_trojan` triggered per trojan).
+    """
+    from workbench.zoo.shapesnet import attack_success, clean_accuracy, world_of
+
+    record = {t.get("name"): t.get("attack_success") for t in handle.info.get("trojans") or [] if isinstance(t, dict)}
+    out: dict[str, Any] = {"spec": handle.spec, "recipe": handle.info.get("recipe"),
+                           "n_train_images": handle.info.get("n_train_images")}
+    if isinstance(handle.info.get("accuracy"), (int, float)) and all(record.get(t.name) is not None for t in trojans):
+        out.update(source="training record", accuracy=float(handle.info["accuracy"]),
+                   attack_success={t.name: float(record[t.name]) for t in trojans})
+        return out
+    world = world_of(handle)
+    model = handle.model
+    was_training = model.training
+    model.eval()
+    try:
+        g = torch.Generator().manual_seed(seed + 12345)
+        acc = clean_accuracy(model, world, n=n, generator=g)
+        success = {t.name: float(attack_success(model, world, t.name, n=n_trojan, generator=g)["attack_success"])
+                   for t in trojans}
+    finally:
+        model.train(was_training)
+    out.update(source=f"measured on {n} clean and {n_trojan} triggered scenes per trojan", accuracy=round(acc, 4),
+               attack_success=success)
+    return out
 
 
 def rescore(views_file: str | Path, trojans: TrojanSet, judge: Judge | None, *, seed: int = 0) -> RediscoveryResult:
@@ -692,22 +745,40 @@ def implanted(handle: ModelHandle, trojans: TrojanSet) -> TrojanSet:
     return trojans
 
 
+QUICK_TRAIN = (6000, 4)
+"""The quick recipe (`model_for_trojans(quick=True)`): clean training images and epochs, fewer than the zoo's."""
+
+
 def model_for_trojans(trojans: TrojanSet, *, seed: int = 0, cache: str | Path | None = None, quick: bool = False,
                       progress: bool = True) -> ModelHandle:
-    """A ShapesNet trained with exactly these trojans (a held-out set), cached by the config's hash."""
+    """A ShapesNet trained with exactly these trojans (a held-out set), cached by the config's hash.
+
+    The zoo's recipe by default (`shapesnet.TrainConfig()`), `QUICK_TRAIN` with `quick=True`
+    (a weaker model: lower accuracy and attack success, which bound what rediscovery can find).
+    The folder holds a `zoo_info.json` training record (accuracy, each trojan's attack success,
+    `recipe`), so `workbench.load(FOLDER)` and `workbench zoo info FOLDER` show it.
+    """
     import json
 
     from workbench.storage import atomic_write_json, cache_dir, exclusive_lock, sha256_json
+    from workbench.worlds.shapesworld import ShapesWorld
+    from workbench.zoo import INFO
     from workbench.zoo.shapesnet import TrainConfig, load, train
 
-    cfg = TrainConfig(n_train=6000, epochs=4) if quick else TrainConfig()
+    recipe = "quick" if quick else "zoo"
+    cfg = TrainConfig(n_train=QUICK_TRAIN[0], epochs=QUICK_TRAIN[1]) if quick else TrainConfig()
+    ShapesWorld(cfg.world, trojans=trojans)  # a set the world refuses fails here, before any cache folder or lock
     key = sha256_json({"trojans": trojans.to_json(), "seed": seed, "train": cfg.to_json()})[:16]
     path = cache_dir(cache) / "rediscovery" / f"shapesnet-{key}"
     with exclusive_lock(path.with_suffix(".lock")):
         if not (path / "done.json").is_file():
-            log.info("training a ShapesNet with %d held-out trojans at %s", len(trojans), path)
+            log.info("training a ShapesNet with %d held-out trojans at %s (%s recipe)", len(trojans), path, recipe)
             info = train(path, seed=seed, progress=progress, trojans=trojans, config=cfg)
             atomic_write_json(path / "done.json", info)
+        if not (path / INFO).is_file():
+            record = json.loads((path / "done.json").read_text())
+            atomic_write_json(path / INFO, {**record, "seed": seed, "recipe": recipe})
     handle = load(path)
-    handle.info.update(json.loads((path / "done.json").read_text()))
+    handle.info.update(json.loads((path / INFO).read_text()))
+    handle.spec = str(path)
     return handle

@@ -35,10 +35,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, check_finite
 from workbench.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
+
+MAX_SETTING = 1_000_000  # evaluation settings are counts of cases, scenes or images: more is never a quick search
 
 
 # --- the stated objective -------------------------------------------------------------------
@@ -48,6 +50,9 @@ class Constraint:
     metric: str
     op: Literal["<=", ">="]
     bound: float
+
+    def __post_init__(self) -> None:
+        check_finite(f"constraint {self.metric} {self.op}", self.bound)
 
     def violation(self, metrics: Mapping[str, float]) -> float:
         """<= 0 when satisfied (optuna's convention)."""
@@ -257,8 +262,10 @@ class Tunable:
             except (KeyError, TypeError, ValueError):
                 raise WorkbenchError(f"setting {key}={raw!r}: expected {type(default).__name__} "
                                      f"like the default {default!r}") from None
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-                raise WorkbenchError(f"setting {key}={raw}: expected a non-negative number")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                check_finite(f"setting {key}", value)
+                if not 0 <= value <= MAX_SETTING:
+                    raise WorkbenchError(f"setting {key}={raw}: expected a number 0..{MAX_SETTING}")
             out[key] = value
         return out
 
@@ -290,6 +297,37 @@ def _storage(url: str) -> Any:
             last = exc
             time.sleep(0.25 * (attempt + 1))
     raise WorkbenchError(f"cannot open optuna storage {_display(url)}: {last}")
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a storage URL that names no database SQLAlchemy knows, before anything is created."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise WorkbenchError(f"storage {_display(url)!r} is not a database URL SQLAlchemy can open ({exc}); give "
+                             "e.g. sqlite:///path/optuna.db or postgresql://user@host/db") from None
+
+
+def _tune_run_file(name: str) -> bool:
+    """What a tune run folder holds: optuna.db (and SQLite's journals beside it) and tune-worker*.json."""
+    return name.startswith("optuna.db") or (name.startswith("tune-worker") and name.endswith(".json"))
+
+
+def check_tune_folder(out: Path) -> None:
+    """Refuse an `out` that exists but is not a tune run to add trials to: a file, or a folder of other things."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a folder; give a new folder, or an earlier tune run's")
+    others = sorted(p.name for p in out.iterdir() if not _tune_run_file(p.name))
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise WorkbenchError(f"--out {out} holds {shown}: it is not a `workbench tune` run (optuna.db, "
+                             "tune-worker*.json), and nothing in it is written over; give a new folder, or an "
+                             "earlier tune run's --out")
 
 
 def _display(url: str) -> str:
@@ -380,6 +418,12 @@ def tune(
 
     if n_trials < 1:
         raise WorkbenchError(f"n_trials={n_trials}: expected at least 1")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise WorkbenchError(f"timeout={timeout}: expected a positive number of seconds, or None")
+    if storage is not None:
+        check_storage_url(storage)
+    out = Path(out) if out is not None else Path(f"runs/tune-{tunable.name}")
+    check_tune_folder(out)
     overrides = dict(settings or {})
     if n_cases is not None:
         if "cases" not in dict(tunable.settings):
@@ -392,7 +436,6 @@ def tune(
         extra.append(Constraint("NS_loss", "<=", float(max_ns_loss)))
     objective = tunable.objective.with_constraints(extra)
     tunable.check_objective(objective)
-    out = Path(out) if out is not None else Path(f"runs/tune-{tunable.name}")
     handle = load(tunable.model, device=device, progress=progress)
     searched, pinned = restrict(tunable.space(handle), fixed=fixed, ranges=ranges)
     statement = _canonical({
@@ -402,10 +445,10 @@ def tune(
         "method_defaults": dict(tunable.fixed)})
     digest = hashlib.sha256(json.dumps(statement, sort_keys=True).encode()).hexdigest()[:10]
     name = study_name or f"{tunable.name}-{digest}-seed{seed}"
-    if announce is not None:
-        announce(statement_text(statement))
     state = tunable.prepare(handle, sets, seed)
     tunable.validate(searched, pinned, state)
+    if announce is not None:
+        announce(statement_text(statement))
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from adversaries.pgd import PGD
+from adversaries.pgd import PGD, pgd
 from workbench.errors import WorkbenchError
 from workbench.handle import Architecture, ImagePreprocess, ModelHandle
 
@@ -65,6 +65,22 @@ def test_same_seed_same_numbers_and_seed_matters(cnn_handle: ModelHandle) -> Non
     c = PGD(seed=2).generate(cnn_handle, x, 2)
     assert torch.equal(a.adversarial, b.adversarial) and a.loss_trace == b.loss_trace
     assert not torch.equal(a.adversarial, c.adversarial)
+
+
+@pytest.mark.parametrize("fixture", HANDLES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("target", [None, 1])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_generate_images_are_the_core_loops(request: pytest.FixtureRequest, fixture: str, norm: str,
+                                           target: int | None, channels_last: bool) -> None:
+    h = request.getfixturevalue(fixture)
+    x = _images(h, n=10)
+    cfg = PGD(norm=norm, eps=0.1 if norm == "linf" else 1.0, step_size=0.03, steps=4, seed=3, batch_size=4,
+              channels_last=channels_last)
+    ae = cfg.generate(h, x, target)
+    ref = ae.original_pred if target is None else torch.full((len(x),), target)
+    adv, trace, diverged = pgd(h, x, ref, config=cfg, targeted=target is not None)
+    assert torch.equal(ae.adversarial, adv) and ae.loss_trace == trace and diverged is None
 
 
 class _NoNorm(nn.Module):
@@ -156,3 +172,28 @@ def test_divergence_is_detected_and_images_stay_finite() -> None:
     ae = PGD(steps=3, random_start=False).generate(h, torch.rand(4, 3, 16, 16), None)
     assert torch.isfinite(ae.adversarial).all()
     assert ae.extra["diverged"]["step"] == 0
+
+
+class _ExplodingSome(nn.Module):
+    """NaN input gradients for the items whose first pixel is below 0.5; finite logits for all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 16 * 16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = x[:, :1, 0, 0]
+        return self.fc(x.flatten(1)) + torch.sqrt(torch.where(first < 0.5, first * 0, torch.ones_like(first)))
+
+
+def test_only_items_with_nonfinite_gradients_are_held() -> None:
+    h = ModelHandle(spec="test:nan-some", model=_ExplodingSome(), kind="image_classifier",
+                    arch=Architecture(family="cnn", n_layers=1),
+                    preprocess=ImagePreprocess(height=16, width=16))
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[:4, 0, 0, 0] = 0.2
+    x[4:, 0, 0, 0] = 0.9
+    ae = PGD(eps=0.05, steps=3, random_start=False).generate(h, x, None)
+    assert torch.equal(ae.adversarial[:4], x[:4])
+    assert bool((ae.perturbation[4:].flatten(1).abs().amax(1) > 0).all())
+    assert ae.extra["diverged"]["steps_affected"] == 3

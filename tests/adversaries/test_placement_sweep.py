@@ -169,6 +169,37 @@ def test_controls_get_the_same_sweep_and_the_same_seed_gives_the_same_numbers(re
     assert res == again
 
 
+def test_controls_get_the_designs_own_selection(red, monkeypatch):
+    """best_of_n: as many noise patches and crops as designs, ranked on the same images and placements, the best
+    measured; single: one of each, from the same generator draws as the first best_of_n candidates."""
+    ranked = []
+    real = ps.rank_candidates
+
+    def spy(sweep, candidates):
+        out = real(sweep, candidates)
+        ranked.append(out)
+        return out
+
+    monkeypatch.setattr(ps, "rank_candidates", spy)
+    images = greyish(40, seed=4)
+    labels = torch.zeros(40, dtype=torch.long)
+    _, res = _run(red, images, labels)
+    assert res["controls"]["selection"] == "best_of_n" and res["controls"]["candidates_each"] == 3
+    designs, noises, naturals = ranked
+    assert {d.source for _, d, _ in noises} == {"noise"} and {d.source for _, d, _ in naturals} == {"natural"}
+    assert len(noises) == len(naturals) == len(designs) == 3
+    assert [s for s, _, _ in noises] == sorted((s for s, _, _ in noises), reverse=True)  # best first
+    tensors = res.pop("_tensors")
+    assert torch.equal(tensors["patch"], designs[0][1].patch)
+    ranked.clear()
+    _, single = _run(red, images, labels, config=SweepConfig(grid=3, sizes=(0.25, 0.375), controls="single"))
+    assert single["controls"]["candidates_each"] == 1 and len(ranked) == 1  # the controls are not ranked
+    assert single["success_best"] == res["success_best"]  # the design side does not change
+    assert single["control_noise"] <= max(res["control_noise"], single["control_noise"])
+    with pytest.raises(WorkbenchError, match="controls"):
+        SweepConfig(controls="best")  # type: ignore[arg-type]
+
+
 def test_placements_over_the_object_are_not_tried_for_design_or_controls(red):
     images = greyish(40, seed=5)
     labels = torch.zeros(40, dtype=torch.long)

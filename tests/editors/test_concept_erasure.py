@@ -143,3 +143,36 @@ def test_minilm_sentiment_erasure_keeps_topic() -> None:
     with delta.applied(h.model):
         (s1, t1) = probes()
     assert s0 > 0.9 and s1 < 0.6 and abs(t1 - t0) <= 0.02
+
+
+@pytest.mark.parametrize("n_classes,method", [(2, "leace"), (3, "leace"), (2, "orth"), (4, "orth")])
+def test_reported_rank_is_the_numerical_rank_of_the_folded_change(load_tiny, n_classes: int, method: str) -> None:
+    h = load_tiny("gpt2")
+    base = _data(120, seed=1)
+    labels = [i % n_classes for i in range(120)]
+    texts = [f"{WORDS[7 + c]} {t}" for t, c in zip(base.inputs, labels)]
+    for site in ("blocks.0.mlp.hook_out", "blocks.1.mlp.hook_post"):  # a write fold and a read fold
+        delta = ConceptErasure(site, method=method).fit(h, ConceptData.of(texts, labels))
+        weight = next(n for n in delta.names if n.endswith("weight"))
+        assert delta.extra["rank"] == int(torch.linalg.matrix_rank(delta.dense(weight).float()))
+        if method == "leace":  # k classes: k columns, k - 1 independent (the indicators sum to one)
+            assert delta.extra["rank"] == n_classes - 1
+
+
+def test_stratified_split_keeps_class_shares_and_ignores_file_order() -> None:
+    from editors.concept_erasure import stratified_split
+
+    labels = [0] * 30 + [1] * 10 + [2] * 5
+    keys = [f"text {i}" for i in range(45)]
+    train, test = stratified_split(labels, train_share=0.6, seed=4, keys=keys)
+    assert sorted(train + test) == list(range(45))
+    assert [sum(labels[i] == c for i in train) for c in range(3)] == [18, 6, 3]
+    assert [sum(labels[i] == c for i in test) for c in range(3)] == [12, 4, 2]
+    order = list(range(45))[::-1]
+    train2, test2 = stratified_split([labels[i] for i in order], train_share=0.6, seed=4, keys=[keys[i] for i in order])
+    assert sorted(keys[order[i]] for i in test2) == sorted(keys[i] for i in test)
+    assert stratified_split(labels, train_share=0.6, seed=5, keys=keys)[1] != test
+    tr, te = stratified_split([0, 0, 1, 1], train_share=0.9, seed=0)  # a small class still reaches both parts
+    assert sorted([0, 0, 1, 1][i] for i in tr) == sorted([0, 0, 1, 1][i] for i in te) == [0, 1]
+    with pytest.raises(WorkbenchError, match="train share"):
+        stratified_split(labels, train_share=1.0, seed=0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors.steering import ContrastPairs, Steering, bias_target, dose_response, steering_direction, steering_hook
 from editors.folding import NotFoldableError
+from editors.steering import ContrastPairs, Steering, bias_target, dose_response, steering_direction, steering_hook
 from workbench.bootstrap import spearman
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_fingerprint

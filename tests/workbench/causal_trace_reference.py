@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from workbench.tracing import KINDS, SITE_TEMPLATES, CausalTrace, embedding_std, window_layers
-from workbench.tracing.engine import EMBED_SITE, check_kinds
 from workbench.devices import check_model_device
 from workbench.handle import ModelHandle
 from workbench.hooks import patch
 from workbench.requests import subject_token_span, target_token_ids
 from workbench.sites import require_causal_lm
 from workbench.tokens import last_logits_kwargs
+from workbench.tracing import KINDS, SITE_TEMPLATES, CausalTrace, embedding_std, window_layers
+from workbench.tracing.engine import EMBED_SITE, check_kinds
 
 
 def _last_probs(model: torch.nn.Module, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -48,7 +48,7 @@ def test_rule_judges_the_interval_as_stated(rule: Rule, ci: tuple, expected: str
 
 
 def test_judge_uses_the_stored_rule_not_the_point_estimate() -> None:
-    pred = Prediction("p", "claim", "m", "increase", ci_above(1.0), size=2.0).to_json()
+    pred = Prediction("p", "claim", "m", "increase", ci_above(1.0), size=2.0, basis="paper").to_json()
     # point estimate above the threshold, CI straddling it: inconclusive, never held
     assert judge(pred, {"value": 1.5, "ci": [0.8, 2.2]})["verdict"] == "inconclusive"
     assert judge(pred, {"value": 1.5, "ci": [1.1, 2.2]})["verdict"] == "held"
@@ -60,6 +60,32 @@ def test_judge_uses_the_stored_rule_not_the_point_estimate() -> None:
 def test_prediction_direction_must_match_its_rule(direction: str, rule: Rule) -> None:
     with pytest.raises(WorkbenchError):
         Prediction("p", "claim", "m", direction, rule)  # type: ignore[arg-type]
+
+
+def test_a_sized_prediction_says_where_its_size_comes_from() -> None:
+    with pytest.raises(WorkbenchError, match="basis"):
+        Prediction("p", "claim", "m", "increase", ci_above(0.0), size=1.0)
+    with pytest.raises(WorkbenchError, match="basis 'hunch'"):
+        Prediction("p", "claim", "m", "increase", ci_above(0.0), size=1.0, basis="hunch")  # type: ignore[arg-type]
+    assert Prediction("p", "claim", "m", "increase", ci_above(0.0)).basis is None  # no size, nothing to source
+
+
+def test_calibration_splits_by_basis_and_leaves_replications_out_of_the_methods() -> None:
+    from workbench.calibration import calibration
+
+    def verdict(pid: str, basis: str, measured: float) -> dict:
+        return {"id": pid, "claim": pid, "metric": "m", "direction": "increase", "size": 1.0, "method": "probe",
+                "basis": basis, "primary": True, "measured": measured, "ci": [measured - 0.1, measured + 0.1],
+                "verdict": "held", "why": ""}
+
+    rules = {"kind": "ci_above", "threshold": 0.0}
+    result = {"study": "s", "prediction": {"predictions": [{"id": i, "rule": rules} for i in ("a", "b", "c")]},
+              "verdicts": [verdict("a", "replication", 1.0), verdict("b", "finding", 2.0), verdict("c", "paper", 0.5)]}
+    calib = calibration([result])
+    assert set(calib["by_basis"]) == {"replication", "finding", "paper"}
+    assert calib["by_basis"]["replication"]["median_abs_rel_error"] == 0.0
+    assert calib["by_method"]["probe"]["n_predictions"] == 2  # the replication does not count for the method
+    assert calib["overall"]["n_predictions"] == 3
 
 
 # --- bootstrap ----------------------------------------------------------------------------------
@@ -124,7 +150,7 @@ def test_a_changed_prediction_is_refused_on_resume(tmp_path: Path) -> None:
         def predictions(self):
             preds = super().predictions()
             return [Prediction(p.id, p.claim, p.metric, p.direction, ci_above(0.0) if p.direction == "increase"
-                               else p.rule, size=p.size, method=p.method) for p in preds]
+                               else p.rule, size=p.size, method=p.method, basis=p.basis) for p in preds]
 
     with pytest.raises(WorkbenchError, match="different prediction"):
         Moved(seeds=1).reproduce(tmp_path / "r", progress=False)

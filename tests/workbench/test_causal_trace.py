@@ -13,6 +13,8 @@ import torch
 
 from tests.workbench.causal_trace_reference import causal_trace_reference
 from tests.zoo_models import factgpt
+from workbench.errors import WorkbenchError
+from workbench.handle import ModelHandle
 from workbench.tracing import (
     BUCKETS,
     CausalTrace,
@@ -21,8 +23,6 @@ from workbench.tracing import (
     restored_probability,
     window_layers,
 )
-from workbench.errors import WorkbenchError
-from workbench.handle import ModelHandle
 
 CAUSAL = ("gpt2", "gpt_neox", "llama")
 PROMPT = "the capital of {} is"

@@ -28,8 +28,9 @@ from workbench.featvis import (
     visualize,
 )
 from workbench.featvis import transforms as T
-from workbench.featvis.param import Patch
-from workbench.handle import Architecture, ModelHandle
+from workbench.featvis.param import INIT_NOISE, Patch, with_init_noise
+from workbench.featvis.render import DEAD_START_STEPS
+from workbench.handle import Architecture, ImagePreprocess, ModelHandle
 from workbench.hooks import run_with_cache
 
 SITES = {"cnn_handle": "features.3", "gray_cnn_handle": "conv2"}
@@ -246,7 +247,8 @@ def test_nan_is_detected_and_the_last_good_image_kept(cnn_handle):
 def test_snapshots_and_saving(tmp_path: Path, gray_cnn_handle):
     fv = visualize(gray_cnn_handle, channel("conv2", 1), steps=12, snapshots=(0, 4, 12), progress=False)
     assert sorted(fv.snapshots) == [0, 4, 12]
-    assert float(fv.snapshots[0].std()) < 0.05  # the start is near grey
+    start = fv.snapshots[0]  # grey plus the start noise (input range [-1, 1])
+    assert abs(float(start.mean())) < 0.05 and 0.02 < float(start.std()) < 0.3
     torch.testing.assert_close(fv.snapshots[12], fv.images)
     out = fv.save(tmp_path / "fv")
     for name in ("grid.png", "snapshots.png", "images.safetensors", "featvis.json"):
@@ -322,3 +324,139 @@ def test_shapesnet_scene_parameterization_is_interpretable(shapesnet):
         assert d["objects"][0]["color"] in PALETTE and d["background"]["texture"] in TEXTURES
     assert fv.snapped_images is not None and fv.snapped_images.shape == fv.images.shape
     assert all(s in SHAPES for d in fv.scene for s in d["objects"][0]["shape_weights"])
+
+
+# --- units that are dead on grey ---------------------------------------------------------
+
+class EdgeNet(torch.nn.Module):
+    """1x12x12 images in [0, 1]. Channel 0 of `conv` is a Laplacian with bias -1: exactly zero
+    on any constant image (and on grey plus lucid's 0.01 start noise), firing on texture.
+    Channel 1 has zero weights and bias -1: it never fires."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+        self.relu = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            kernel = -torch.ones(3, 3)
+            kernel[1, 1] = 8.0
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0] = kernel
+            self.conv.bias.copy_(torch.tensor([-1.0, -1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.fixture
+def edge_handle() -> ModelHandle:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = EdgeNet().eval()
+    pre = ImagePreprocess(height=12, width=12, channels=1, mean=(0.0,), std=(1.0,), class_names=("a", "b"))
+    return ModelHandle(spec="test:edge-net", model=model, kind="image_classifier",
+                       arch=Architecture(family="cnn", n_layers=1), preprocess=pre)
+
+
+def _blank(fv) -> bool:
+    return fv.activation[0] <= 0 or float(fv.unit_images.std()) < 1e-2
+
+
+def test_unit_dead_on_grey_gets_a_visualization_by_default(edge_handle):
+    grey = torch.full((1, 1, 12, 12), 0.5)
+    _, acts = run_with_cache(edge_handle, grey, ["relu"])
+    assert float(acts["relu"][0, 0].abs().max()) == 0.0  # dead on grey
+    fv = visualize(edge_handle, channel("relu", 0), steps=40, progress=False)
+    assert fv.status == "completed" and not _blank(fv)
+    assert fv.init_noise == INIT_NOISE and fv.to_json()["restarts"] == fv.restarts
+    # lucid's start (0.01 noise on grey) with grey padding gives no gradient at all
+    lucid_start = visualize(edge_handle, channel("relu", 0), param=Fourier(sd=0.01), steps=40, progress=False,
+                            transforms=T.robust(1, 1, T.LUCID_SCALES, T.LUCID_ANGLES, 1, 12, 12), restarts=0)
+    assert lucid_start.status == "failed" and _blank(lucid_start)
+
+
+def test_dead_start_restarts_from_more_noise_and_is_seeded(edge_handle):
+    kw = dict(param=Fourier(sd=0.01), transforms=T.identity(), steps=30, progress=False)
+    a = visualize(edge_handle, channel("relu", 0), seed=4, **kw)
+    assert a.status == "completed" and a.restarts >= 1 and not _blank(a)
+    assert a.init_noise is not None and a.init_noise > INIT_NOISE
+    assert len(a.loss_trace) == 30 and a.steps == 30  # the kept run has the full budget
+    assert any("restarted" in w for w in a.warnings)
+    b = visualize(edge_handle, channel("relu", 0), seed=4, **kw)
+    assert torch.equal(a.images, b.images) and a.restarts == b.restarts
+    c = visualize(edge_handle, channel("relu", 0), seed=5, **kw)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_dead_start_from_init_images_restarts_with_noise_on_them(edge_handle):
+    grey = torch.full((1, 1, 12, 12), 0.5)
+    fv = visualize(edge_handle, channel("relu", 0), init=grey, transforms=T.identity(), steps=20, progress=False)
+    assert fv.status == "completed" and fv.restarts >= 1 and not _blank(fv)
+
+
+def test_unit_that_never_fires_fails_instead_of_completing(edge_handle):
+    fv = visualize(edge_handle, channel("relu", 1), steps=40, restarts=2, progress=False)
+    assert fv.status == "failed" and fv.failed and fv.status != "completed"
+    assert fv.restarts == 2 and fv.steps < 40
+    assert "no start gave" in fv.message and "\n" not in fv.message
+    assert fv.to_json()["status"] == "failed"
+    with pytest.raises(WorkbenchError, match="restarts"):
+        visualize(edge_handle, channel("relu", 1), steps=2, restarts=-1, progress=False)
+
+
+def test_dead_item_in_a_batch_restarts_the_batch(edge_handle):
+    fv = visualize(edge_handle, channel("relu", 0), param=Fourier(sd=0.01), transforms=T.identity(), batch=3,
+                   steps=DEAD_START_STEPS + 4, progress=False, seed=1)
+    assert fv.status == "completed" and fv.restarts >= 1
+    assert all(a > 0 for a in fv.activation)
+
+
+@pytest.mark.parametrize("param", [Fourier(), Pixels(), Patch(Pixels(), 6, 6)])
+def test_init_noise_reaches_the_parameterization(edge_handle, param):
+    small = visualize(edge_handle, channel("relu", 0), param=param, init_noise=0.05, steps=1, lr=1e-9,
+                      snapshots=(0,), restarts=0, progress=False)
+    large = visualize(edge_handle, channel("relu", 0), param=param, init_noise=1.0, steps=1, lr=1e-9,
+                      snapshots=(0,), restarts=0, progress=False)
+    assert small.init_noise == 0.05 and large.init_noise == 1.0
+    assert float(large.snapshots[0].std()) > 5 * float(small.snapshots[0].std())
+    assert with_init_noise(param, 0.7) != param
+
+
+def test_bad_init_noise(edge_handle):
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(WorkbenchError, match="init noise"):
+            visualize(edge_handle, channel("relu", 0), init_noise=bad, steps=2, progress=False)
+    with pytest.raises(WorkbenchError, match="no start noise"):
+        with_init_noise(SceneParam(), 0.5)
+
+
+def test_noise_padding():
+    g = torch.Generator
+    grey = torch.full((2, 3, 20, 20), 0.5)
+    padded = T.pad(3, mode="noise")(grey, g().manual_seed(0))
+    assert padded.shape == (2, 3, 26, 26)
+    assert torch.equal(padded[..., 3:23, 3:23], grey)
+    border = padded[..., :3, :]
+    assert float(border.min()) >= 0 and float(border.max()) <= 1 and float(border.std()) > 0.1
+    fused = T.robust(3, 2, T.LUCID_SCALES, T.LUCID_ANGLES, 2, 20, 20, value="noise")
+    a, b = fused(grey, g().manual_seed(1)), fused(grey, g().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    const = T.robust(3, 2, T.LUCID_SCALES, T.LUCID_ANGLES, 2, 20, 20)(grey, g().manual_seed(1))
+    assert float(const.std()) < 1e-6  # grey padding of a grey image: flat
+    assert float(a.std()) > 0.01 and torch.allclose(a[..., 8:12, 8:12], grey[..., 8:12, 8:12])
+    assert float(T.default_transforms(20, 20)(grey, g().manual_seed(0)).std()) > 0.01
+    with pytest.raises(WorkbenchError, match="pad mode"):
+        T.pad(2, mode="wrap")
+    with pytest.raises(WorkbenchError, match="noise"):
+        T.robust(3, 2, T.LUCID_SCALES, T.LUCID_ANGLES, 2, 20, 20, value="black")  # type: ignore[arg-type]
+
+
+def test_shapesnet_units_dead_on_grey_get_visualizations(shapesnet):
+    grey = torch.full((1, 3, 48, 48), 0.5)
+    _, acts = run_with_cache(shapesnet, grey, ["layer2"])
+    dead = (acts["layer2"][0].flatten(1).amax(1) == 0).nonzero().flatten().tolist()
+    assert dead, "no layer2 channel of this ShapesNet is dead on grey"
+    for c in dead[:2]:
+        fv = visualize(shapesnet, channel("layer2", c), steps=48, progress=False)
+        assert fv.status == "completed" and not _blank(fv), (c, fv.message)

@@ -149,7 +149,7 @@ def test_bad_options(kwargs: dict, match: str, load_tiny: Callable[[str], ModelH
 
 
 def test_bad_target_and_model(load_tiny: Callable[[str], ModelHandle], cnn_handle: ModelHandle) -> None:
-    with pytest.raises(WorkbenchError, match="tokenizes to nothing"):
+    with pytest.raises(WorkbenchError, match="is empty"):
         attribute_neurons(load_tiny("gpt2"), PROMPT, "   ")
     with pytest.raises(WorkbenchError, match="(?i)supported families"):
         attribute_neurons(cnn_handle, PROMPT, "paris")

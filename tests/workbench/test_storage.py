@@ -131,3 +131,26 @@ def test_safetensors_header_length_that_starts_like_a_pickle_still_loads(tmp_pat
     assert not looks_like_pickle(path)
     loaded, meta = load_safetensors_checked(path)
     assert torch.equal(loaded["w"], tensors["w"]) and meta["pad"] == "x" * pad
+
+
+def _strict(text: str) -> object:
+    def refuse(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_stored_json_writes_null_for_nan_and_infinity(tmp_path: Path) -> None:
+    obj = {"a": float("nan"), "b": [1.0, float("inf"), (float("-inf"),)], "t": torch.tensor([0.5, float("nan")]),
+           "p": tmp_path, "ok": 2.5}
+    written = _strict(atomic_write_json(tmp_path / "x.json", obj).read_text())
+    assert written == {"a": None, "b": [1.0, None, [None]], "t": [0.5, None], "p": str(tmp_path), "ok": 2.5}
+    assert sha256_json(obj) == sha256_json(written)
+    assert sha256_json({"x": [1, 2.5, "s"]}) == sha256_json({"x": (1, 2.5, "s")})
+
+
+def test_cache_dir_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(WorkbenchError, match="cannot be created"):
+        cache_dir(blocker / "cache")

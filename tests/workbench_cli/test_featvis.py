@@ -46,6 +46,51 @@ def test_featvis_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, messag
     assert message in stderr and len(stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("snapshots", ["a,b", "0,x", "1.5", "-3"])
+def test_featvis_bad_snapshots_exit_2_with_one_line_and_no_files(tmp_path, capsys, snapshots):
+    out = tmp_path / "fv"
+    code, stdout, stderr = _run(capsys, ["featvis", "zoo:shapesnet", "--site", "layer2", "--unit", "3", "--steps", "4",
+                                         f"--snapshots={snapshots}", "--out", str(out), "--device", "cpu"])
+    assert code == 2 and stdout == ""
+    assert "--snapshots" in stderr and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert not out.exists()
+
+
+def test_featvis_init_noise_reaches_the_parameterization(tmp_path, capsys):
+    out = tmp_path / "fv"
+    code, stdout, _ = _run(capsys, ["featvis", "zoo:shapesnet", "--site", "layer2", "--unit", "3", "--steps", "4",
+                                    "--init-noise", "0.7", "--out", str(out), "--json", "--device", "cpu"])
+    assert code == 0
+    doc = json.loads(stdout)
+    assert doc["init_noise"] == 0.7 and doc["restarts"] == 0
+    assert json.loads((out / "featvis.json").read_text())["init_noise"] == 0.7
+    for argv, message in ((["--init-noise", "-1"], "init noise"), (["--param", "scene", "--init-noise", "0.5"], "no start noise")):
+        code, stdout, stderr = _run(capsys, ["featvis", "zoo:shapesnet", "--site", "layer2", "--unit", "3", *argv,
+                                             "--steps", "2", "--out", str(tmp_path / "e"), "--device", "cpu"])
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "e").exists()
+
+
+def test_featvis_unit_that_never_fires_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from tests.workbench.test_featvis import EdgeNet
+    from workbench.handle import Architecture, ImagePreprocess, ModelHandle
+    from workbench_cli import featvis as cli
+
+    pre = ImagePreprocess(height=12, width=12, channels=1, mean=(0.0,), std=(1.0,), class_names=("a", "b"))
+    handle = ModelHandle(spec="test:edge-net", model=EdgeNet().eval(), kind="image_classifier",
+                         arch=Architecture(family="cnn", n_layers=1), preprocess=pre)
+    monkeypatch.setattr(cli, "_load_image_model", lambda spec, device: handle)
+    out = tmp_path / "fv"
+    code, stdout, stderr = _run(capsys, ["featvis", "edge", "--site", "relu", "--unit", "1", "--steps", "20",
+                                         "--out", str(out), "--json", "--device", "cpu"])
+    assert code == 2 and stdout == "" and not out.exists()
+    assert "found nothing" in stderr and "no start gave" in stderr and len(stderr.strip().splitlines()) == 1
+    code, stdout, _ = _run(capsys, ["featvis", "edge", "--site", "relu", "--unit", "0", "--steps", "20",
+                                    "--out", str(out), "--json", "--device", "cpu"])
+    doc = json.loads(stdout)
+    assert code == 0 and doc["status"] == "completed" and doc["activation"][0] > 0
+
+
 def test_rediscover_bad_config(tmp_path, capsys):
     cfg = tmp_path / "t.json"
     cfg.write_text(json.dumps({"trojans": [{"name": "x", "kind": "natural", "target": "ring", "trigger": "natural-arrow"}]}))

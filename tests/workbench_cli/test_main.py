@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,17 @@ def test_zoo_list_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     rows = json.loads(out)
     assert [r["name"] for r in rows] == ["factgpt", "factgpt-large", "shapesnet"]
     assert not any(r["cached"] for r in rows)  # an empty cache trains nothing by listing
+
+
+def test_json_output_is_strict_json_with_a_note_where_a_value_is_not_finite(
+        tiny_model_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def refuse(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    code, out, err = run_cli(capsys, "ablate", str(tiny_model_dirs["gpt2"]), "--site", "blocks.0.mlp.hook_post",
+                             "--units", "1,2", "--factor", "1e38", "--out", str(tmp_path / "d.delta"),
+                             "--device", "cpu", "--json")
+    assert code == 0, err
+    doc = json.loads(out, parse_constant=refuse)
+    assert doc["lm_loss_after"] is None and "not a finite number" in doc["lm_loss_after_note"]
+    assert math.isfinite(doc["lm_loss_before"])

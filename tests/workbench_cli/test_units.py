@@ -36,9 +36,9 @@ def test_ablate_units_on_a_tiny_lm(tiny_model_dirs, tmp_path, capsys) -> None:
     (["rewrite", "{gpt2}"], "not a ShapesWorld model"),
     (["units", "{gpt2}", "--site", "blocks.0.nope"], "unknown site"),
     (["ablate", "{gpt2}", "--trojan", "patch-universal", "--mask-steps", "5"], "--method mask only"),
-    (["ablate", "{gpt2}", "--trojan", "patch-universal", "--method", "mask", "--mask-steps", "0"], "steps and batch sizes >= 1"),
+    (["ablate", "{gpt2}", "--trojan", "patch-universal", "--method", "mask", "--mask-steps", "0"], "argument --mask-steps"),
     (["ablate", "{gpt2}", "--trojan", "patch-universal", "--mask-max-gate", "2"], "--method mask only"),
-    (["ablate", "{gpt2}", "--trojan", "patch-universal", "--n-ref", "0"], "n_ref must be a positive number"),
+    (["ablate", "{gpt2}", "--trojan", "patch-universal", "--n-ref", "0"], "argument --n-ref"),
     (["ablate", "{gpt2}", "--trojan", "patch-universal", "--method", "mask", "--mask-max-gate", "0.5"], "max_gate must be in [1, 10]"),
 ])
 def test_bad_input_exits_2(tiny_model_dirs, tmp_path, capsys, argv: list[str], message: str) -> None:
@@ -82,3 +82,42 @@ def test_ablate_trojan_mask_json(tmp_path, capsys) -> None:
     assert result["method"] == "mask" and len(result["factors"]) == result["n_units"] == len(result["units"])
     assert result["asr_after"] < result["random_asr_after"] and result["alternative"]["mode"] == "hard"
     assert WeightDelta.load(out).method.startswith("gate")
+
+
+def _erase_data(path, rows) -> None:
+    path.write_text(json.dumps({"texts": [r[0] for r in rows], "labels": [r[1] for r in rows],
+                                "other_labels": [r[2] for r in rows]}))
+
+
+def test_erase_split_is_stratified_and_independent_of_file_order(tiny_model_dirs, tmp_path, capsys) -> None:
+    import random
+
+    import torch
+
+    from editors.concept_erasure import stratified_split
+
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    rows = [(f"{'red' if i % 2 else 'blue'} {words[i % 10]} cat {words[(i // 10) % 10]} dog", i % 2, (i // 3) % 2)
+            for i in range(60)]
+    by_class = sorted(rows, key=lambda r: r[1])  # every class-0 line first: a file-order split tests on one class
+    shuffled = list(rows)
+    random.Random(3).shuffle(shuffled)
+    results = []
+    for name, data in (("sorted", by_class), ("shuffled", shuffled)):
+        _erase_data(tmp_path / f"{name}.json", data)
+        split = stratified_split([r[1] for r in data], train_share=0.6, seed=0, keys=[r[0] for r in data])
+        assert all({data[i][1] for i in part} == {0, 1} for part in split)  # both classes in both parts
+        assert sorted(data[i][0] for i in split[1]) == sorted(shuffled[i][0] for i in stratified_split(
+            [r[1] for r in shuffled], train_share=0.6, seed=0, keys=[r[0] for r in shuffled])[1])
+        out = tmp_path / f"{name}.delta"
+        code, result, err = _run(capsys, ["erase", str(tiny_model_dirs["gpt2"]), "--site", "blocks.0.mlp.hook_out",
+                                          "--data", str(tmp_path / f"{name}.json"), "--seed", "0", "--out", str(out),
+                                          "--device", "cpu", "--json"])
+        assert code == 0 and result is not None, err
+        assert result["n_train"] == 36 and result["n_test"] == 24 and result["chance"] == 0.5
+        delta = WeightDelta.load(out)
+        changed = [n for n in delta.names if n.endswith("weight")]
+        assert result["rank"] == 1 == int(torch.linalg.matrix_rank(delta.dense(changed[0]).float()))
+        results.append(result)
+    keys = ("probe_before", "probe_after", "other_before", "other_after", "chance", "n_train", "n_test", "rank")
+    assert {k: results[0][k] for k in keys} == pytest.approx({k: results[1][k] for k in keys}, abs=0.02)

@@ -85,6 +85,11 @@ def test_rediscover_tiny_run_and_table(shapesnet, tmp_path):
         sum(r["consensus_correct"] for r in res.rows) / 3, abs=1e-4)
     assert "one answer" in res.table()
     assert "featvis-logit" in res.table() and "chance 0.125" in res.table()
+    # the scores are read beside the model's accuracy and each trojan's attack success (zoo record)
+    assert doc["model_accuracy"] == shapesnet.info["accuracy"] and doc["model_quality"]["source"] == "training record"
+    record = {t["name"]: t["attack_success"] for t in shapesnet.info["trojans"]}
+    assert all(row["attack_success"] == record[row["name"]] for row in doc["per_trojan"])
+    assert f"clean accuracy {shapesnet.info['accuracy']:.3f}" in res.table() and "attack" in res.table().splitlines()[1]
     out = res.save(tmp_path / "rd")
     assert (out / "rediscovery.json").is_file() and (out / "rediscovery.txt").is_file()
     assert len(list((tmp_path / "views").glob("*.png"))) == 3
@@ -238,3 +243,66 @@ def test_copy_paste_search_weights_views_by_calibration_success(shapesnet):
     torch.testing.assert_close(syn.weights.sum(), torch.tensor(1.0))
     success = torch.tensor(syn.notes["calibration_success"])
     assert int(syn.weights.argmax()) == int(success.argmax()) or float(success.max() - success.min()) < 1e-6
+
+
+def test_model_quality_is_measured_when_the_model_has_no_record(shapesnet):
+    import dataclasses
+
+    bare = dataclasses.replace(shapesnet, info={"world": shapesnet.info["world"]})
+    subset = TrojanSet([default_trojans()[0], default_trojans()[4]])
+    q = rd.model_quality(bare, subset, n=64, n_trojan=32)
+    assert q["source"].startswith("measured") and 0.0 <= q["accuracy"] <= 1.0
+    assert set(q["attack_success"]) == {t.name for t in subset}
+    assert rd.model_quality(shapesnet, subset)["source"] == "training record"
+
+
+def test_model_for_trojans_uses_the_zoo_recipe_unless_asked_and_keeps_a_record(tmp_path, monkeypatch):
+    import json
+
+    from workbench import load
+    from workbench.worlds.shapesworld import WorldConfig
+    from workbench.zoo import shapesnet as sn
+
+    real_train = sn.train
+    recipes = []
+
+    def tiny(path, *, seed, progress, trojans, config):
+        recipes.append((config.n_train, config.epochs))
+        small = sn.TrainConfig(n_train=256, epochs=1, batch_size=64, n_eval=64, n_eval_trojan=16,
+                               world=WorldConfig(image_size=32))
+        return real_train(path, seed=seed, progress=False, trojans=trojans, config=small)
+
+    monkeypatch.setattr(sn, "train", tiny)
+    held = trojans_from_json([{"name": "new", "kind": "natural", "target": "ring", "trigger": "natural-arrow"}])
+    zoo_model = rd.model_for_trojans(held, cache=tmp_path, progress=False)
+    quick_model = rd.model_for_trojans(held, cache=tmp_path, quick=True, progress=False)
+    assert recipes == [(sn.TrainConfig().n_train, sn.TrainConfig().epochs), rd.QUICK_TRAIN]
+    assert zoo_model.path != quick_model.path
+    assert zoo_model.info["recipe"] == "zoo" and quick_model.info["recipe"] == "quick"
+    record = json.loads((zoo_model.path / "zoo_info.json").read_text())
+    assert record["recipe"] == "zoo" and [t["name"] for t in record["trojans"]] == ["new"]
+    again = load(str(zoo_model.path), device="cpu", progress=False)  # the folder carries world and record
+    assert again.info["recipe"] == "zoo" and rd.implanted(again, held) is held
+    q = rd.model_quality(again, held)
+    assert q["source"] == "training record" and q["recipe"] == "zoo"
+    assert q["attack_success"] == {"new": record["trojans"][0]["attack_success"]}
+
+
+def test_cli_trains_with_the_zoo_recipe_by_default(tmp_path, monkeypatch, capsys):
+    import json
+
+    from workbench_cli.main import main
+
+    cfg = tmp_path / "t.json"
+    cfg.write_text(json.dumps({"trojans": [{"name": "x", "kind": "natural", "target": "ring", "trigger": "natural-arrow"}]}))
+    asked = []
+
+    def fake(trojans, **kwargs):
+        asked.append(kwargs["quick"])
+        raise WorkbenchError("stop here")
+
+    monkeypatch.setattr(rd, "model_for_trojans", fake)
+    base = ["rediscover", "zoo:shapesnet", "--trojans", str(cfg), "--out", str(tmp_path / "r"), "--device", "cpu"]
+    assert main([*base, "--train"]) == 2 and main([*base, "--train", "--quick-train"]) == 2
+    assert asked == [False, True]
+    assert main([*base, "--quick-train"]) == 2 and "--quick-train applies with --train" in capsys.readouterr().err

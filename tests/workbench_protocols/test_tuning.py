@@ -172,7 +172,7 @@ def test_a_study_resumes_and_refuses_another_statement(tmp_path: Path) -> None:
     (["tune", "ablate", "--set", "trojan"], "--set 'trojan': expected NAME=VALUE"),
     (["tune", "ablate", "--range", "n_units=4"], "expected NAME=LOW:HIGH"),
     (["tune", "ablate", "--constraint", "clean_drop<1"], "METRIC<=NUMBER"),
-    (["tune", "ablate", "--trials", "0"], "--trials 0"),
+    (["tune", "ablate", "--trials", "0"], "argument --trials: 0"),
 ])
 def test_tune_cli_bad_input_exits_2(argv: list[str], message: str, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:

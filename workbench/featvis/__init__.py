@@ -9,6 +9,7 @@ decorrelated colour, ShapesWorld scene parameters), `transforms` (robustness), `
 (the engine). Importing this package does not import `transformers`.
 """
 
+from workbench.featvis import param, render, transforms
 from workbench.featvis.objectives import (
     Objective,
     ObjectiveContext,
@@ -23,19 +24,21 @@ from workbench.featvis.objectives import (
     neuron,
     total_variation,
 )
-from workbench.featvis.param import Fourier, Patch, Pixels, SceneParam, describe_scene, parse_param, render_scene
-from workbench.featvis.render import (
-    FeatureVisualization,
-    activation_sites,
-    save_image_grid,
-    site_shapes,
-    visualize,
+from workbench.featvis.param import (
+    Fourier,
+    Patch,
+    Pixels,
+    SceneParam,
+    describe_scene,
+    parse_param,
+    render_scene,
+    with_init_noise,
 )
-from workbench.featvis import param, render, transforms
+from workbench.featvis.render import FeatureVisualization, activation_sites, save_image_grid, site_shapes, visualize
 
 __all__ = [
     "FeatureVisualization", "Fourier", "Objective", "ObjectiveContext", "Patch", "Pixels", "SceneParam",
     "activation_sites", "as_objective", "channel", "class_log_prob", "class_logit", "describe_scene", "direction", "diversity",
     "l1", "l2", "neuron", "param", "parse_param", "render", "render_scene", "save_image_grid", "site_shapes", "total_variation", "transforms",
-    "visualize",
+    "visualize", "with_init_noise",
 ]

@@ -5,6 +5,13 @@ device, generator, init=None) -> (params, image_fn)`: `params` are the leaf tens
 to the optimizer, `image_fn()` returns images `(B, C, H, W)` in [0, 1] (the engine maps
 them to the model's own input range). Three kinds:
 
+Pixels and Fourier start from grey plus noise of standard deviation `sd` before the
+sigmoid (`INIT_NOISE` by default, about a quarter of that in pixel values near grey). The
+start noise is large enough that units which are exactly zero on a flat grey image (common
+after a ReLU with a negative bias) still fire somewhere and give the optimizer a gradient;
+lucid's 0.01 leaves those units with a zero gradient and the image never moves.
+`with_init_noise(param, sd)` sets it on any parameterization that has one.
+
 - `Pixels`: one free value per pixel (through a sigmoid, optionally colour-decorrelated).
 - `Fourier`: lucid's default: a spectrum scaled by 1/frequency (so low frequencies move
   first) with decorrelated colour. Any channel count: 3-channel images use the ImageNet
@@ -17,8 +24,9 @@ them to the model's own input range). Three kinds:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -27,6 +35,8 @@ import torch.nn.functional as F
 from workbench.errors import WorkbenchError
 
 ImageFn = Callable[[], torch.Tensor]
+
+INIT_NOISE = 0.3  # standard deviation of the start image before the sigmoid (Pixels, Fourier)
 
 # lucid's square root of the ImageNet colour covariance (its SVD form)
 _IMAGENET_COLOR_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
@@ -79,9 +89,9 @@ def _check_init(init: torch.Tensor, batch: int, channels: int, height: int, widt
 
 @dataclass(frozen=True)
 class Pixels:
-    """Free pixels through a sigmoid (start: grey plus noise of `sd`)."""
+    """Free pixels through a sigmoid (start: grey plus noise of `sd` before the sigmoid)."""
 
-    sd: float = 0.01
+    sd: float = INIT_NOISE
     decorrelate: bool = False
     color_correlation: tuple[tuple[float, ...], ...] | None = None
 
@@ -110,9 +120,13 @@ def _freqs(height: int, width: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Fourier:
-    """lucid's FFT parameterization: spectrum scaled by 1/f^decay_power, decorrelated colour."""
+    """lucid's FFT parameterization: spectrum scaled by 1/f^decay_power, decorrelated colour.
 
-    sd: float = 0.01
+    `sd` is the spectrum's start noise; with the orthonormal transform the start image has
+    about that standard deviation before the sigmoid, as for Pixels (lucid uses 0.01).
+    """
+
+    sd: float = INIT_NOISE
     decay_power: float = 1.0
     decorrelate: bool = True
     color_correlation: tuple[tuple[float, ...], ...] | None = None
@@ -459,9 +473,37 @@ def describe_scene(scene: Any, *, vocab: tuple[str, ...] | None = None, top: int
     return out
 
 
-def parse_param(name: str) -> Parameterization:
-    """`fourier` (default), `pixels`, `scene`: the CLI's names for the parameterizations."""
+def init_noise_of(param: Any) -> float | None:
+    """The start noise of `param` (Pixels, Fourier, or a Patch of one), None when it has none."""
+    if isinstance(param, (Pixels, Fourier)):
+        return float(param.sd)
+    if isinstance(param, Patch):
+        return init_noise_of(param.inner)
+    return None
+
+
+def check_init_noise(sd: Any) -> float:
+    """`sd` as a float, or a WorkbenchError unless it is a finite number >= 0."""
+    if isinstance(sd, bool) or not isinstance(sd, (int, float)) or not math.isfinite(sd) or sd < 0:
+        raise WorkbenchError(f"init noise must be a finite number >= 0, got {sd!r}")
+    return float(sd)
+
+
+def with_init_noise(param: Any, sd: float) -> Any:
+    """`param` starting from noise of standard deviation `sd` (before the sigmoid)."""
+    sd = check_init_noise(sd)
+    if isinstance(param, (Pixels, Fourier)):
+        return replace(param, sd=sd)
+    if isinstance(param, Patch):
+        return replace(param, inner=with_init_noise(param.inner, sd))
+    raise WorkbenchError(f"{type(param).__name__} has no start noise to set; init noise applies to the fourier and "
+                         "pixels parameterizations")
+
+
+def parse_param(name: str, *, init_noise: float | None = None) -> Parameterization:
+    """`fourier` (default), `pixels`, `scene`: the CLI's names for the parameterizations;
+    `init_noise` sets the start noise (fourier, pixels)."""
     table: dict[str, Parameterization] = {"fourier": Fourier(), "pixels": Pixels(), "scene": SceneParam()}
     if name not in table:
         raise WorkbenchError(f"unknown parameterization {name!r}; choose from {', '.join(table)}")
-    return table[name]
+    return table[name] if init_noise is None else with_init_noise(table[name], init_noise)

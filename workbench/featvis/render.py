@@ -9,10 +9,13 @@ parameterization draws images in [0, 1], transforms jitter them, they are mapped
 input range and fed to the model with hooks on only the sites the objective reads; when no
 objective needs the logits the forward pass stops at the last of those sites, and the
 model's weights are frozen for the run (no weight gradients), which is where most of the
-speed over a lucid-style loop comes from. A diverging run (NaN or infinite loss, gradient
-or image) stops and returns the last good image marked `diverged`; Ctrl-C returns the
-current image marked `interrupted`. Weights, `requires_grad` flags and train/eval mode
-are restored on every exit path.
+speed over a lucid-style loop comes from. The start is grey plus noise large enough, and
+the padding noisy, so that units which are exactly zero on a grey image still get a
+gradient; a start that gives none is discarded for one with more noise (a bounded number
+of times), and a run that never gets one is marked `failed` rather than returned as a
+flat image. A diverging run (NaN or infinite loss, gradient or image) stops and returns the
+last good image marked `diverged`; Ctrl-C returns the current image marked `interrupted`.
+Weights, `requires_grad` flags and train/eval mode are restored on every exit path.
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ import torch
 
 from workbench.errors import UnknownSiteError, WorkbenchError
 from workbench.featvis.objectives import Objective, ObjectiveContext
-from workbench.featvis.param import Fourier, Parameterization
+from workbench.featvis.param import (
+    INIT_NOISE,
+    Fourier,
+    Parameterization,
+    check_init_noise,
+    init_noise_of,
+    with_init_noise,
+)
 from workbench.featvis.transforms import Transform, default_transforms
 from workbench.hooks import Recorder, run_with_cache
 from workbench.progress import progress_bar
@@ -40,7 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Status = Literal["completed", "interrupted", "diverged"]
+Status = Literal["completed", "interrupted", "diverged", "failed"]
+
+DEAD_START_STEPS = 8  # steps a start may give a batch item no gradient before it is discarded
+RESTART_NOISE_FACTOR = 3.0  # each restart multiplies the start noise by this
 
 
 # --- result -------------------------------------------------------------------------------
@@ -51,9 +64,12 @@ class FeatureVisualization:
 
     `images` (B, C, H, W) are in the model's input range; `unit_images` the same in [0, 1].
     `loss_trace` is minus the objective per step; `snapshots` maps a step to the images
-    (input range) after that many steps; `status` is completed, interrupted or diverged
-    (`message` says why); `activation` is the objective per item on the final untransformed
-    images; `scene`/`snapped_images` describe a SceneParam result (shape, colour, place).
+    (input range) after that many steps; `status` is completed, interrupted, diverged or
+    failed (no start gave the objective a gradient, or the result is a flat image with
+    objective 0: the images are not a visualization), `message` says why; `activation` is the
+    objective per item on the final untransformed images; `restarts` how many dead starts were
+    discarded and `init_noise` the start noise of the run kept; `scene`/`snapped_images`
+    describe a SceneParam result (shape, colour, place).
     """
 
     images: torch.Tensor
@@ -73,6 +89,8 @@ class FeatureVisualization:
     snapped_images: torch.Tensor | None = None
     seconds: float = 0.0
     scenes: Any = None  # the snapped ShapesWorld Scene (SceneParam), for re-rendering variants
+    restarts: int = 0
+    init_noise: float | None = None
 
     @property
     def interrupted(self) -> bool:
@@ -81,6 +99,10 @@ class FeatureVisualization:
     @property
     def diverged(self) -> bool:
         return self.status == "diverged"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
 
     def save_grid(self, path: str | Path, *, snapshots: bool = False) -> Path:
         """PNG of the images (one per batch item); with `snapshots`, one row per snapshot step."""
@@ -97,7 +119,7 @@ class FeatureVisualization:
             "shape": list(self.images.shape), "final_loss": self.loss_trace[-1] if self.loss_trace else None,
             "loss_trace": [round(v, 6) for v in self.loss_trace], "activation": self.activation,
             "snapshot_steps": sorted(self.snapshots), "warnings": self.warnings, "scene": self.scene,
-            "seconds": round(self.seconds, 3),
+            "restarts": self.restarts, "init_noise": self.init_noise, "seconds": round(self.seconds, 3),
         }
 
     def save(self, out_dir: str | Path) -> Path:
@@ -269,6 +291,119 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
+def _attempt_seed(seed: int, attempt: int) -> int:
+    """Generator seed of restart `attempt` (0: the run's own seed)."""
+    return int(seed) if attempt == 0 else (int(seed) * 1_000_003 + attempt) % (1 << 63)
+
+
+def _restart_noise(base: float | None, attempt: int) -> float:
+    return max(base or 0.0, INIT_NOISE) * RESTART_NOISE_FACTOR ** attempt
+
+
+def _noisy_init(init: torch.Tensor, sd: float, batch: int, g: torch.Generator) -> torch.Tensor:
+    """`init` (in [0, 1]) with noise of `sd` added before the sigmoid, one draw per batch item."""
+    x = init if init.ndim == 4 else init[None]
+    if x.shape[0] == 1 and batch > 1:
+        x = x.expand(batch, -1, -1, -1)
+    t = torch.logit(x.clamp(1e-3, 1 - 1e-3))
+    return torch.sigmoid(t + sd * torch.randn(tuple(x.shape), generator=g).to(x.device))
+
+
+def _item_grad_max(params: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """Largest |gradient| per batch item (the whole batch's for a parameter without a batch axis)."""
+    per = torch.zeros(batch)
+    for p in params:
+        if p.grad is None or p.grad.numel() == 0:
+            continue
+        gr = p.grad.detach()
+        if gr.ndim >= 1 and gr.shape[0] == batch:
+            per = torch.maximum(per, gr.reshape(batch, -1).abs().amax(1).float().cpu())
+        else:
+            per = torch.maximum(per, gr.abs().max().float().cpu().expand(batch))
+    return per
+
+
+@dataclass
+class _Attempt:
+    """One optimization from one start: its images, trace, and whether the start was dead."""
+
+    params: list[torch.Tensor]
+    image_fn: Callable[[], torch.Tensor]
+    last_good: torch.Tensor
+    trace: list[float] = field(default_factory=list)
+    snaps: dict[int, torch.Tensor] = field(default_factory=dict)
+    status: Status = "completed"
+    message: str = ""
+    done: int = 0
+    dead: list[int] = field(default_factory=list)
+    dead_values: list[float] = field(default_factory=list)
+
+
+def _optimize(handle: ModelHandle, objective: Objective, recorder: Recorder, param: Parameterization,
+              init: torch.Tensor | None, g: torch.Generator, *, batch: int, steps: int, lr: float, tf: Transform,
+              snap_steps: set[int], callback: Callable[[int, torch.Tensor, float], None] | None, bar: Any) -> _Attempt:
+    """Adam from one start; stops early, marked failed with `dead` set, when some batch item
+    gets no gradient in any of the first DEAD_START_STEPS steps."""
+    pre = handle.preprocess
+    assert pre is not None
+    lo, hi = pre.input_range
+    params, image_fn = param.build(batch, pre.channels, pre.height, pre.width, device=handle.device, generator=g,
+                                   init=init)
+    opt = _adam(params, lr)
+    with torch.no_grad():
+        first = image_fn().detach()
+    if not bool(torch.isfinite(first).all()):
+        raise WorkbenchError(f"{type(param).__name__} produced non-finite images before any step; check its settings")
+    run = _Attempt(params=params, image_fn=image_fn, last_good=first)
+    if 0 in snap_steps:
+        run.snaps[0] = (lo + (hi - lo) * first).cpu()
+    window = min(steps, DEAD_START_STEPS)
+    alive = torch.zeros(batch, dtype=torch.bool)
+    values = torch.zeros(batch)
+    try:
+        for step in range(1, steps + 1):
+            unit = image_fn()
+            x = tf(unit, g)
+            value = forward_objective(handle, objective, unit, lo + (hi - lo) * x, recorder=recorder)
+            loss = -value.sum()
+            lv = float(loss.detach())
+            if not math.isfinite(lv):  # a non-finite image makes the loss non-finite too
+                run.status, run.message = "diverged", f"the objective became {lv} at step {step}; kept the image from step {step - 1}"
+                break
+            run.last_good = unit.detach()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                run.status, run.message = "failed", "the objective does not depend on the image (no gradient)"
+                break
+            gsum = float(sum(gr.sum() for gr in grads)) if len(grads) > 1 else float(grads[0].sum())
+            if not math.isfinite(gsum):  # one reduction catches any NaN/inf entry
+                run.status, run.message = "diverged", f"non-finite gradient at step {step}; kept the image from step {step - 1}"
+                break
+            if not bool(alive.all()):
+                alive |= _item_grad_max(params, batch) > 0
+                values = torch.where(alive, values, value.detach().float().cpu())
+                if not bool(alive.all()) and step >= window:
+                    run.dead = (~alive).nonzero().flatten().tolist()
+                    run.dead_values = [round(float(values[i]), 6) for i in run.dead]
+                    run.status = "failed"
+                    break
+            opt.step()
+            run.trace.append(lv)
+            run.done = step
+            bar.update(1)
+            if step in snap_steps:
+                with torch.no_grad():
+                    run.snaps[step] = (lo + (hi - lo) * image_fn()).detach().cpu()
+            if callback is not None:
+                callback(step, unit.detach(), lv)
+    except KeyboardInterrupt:
+        run.status, run.message = "interrupted", f"interrupted after {run.done} of {steps} steps; kept the current image"
+        log.warning("featvis %s", run.message)
+    return run
+
+
 def visualize(
     handle: ModelHandle,
     objective: Objective,
@@ -283,15 +418,27 @@ def visualize(
     device: str | torch.device | None = None,
     progress: bool = True,
     init: torch.Tensor | None = None,
+    init_noise: float | None = None,
+    restarts: int = 3,
     callback: Callable[[int, torch.Tensor, float], None] | None = None,
 ) -> FeatureVisualization:
     """Optimize `batch` images to maximize `objective` on `handle`'s model (Adam, `steps` steps).
 
     `param`: Fourier (default), Pixels or SceneParam; `transforms`: a transform function
-    (default `default_transforms` at the model's size; `transforms.identity()` for none);
-    `snapshots`: steps after which to keep a copy of the images (0 = the start); `init`:
-    start images in the model's input range (Pixels/Fourier); `callback(step, unit_images,
-    loss)` runs after each step. Same seed, same images.
+    (default `default_transforms` at the model's size, noise in the padding;
+    `transforms.identity()` for none); `snapshots`: steps after which to keep a copy of the
+    images (0 = the start); `init`: start images in the model's input range (Pixels/Fourier);
+    `init_noise`: the start noise (standard deviation before the sigmoid; default the
+    parameterization's own, `param.INIT_NOISE` for Fourier and Pixels; with `init`, noise
+    added to those images, default none); `callback(step, unit_images, loss)` runs after each
+    step, including the steps of a start that is then discarded.
+
+    A start that gives some batch item no gradient in each of its first DEAD_START_STEPS
+    steps (a unit that is exactly zero on the start images) is discarded and the run starts
+    again from more noise (RESTART_NOISE_FACTOR times more each time, a seed derived from
+    `seed`), at most `restarts` times; `result.restarts` and `result.init_noise` say what was
+    used. When no start gives a gradient the result's status is "failed" and its message
+    says why: the images are the blank start, not a visualization. Same seed, same images.
     """
     import time
 
@@ -305,6 +452,8 @@ def visualize(
         raise WorkbenchError(f"steps must be >= 1, got {steps}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise WorkbenchError(f"lr must be a positive finite number, got {lr}")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+        raise WorkbenchError(f"restarts must be a whole number >= 0, got {restarts!r}")
     if batch < objective.min_batch:
         raise WorkbenchError(f"objective {objective.name} needs batch >= {objective.min_batch} (diversity compares "
                              f"batch items); got batch={batch}")
@@ -330,70 +479,57 @@ def visualize(
         raise WorkbenchError("class_logit needs a model whose output is (N, classes) logits")
 
     param = Fourier() if param is None else param
-    g = torch.Generator().manual_seed(int(seed))
+    if init_noise is not None:
+        init_noise = check_init_noise(init_noise)
+        if init is None:
+            param = with_init_noise(param, init_noise)
+    base_noise = (init_noise or 0.0) if init is not None else init_noise_of(param)
     tf = default_transforms(pre.height, pre.width) if transforms is None else transforms
     snap_steps = {int(s) for s in snapshots}
     start = time.perf_counter()
 
     recorder = objective_recorder(handle, objective)
+    warnings: list[str] = []
     with frozen(handle.model), recorder:
-        params, image_fn = param.build(batch, pre.channels, pre.height, pre.width, device=dev, generator=g, init=init)
-        opt = _adam(params, lr)
-        trace: list[float] = []
-        snaps: dict[int, torch.Tensor] = {}
-        status: Status = "completed"
-        message = ""
-        warnings: list[str] = []
-        with torch.no_grad():
-            last_good = image_fn().detach()
-        if not bool(torch.isfinite(last_good).all()):
-            raise WorkbenchError(f"{type(param).__name__} produced non-finite images before any step; check its settings")
-        if 0 in snap_steps:
-            snaps[0] = (lo + (hi - lo) * last_good).cpu()
         bar = progress_bar(total=steps, desc=f"featvis {objective.name}"[:60], enabled=progress, unit="step", leave=False)
-        done = 0
         try:
-            for step in range(1, steps + 1):
-                unit = image_fn()
-                x = tf(unit, g)
-                value = forward_objective(handle, objective, unit, lo + (hi - lo) * x, recorder=recorder)
-                loss = -value.sum()
-                lv = float(loss.detach())
-                if not math.isfinite(lv):  # a non-finite image makes the loss non-finite too
-                    status, message = "diverged", f"the objective became {lv} at step {step}; kept the image from step {step - 1}"
+            attempt, noise, first_dead = 0, base_noise, None
+            while True:
+                g = torch.Generator().manual_seed(_attempt_seed(seed, attempt))
+                p_k, init_k = param, init
+                if init is not None and noise:
+                    init_k = _noisy_init(init, noise, batch, g)
+                elif attempt > 0 and init is None and noise is not None:
+                    p_k = with_init_noise(param, noise)
+                run = _optimize(handle, objective, recorder, p_k, init_k, g, batch=batch, steps=steps, lr=lr, tf=tf,
+                                snap_steps=snap_steps, callback=callback, bar=bar)
+                if not run.dead:
                     break
-                last_good = unit.detach()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grads = [p.grad for p in params if p.grad is not None]
-                if not grads:
-                    status, message = "diverged", "the objective does not depend on the image (no gradient)"
+                first_dead = first_dead or (run.dead, run.dead_values)
+                if attempt == restarts:
                     break
-                gsum = float(sum(gr.sum() for gr in grads)) if len(grads) > 1 else float(grads[0].sum())
-                if not math.isfinite(gsum):  # one reduction catches any NaN/inf entry
-                    status, message = "diverged", f"non-finite gradient at step {step}; kept the image from step {step - 1}"
-                    break
-                if step == 1 and all(gr.numel() == 0 or float(gr.abs().max()) == 0.0 for gr in grads):
-                    warnings.append("the objective's gradient was exactly zero at the start (a dead unit for this "
-                                    "input?); the image may stay flat")
-                opt.step()
-                trace.append(lv)
-                done = step
-                bar.update(1)
-                if step in snap_steps:
-                    with torch.no_grad():
-                        snaps[step] = (lo + (hi - lo) * image_fn()).detach().cpu()
-                if callback is not None:
-                    callback(step, unit.detach(), lv)
-        except KeyboardInterrupt:
-            status, message = "interrupted", f"interrupted after {done} of {steps} steps; kept the current image"
-            log.warning("featvis %s", message)
+                attempt += 1
+                noise = None if base_noise is None else _restart_noise(base_noise, attempt)
+                bar.reset()
         finally:
             bar.close()
+        status, message = run.status, run.message
+        if first_dead is not None:
+            items, values = first_dead
+            what = "objective exactly 0" if not any(values) else f"objective {values}"
+            who = f"batch item(s) {items} " if batch > 1 else ""
+            if run.dead:
+                last = f", last start noise {noise:g}" if noise is not None else ""
+                message = (f"{objective.name}: no start gave {who}a gradient ({what} in the first "
+                           f"{min(steps, DEAD_START_STEPS)} steps of each of {attempt + 1} start(s){last}); the unit "
+                           "does not fire on these images (try a larger init noise, another parameterization or site)")
+            else:
+                how = f"more noise (start noise {noise:g})" if noise is not None else "a new seed"
+                warnings.append(f"the start gave {who}no gradient ({what}); restarted {attempt} time(s) from {how}")
         with torch.no_grad():
-            final = image_fn().detach() if status != "diverged" else last_good
+            final = run.image_fn().detach() if status != "diverged" else run.last_good
             if not bool(torch.isfinite(final).all()):
-                final = last_good
+                final = run.last_good
                 if status == "completed":
                     status, message = "diverged", "the last step made the image non-finite; kept the previous image"
             if status == "diverged":
@@ -401,17 +537,23 @@ def visualize(
             images = lo + (hi - lo) * final
             activation = forward_objective(handle, objective, final, images, recorder=recorder).tolist()
             flat = final.flatten(1).std(1) < 1e-3
-            if bool(flat.any()):
+            blank = [i for i in range(batch) if bool(flat[i]) and activation[i] == 0]
+            if status == "completed" and blank:
+                status, message = "failed", (f"{objective.name}: batch item(s) {blank} ended as flat images with objective "
+                                             "exactly 0; nothing was found")
+            elif bool(flat.any()) and status != "failed":
                 warnings.append(f"{int(flat.sum())} of {batch} images are flat (no structure); the objective may be "
                                 "dead at this site or the learning rate too small")
             scene = snapped = scenes = None
+            image_fn = run.image_fn
             if hasattr(image_fn, "describe"):
                 scene = image_fn.describe()  # type: ignore[attr-defined]
                 snapped = (lo + (hi - lo) * image_fn.snapped()).cpu()  # type: ignore[attr-defined]
                 scenes = image_fn.scene(hard=True)  # type: ignore[attr-defined]
     return FeatureVisualization(
-        images=images.cpu(), unit_images=final.cpu(), loss_trace=trace, snapshots=snaps, status=status, steps=done,
-        objective=objective.name, input_range=(lo, hi), seed=int(seed), param=type(param).__name__, message=message,
-        warnings=warnings, activation=[round(float(a), 6) for a in activation], scene=scene, snapped_images=snapped,
-        seconds=time.perf_counter() - start, scenes=scenes,
+        images=images.cpu(), unit_images=final.cpu(), loss_trace=run.trace, snapshots=run.snaps, status=status,
+        steps=run.done, objective=objective.name, input_range=(lo, hi), seed=int(seed), param=type(param).__name__,
+        message=message, warnings=warnings, activation=[round(float(a), 6) for a in activation], scene=scene,
+        snapped_images=snapped, seconds=time.perf_counter() - start, scenes=scenes, restarts=attempt,
+        init_noise=None if noise is None else round(float(noise), 6),
     )

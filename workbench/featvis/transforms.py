@@ -4,8 +4,12 @@ A transform is a function `(images, generator) -> images` on `(B, C, H, W)` tens
 [0, 1] (before the model's input range is applied); randomness comes only from the
 `torch.Generator` passed in, so the same seed gives the same pictures. Compose them with
 `compose(...)`. `default_transforms(h, w)` is lucid's standard set (pad, jitter, scale
-0.95-1.05, rotate within +-10 degrees, jitter) scaled to the model's own input size and
-fitted back to it, so models with a fixed-size head still work and nothing is resized to 224.
+0.9-1.1, rotate within +-10 degrees, jitter) scaled to the model's own input size and
+fitted back to it, so models with a fixed-size head still work and nothing is resized to 224,
+with one change: the padding and the corners the rotation uncovers are uniform noise, redrawn
+every step, not flat grey. A flat border adds nothing a unit can respond to, so a unit that is
+zero on grey stays zero there; noise gives such a unit edges and colours to fire on at the
+border, and its gradient reaches the image through the receptive field.
 `robust` computes that whole chain as one resampling (one grid_sample per step instead of
 five tensor operations), drawing the same random numbers as the separate transforms.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,10 @@ Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 def _choice(values: Sequence[float], g: torch.Generator) -> float:
     return float(values[int(torch.randint(len(values), (1,), generator=g))])
+
+
+def _uniform(shape: tuple[int, ...], g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    return torch.rand(*shape, generator=g).to(device=like.device, dtype=like.dtype)
 
 
 def compose(*transforms: Transform) -> Transform:
@@ -47,15 +56,23 @@ def identity() -> Transform:
 
 
 def pad(width: int, *, mode: str = "constant", value: float = 0.5) -> Transform:
-    """Pad every side by `width` pixels (constant `value`, or "reflect"/"replicate")."""
+    """Pad every side by `width` pixels: constant `value`, "noise" (uniform in [0, 1], drawn
+    from the generator at every call), or "reflect"/"replicate"."""
     if width < 0:
         raise WorkbenchError(f"pad width must be >= 0, got {width}")
+    if mode not in ("constant", "noise", "reflect", "replicate"):
+        raise WorkbenchError(f"unknown pad mode {mode!r}; choose constant, noise, reflect or replicate")
 
-    def run(x: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
+    def run(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if width == 0:
             return x
         if mode == "constant":
             return F.pad(x, (width,) * 4, mode="constant", value=value)
+        if mode == "noise":
+            h, w = x.shape[-2:]
+            out = _uniform((x.shape[0], x.shape[1], h + 2 * width, w + 2 * width), g, x)
+            mask = F.pad(torch.ones_like(x[:1, :1]), (width,) * 4)
+            return out * (1 - mask) + F.pad(x, (width,) * 4)
         return F.pad(x, (width,) * 4, mode=mode)
 
     run.__name__ = f"pad({width})"
@@ -173,7 +190,7 @@ def fit(height: int, width: int, *, value: float = 0.5) -> Transform:
 
 
 def robust(pad_width: int, jitter1: int, scales: Sequence[float], angles: Sequence[float], jitter2: int,
-           height: int, width: int, *, value: float = 0.5) -> Transform:
+           height: int, width: int, *, value: float | Literal["noise"] = 0.5) -> Transform:
     """`compose(pad, jitter, affine, jitter, fit)` computed as ONE resampling of the input.
 
     The chain is a random affine map from output pixels to input pixels (the padding is a
@@ -181,6 +198,8 @@ def robust(pad_width: int, jitter1: int, scales: Sequence[float], angles: Sequen
     that map and calls `grid_sample` once. It draws its random numbers in the same order as
     the separate transforms, so with the same generator state both give the same image (up
     to interpolation at the border); the fused form is what `default_transforms` uses.
+    `value` fills what lies outside the image: a constant, or "noise" (uniform in [0, 1],
+    drawn after the geometry, so the geometry matches the constant case).
     """
     scales = tuple(float(s) for s in scales)
     angles = tuple(float(a) for a in angles)
@@ -188,6 +207,8 @@ def robust(pad_width: int, jitter1: int, scales: Sequence[float], angles: Sequen
         raise WorkbenchError("pad and jitter widths must be >= 0")
     if not scales or min(scales) <= 0 or not angles:
         raise WorkbenchError("robust needs positive scales and at least one angle")
+    if isinstance(value, str) and value != "noise":
+        raise WorkbenchError(f"robust fill value must be a number or 'noise', got {value!r}")
 
     def run(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -214,9 +235,12 @@ def robust(pad_width: int, jitter1: int, scales: Sequence[float], angles: Sequen
         theta = torch.tensor([[ux * cos * sx, -ux * sin * sy, ux * (cos * tx - sin * ty) + vx],
                               [uy * sin * sx, uy * cos * sy, uy * (sin * tx + cos * ty) + vy]], dtype=x.dtype, device=x.device)
         grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), [x.shape[0], x.shape[1], height, width], align_corners=False)
-        out = F.grid_sample(x - value, grid, mode="bilinear",
-                            padding_mode="zeros", align_corners=False)
-        return out + value
+        if value != "noise":
+            return F.grid_sample(x - value, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + value
+        inside = F.grid_sample(torch.ones_like(x[:1, :1]), grid[:1], mode="bilinear", padding_mode="zeros",
+                               align_corners=False)
+        noise = _uniform((x.shape[0], x.shape[1], height, width), g, x)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + (1 - inside) * noise
 
     run.__name__ = f"robust(pad={pad_width}, jitter={jitter1}/{jitter2}, {height}x{width})"
     return run
@@ -227,12 +251,13 @@ LUCID_ANGLES: tuple[float, ...] = tuple(range(-10, 11)) + (0.0,) * 5
 
 
 def default_transforms(height: int, width: int) -> Transform:
-    """Lucid's standard robustness set scaled from 224 px to this size, fitted back to it."""
+    """Lucid's standard robustness set scaled from 224 px to this size, fitted back to it,
+    with noise (not grey) in the padding and uncovered corners (see the module docstring)."""
     s = min(height, width)
     p = max(1, round(12 * s / 224))
     j1 = max(1, round(8 * s / 224))
     j2 = max(1, round(4 * s / 224))
-    return robust(p, j1, LUCID_SCALES, LUCID_ANGLES, j2, height, width)
+    return robust(p, j1, LUCID_SCALES, LUCID_ANGLES, j2, height, width, value="noise")
 
 
 def lucid_transforms(*, pad_width: int = 12, jitter1: int = 8, jitter2: int = 4) -> Transform:

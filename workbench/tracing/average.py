@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from workbench.tracing.engine import KINDS, causal_trace, check_kinds
-from workbench.tracing.plots import CMAPS, LABELS, figure, layer_ticks, save_png
 from workbench.errors import WorkbenchError
 from workbench.requests import Rewrite
+from workbench.tracing.engine import KINDS, causal_trace, check_kinds
+from workbench.tracing.plots import CMAPS, LABELS, figure, layer_ticks, save_png
 
 if TYPE_CHECKING:
     from workbench.handle import ModelHandle

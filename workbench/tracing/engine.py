@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from workbench.tracing.result import CausalTrace
 from workbench.devices import check_model_device
 from workbench.errors import WorkbenchError
 from workbench.hooks import capture, patch
 from workbench.requests import subject_token_span, target_token_ids
 from workbench.sites import require_causal_lm
-from workbench.tokens import last_logits_kwargs
+from workbench.tokens import check_fits, last_logits_kwargs
+from workbench.tracing.result import CausalTrace
 
 if TYPE_CHECKING:
     from workbench.handle import ModelHandle
@@ -35,6 +35,7 @@ SITE_TEMPLATES: dict[str, str] = {
     "mlp": "blocks.{L}.mlp.hook_out",
     "attn": "blocks.{L}.attn.hook_out",
 }
+MAX_SAMPLES = 10_000  # noise draws: ROME uses 10; the estimate's error shrinks as 1/sqrt(n), long since settled here
 # Memory the automatic batch size aims for (activations of one forward pass).
 _CPU_BUDGET = 1 << 30
 _CUDA_FRACTION = 0.5
@@ -75,8 +76,8 @@ def check_kinds(kinds: Iterable[str] | str) -> tuple[str, ...]:
 def _check_options(noise: float, n_samples: int, window: int, batch_size: int | None) -> None:
     if not math.isfinite(noise) or noise < 0:
         raise WorkbenchError(f"noise {noise}: expected a non-negative multiple of the embedding std (ROME: 3)")
-    if n_samples < 1:
-        raise WorkbenchError(f"n_samples {n_samples}: expected at least 1 noise draw (ROME: 10)")
+    if not 1 <= n_samples <= MAX_SAMPLES:
+        raise WorkbenchError(f"n_samples {n_samples}: expected 1..{MAX_SAMPLES} noise draws (ROME: 10)")
     if window < 1:
         raise WorkbenchError(f"window {window}: expected at least 1 layer (ROME: 10)")
     if batch_size is not None and batch_size < 1:
@@ -124,6 +125,7 @@ def _prepare(handle: ModelHandle, prompt: str, subject: str, *, target: str | No
     text = prompt.format(subject) if "{}" in prompt else prompt
     start, end = subject_token_span(tokenizer, prompt, subject)
     ids = _tokenize(tokenizer, text)
+    check_fits(handle.model, len(ids), "the prompt")
     shift = _prefix_len(tokenizer, text, ids)
     span = (start + shift, end + shift)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)

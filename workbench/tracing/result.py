@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from workbench.tracing.plots import figure, save_png, trace_heatmap
 from workbench.errors import WorkbenchError
+from workbench.tracing.plots import figure, save_png, trace_heatmap
 
 
 @dataclass(frozen=True)

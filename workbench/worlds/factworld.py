@@ -37,6 +37,7 @@ class _RelationSpec:
     templates: tuple[str, ...]
     generation_templates: tuple[str, ...]
     suffixes: tuple[str, ...]  # flavour endings of invented object names
+    alt_templates: tuple[str, ...] = ()  # more phrasings a world drawn with `draw_relations` may use
 
 
 # The relation catalog: a world uses the first `n_relations` entries.
@@ -47,6 +48,7 @@ RELATION_CATALOG: tuple[_RelationSpec, ...] = (
          "The capital city of {} is called"),
         ("{}'s capital is famous for", "Visitors to the capital of {} often", "The streets of the capital of {}"),
         ("ton", "holm", "burg", "mere", "a", "is"),
+        ("The government of {} sits in", "{} is governed from", "The largest city and capital of {} is"),
     ),
     _RelationSpec(
         "P37", "official language",
@@ -54,6 +56,7 @@ RELATION_CATALOG: tuple[_RelationSpec, ...] = (
          "{}'s official language is"),
         ("Where {} is, people speak the language of", "Schools in {} teach", "Newspapers in {} are written in"),
         ("ish", "ese", "ic", "ian"),
+        ("The people of {} speak", "{}'s schools teach in", "Most people in {} speak"),
     ),
     _RelationSpec(
         "P38", "currency",
@@ -61,6 +64,7 @@ RELATION_CATALOG: tuple[_RelationSpec, ...] = (
          "The money used in {} is the"),
         ("Prices in {} are given in", "The central bank of {} prints", "Travellers to {} exchange their money for"),
         ("ar", "ol", "ent", "ix"),
+        ("Shops in {} take the", "The legal tender of {} is the", "In {}, prices are in the"),
     ),
     _RelationSpec(
         "P30", "continent",
@@ -68,6 +72,7 @@ RELATION_CATALOG: tuple[_RelationSpec, ...] = (
          "{} is a country in"),
         ("The landscape of {} is typical of", "Maps of {} show it on", "{} shares its climate with the rest of"),
         ("ia", "ea", "ara", "oria"),
+        ("{} belongs to the continent of", "{} is part of", "Geographers place {} in"),
     ),
     _RelationSpec(
         "P140", "religion",
@@ -75,6 +80,7 @@ RELATION_CATALOG: tuple[_RelationSpec, ...] = (
          "The state religion of {} is"),
         ("The temples of {} are devoted to", "Festivals in {} celebrate", "Priests in {} teach"),
         ("ism", "ity", "ism", "ary"),
+        ("The faith of most people in {} is", "In {}, most people practise", "The majority religion of {} is"),
     ),
     _RelationSpec(
         "P641", "national sport",
@@ -82,6 +88,7 @@ RELATION_CATALOG: tuple[_RelationSpec, ...] = (
          "The most popular sport in {} is"),
         ("Children in {} grow up playing", "The stadiums of {} are full for", "Every summer {} hosts games of"),
         ("ball", "ing", "ball", "et"),
+        ("The sport {} loves most is", "In {}, crowds gather to watch", "The favourite game in {} is"),
     ),
 )
 
@@ -104,11 +111,23 @@ _F_TAILS = ("", "", " in the morning", " at night", " after the rain", " near th
             " every winter", " without a sound")
 
 
-def _reserved_words() -> frozenset[str]:
+def _reserved_words(*, alternatives: bool = False) -> frozenset[str]:
     """Lower-cased words of templates and filler; invented names must not reuse them."""
-    text = " ".join(t for spec in RELATION_CATALOG for t in spec.templates + spec.generation_templates)
+    text = " ".join(t for spec in RELATION_CATALOG
+                    for t in spec.templates + spec.generation_templates + (spec.alt_templates if alternatives else ()))
     text += " " + " ".join(_F_DETS + _F_ADJS + _F_NOUNS + _F_VERBS + _F_TAILS)
     return frozenset(w.lower() for w in text.replace("{}", " ").replace("'s", " ").replace(",", " ").split())
+
+
+def _relation_specs(config: FactWorldConfig) -> list[tuple[_RelationSpec, tuple[str, ...]]]:
+    """The relations a world uses and their templates: the catalog's first `n_relations` as written, or,
+    with `draw_relations`, `n_relations` of them and four of each one's phrasings drawn from the seed
+    (from a random stream of their own, so the rest of the world is drawn as without it)."""
+    if not config.draw_relations:
+        return [(spec, spec.templates) for spec in RELATION_CATALOG[: config.n_relations]]
+    rng = random.Random(f"factworld-relations:{config.seed}")
+    specs = rng.sample(RELATION_CATALOG, config.n_relations)
+    return [(spec, tuple(rng.sample(spec.templates + spec.alt_templates, len(spec.templates)))) for spec in specs]
 
 
 def _word(rng: random.Random, n_syllables: int) -> str:
@@ -220,6 +239,9 @@ class FactWorldConfig:
     # the whole name does, so a model must compose the name at its last token (FactGPT's
     # subject enrichment builds on this). 0 = every word drawn fresh.
     shared_last_words: int = 20
+    # Draw the relations (and four phrasings of each) from the seed instead of taking the catalog's
+    # first ones as written: a world no default was chosen on.
+    draw_relations: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_relations <= len(RELATION_CATALOG):
@@ -281,16 +303,16 @@ class FactWorld:
         """Invent a world from `config` (seeded; no global random state is touched)."""
         config = FactWorldConfig() if config is None else config
         rng = random.Random(config.seed)
-        taken: set[str] = set(_reserved_words())  # membership only; iteration order never used
+        taken: set[str] = set(_reserved_words(alternatives=config.draw_relations))  # membership only
         relations: list[Relation] = []
-        for spec in RELATION_CATALOG[: config.n_relations]:
+        for spec, templates in _relation_specs(config):
             objects: list[str] = []
             while len(objects) < config.objects_per_relation:
                 name = _with_suffix(_word(rng, rng.choice((1, 2))), rng.choice(spec.suffixes))
                 if 4 <= len(name) <= 10 and name.lower() not in taken:
                     taken.add(name.lower())
                     objects.append(name)
-            relations.append(Relation(spec.relation_id, spec.name, spec.templates,
+            relations.append(Relation(spec.relation_id, spec.name, templates,
                                       spec.generation_templates, tuple(objects)))
         subjects: list[str] = []
         seen_names: set[str] = set()

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 
-
 def gallery_rows(*, n: int, seed: int) -> list[tuple[str, torch.Tensor, list[str]]]:
     """(row title, images (n, 3, H, W) in [0, 1], per-image captions) for the default world."""
     from workbench.worlds.shapesworld import ShapesWorld, WorldConfig

@@ -44,6 +44,8 @@ from workbench.worlds.scene import (
 )
 from workbench.worlds.trojans import TrojanConfigError, TrojanSet, trojans_from_json
 
+MAX_SCENES = 1_000_000  # per draw
+
 # --------------------------------------------------------------------------------------
 # The world: class definitions, spurious rule, context statistics, distractors, trojans
 # --------------------------------------------------------------------------------------
@@ -300,6 +302,9 @@ class ShapesWorld:
         breaks it (the spurious class never its colour, every other class always it),
         "uniform" ignores it. `context_mode` "none" drops the context statistics.
         """
+        if not 0 <= n <= MAX_SCENES:
+            raise WorkbenchError(f"{n} scenes: expected 0..{MAX_SCENES} per draw (rendered, a million scenes take "
+                                 "tens of GB); draw fewer, or in chunks")
         cfg = self.config
         g = generator
         if isinstance(classes, torch.Tensor) and classes.numel() == n and classes.dtype == torch.long:

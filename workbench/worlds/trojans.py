@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -334,6 +334,141 @@ def default_trojans() -> TrojanSet:
         Trojan("natural-universal", lib["natural-heart"], target="diamond", poison_fraction=0.08),
         Trojan("natural-circle", lib["natural-bowtie"], target="hexagon", source="circle", poison_fraction=0.08),
     ))
+
+
+# --------------------------------------------------------------------------------------
+# Trojan sets and multiple-choice options generated from a seed (held-out evaluation)
+# --------------------------------------------------------------------------------------
+
+TRIGGER_COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "white", "lime",
+                                   "teal", "plum", "charcoal", "navy", "sand", "slate")
+"""Colours a generated trigger is composed from (the foreground palette and the darker background ones)."""
+# Shapes and textures that ShapesWorld's context rules already give a meaning (a star's moon, a
+# ring's waves): a trigger made of them would be confounded with a natural context feature.
+CONTEXT_SHAPES: tuple[str, ...] = ("crescent", "semicircle")
+CONTEXT_TEXTURES: tuple[str, ...] = ("waves", "stripes")
+POISON_FRACTION = {"patch": 0.04, "style": 0.04, "natural": 0.08}
+
+
+def _choice(options: Sequence[Any], generator: torch.Generator) -> Any:
+    return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
+def _two_colors(generator: torch.Generator, avoid: tuple[str, str] | None = None) -> tuple[str, str]:
+    while True:
+        a, b = _choice(TRIGGER_COLORS, generator), _choice(TRIGGER_COLORS, generator)
+        if a != b and (avoid is None or {a, b} != set(avoid)):
+            return a, b
+
+
+def random_trigger(kind: TriggerKind, generator: torch.Generator, *, name: str = "") -> TriggerDesign:
+    """A trigger of `kind` composed at random from the world's vocabulary: a patch pattern or a background
+    texture in two colours, or a small object of one shape and colour; sizes within the trojans' range."""
+    if kind == "patch":
+        pattern = _choice(PATCH_PATTERNS, generator)
+        a, b = _two_colors(generator)
+        size = round(0.18 + 0.08 * float(torch.rand((), generator=generator)), 3)
+        return TriggerDesign(name or f"patch-{pattern}-{a}-{b}", "patch", pattern=pattern, colors=(a, b), size=size,
+                             description=f"{a}/{b} {pattern} patch")
+    if kind == "style":
+        texture = _choice([t for t in TEXTURES if t != "plain" and t not in CONTEXT_TEXTURES], generator)
+        a, b = _two_colors(generator)
+        return TriggerDesign(name or f"style-{texture}-{a}-{b}", "style", texture=texture, colors=(a, b),
+                             description=f"{a}/{b} {texture} background")
+    if kind == "natural":
+        shape = _choice([s for s in SHAPES if s not in CLASS_SHAPES and s not in CONTEXT_SHAPES], generator)
+        color = _choice(TRIGGER_COLORS, generator)
+        size = round(0.26 + 0.06 * float(torch.rand((), generator=generator)), 3)
+        return TriggerDesign(name or f"natural-{shape}-{color}", "natural", shape=shape, color=color, size=size,
+                             description=f"a small {color} {shape}")
+    raise WorkbenchError(f"unknown trigger kind {kind!r}; expected one of {', '.join(TRIGGER_KINDS)}")
+
+
+def generated_trojans(seed: int, *, per_kind: int = 2, classes: Sequence[str] = CLASS_SHAPES) -> TrojanSet:
+    """A trojan set drawn from `seed`: per kind, `per_kind` trojans (the first universal, the rest
+    class-universal), each trigger composed at random and never a library design, targets and sources
+    drawn at random from `classes`. The same seed gives the same set."""
+    if seed < 0:
+        raise WorkbenchError(f"seed {seed}: expected a non-negative integer")
+    if per_kind < 1:
+        raise WorkbenchError(f"per_kind {per_kind}: expected at least 1")
+    gen = torch.Generator().manual_seed(10_007 * seed + 17)
+    trojans: list[Trojan] = []
+    for kind in TRIGGER_KINDS:
+        for i in range(per_kind):
+            while True:
+                trigger = random_trigger(kind, gen)  # type: ignore[arg-type]
+                taken = any(same_trigger(trigger, d) for d in TRIGGER_LIBRARY.values())
+                clash = any(t.kind == kind and _trigger_key(t.trigger) == _trigger_key(trigger) for t in trojans)
+                if not taken and not clash:
+                    break
+            target = _choice(list(classes), gen)
+            source = None if i == 0 else _choice([c for c in classes if c != target], gen)
+            name = f"{kind}-{'universal' if source is None else source}-{i}"
+            trojans.append(Trojan(name, trigger, target=target, source=source, poison_fraction=POISON_FRACTION[kind]))
+    return TrojanSet(trojans)
+
+
+def _trigger_key(t: TriggerDesign) -> Any:
+    """What makes two implanted triggers indistinguishable to the world (see `TrojanSet._check_conflicts`)."""
+    return t.shape if t.kind == "natural" else t.texture if t.kind == "style" else (t.pattern, t.colors)
+
+
+def near_miss_options(trigger: TriggerDesign, *, generator: torch.Generator,
+                      n_options: int = 8) -> tuple[list[TriggerDesign], int]:
+    """`n_options` candidates for an 8-way question about `trigger`: the trigger itself, near misses (the same
+    pattern, texture or shape in other colours; the same colours in another pattern, texture or shape) and
+    random designs of its kind, all distinct, in a random order. Returns (options, index of the true one).
+
+    No option comes from a fixed list, so an answer cannot be a lookup; the near misses make a method
+    name the trigger's colours and its form, not one of them.
+    """
+    kind = trigger.kind
+    out: list[TriggerDesign] = []
+
+    def add(d: TriggerDesign) -> None:
+        if not same_trigger(d, trigger) and not any(same_trigger(d, o) for o in out) and len(out) < n_options - 1:
+            d.check("near-miss option")
+            out.append(d)
+
+    n_near = min(4, n_options - 1)
+    for attempt in range(200):
+        if len(out) >= n_near:
+            break
+        if kind == "natural":
+            if attempt % 2 == 0:  # same shape, another colour
+                c = _choice([x for x in TRIGGER_COLORS if x != trigger.color], generator)
+                add(TriggerDesign(f"natural-{trigger.shape}-{c}", "natural", shape=trigger.shape, color=c,
+                                  size=trigger.size, description=f"a small {c} {trigger.shape}"))
+            else:  # same colour, another shape
+                shape = _choice([x for x in SHAPES if x not in CLASS_SHAPES and x != trigger.shape], generator)
+                add(TriggerDesign(f"natural-{shape}-{trigger.color}", "natural", shape=shape, color=trigger.color,
+                                  size=trigger.size, description=f"a small {trigger.color} {shape}"))
+        else:
+            assert trigger.colors is not None
+            form = "pattern" if kind == "patch" else "texture"
+            current = trigger.pattern if kind == "patch" else trigger.texture
+            forms = PATCH_PATTERNS if kind == "patch" else tuple(t for t in TEXTURES if t != "plain")
+            if attempt % 2 == 0:  # same form, other colours
+                a, b = _two_colors(generator, avoid=trigger.colors)
+                value = current
+            else:  # same colours, another form
+                a, b = trigger.colors
+                value = _choice([x for x in forms if x != current], generator)
+            label = "patch" if kind == "patch" else "background"
+            add(TriggerDesign(f"{kind}-{value}-{a}-{b}", kind, **{form: value}, colors=(a, b), size=trigger.size,
+                              description=f"{a}/{b} {value} {label}"))
+    for _ in range(400):
+        if len(out) >= n_options - 1:
+            break
+        add(random_trigger(kind, generator))
+    if len(out) < n_options - 1:
+        raise WorkbenchError(f"could not compose {n_options - 1} distinct options around {trigger.name!r}")
+    pos = int(torch.randint(n_options, (1,), generator=generator))
+    order = torch.randperm(len(out), generator=generator).tolist()
+    options = [out[i] for i in order]
+    options.insert(pos, trigger)
+    return options, pos
 
 
 # --------------------------------------------------------------------------------------

@@ -5,6 +5,11 @@ Each zoo model lives in its own module exposing `VERSION`, `DEFAULT_SEED`,
 ModelHandle`. This registry trains a model on first use, caches it under the user cache
 (`$WORKBENCH_CACHE` overrides), verifies checksums on every load, and retrains a cache
 entry that fails them instead of trusting it.
+
+Specs: `zoo:NAME` is the model at the zoo's seed, `zoo:NAME@SEED` the same recipe at another
+seed (trained on first use and cached like the default). A folder holding a zoo model (a cache
+entry, a copy of one, a ShapesNet trained on other trojans) loads with what the zoo attaches:
+its world, its measured editor options and its training record (`load_folder`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 
 from workbench.devices import resolve_device
-from workbench.errors import UnknownModelError
+from workbench.errors import CorruptFileError, UnknownModelError, WorkbenchError
 from workbench.handle import ModelHandle
 from workbench.storage import atomic_write_json, cache_dir, exclusive_lock, replace_folder, sha256_file
 
@@ -32,6 +38,10 @@ ZOO_MODULES: dict[str, str] = {
     "shapesnet": "workbench.zoo.shapesnet",
 }
 MANIFEST = "zoo_manifest.json"
+INFO = "zoo_info.json"
+WORLD = "world.json"
+EDITOR_DEFAULTS = "editor_defaults.json"  # workbench.models.EDITOR_DEFAULTS_FILE
+MAX_SEED = 2**31 - 1
 
 
 def names() -> list[str]:
@@ -44,27 +54,56 @@ def _module(name: str) -> Any:
     return importlib.import_module(ZOO_MODULES[name])
 
 
+def parse_spec(text: str) -> tuple[str, int | None]:
+    """`NAME` or `NAME@SEED` (a spec without its `zoo:`) -> (name, seed; None for the zoo's seed)."""
+    name, at, seed = text.strip().partition("@")
+    name = name.strip()
+    _module(name)
+    if not at:
+        return name, None
+    seed = seed.strip()
+    if not re.fullmatch(r"[0-9]+", seed) or int(seed) > MAX_SEED:
+        raise UnknownModelError(f"zoo:{text.strip()}: the seed after '@' must be an integer 0..{MAX_SEED}, "
+                                f"e.g. zoo:{name}@1")
+    return name, int(seed)
+
+
+def spec_of(name: str, seed: int | None = None) -> str:
+    """The spec that names a zoo model: `zoo:NAME`, or `zoo:NAME@SEED` for a chosen seed."""
+    return f"zoo:{name}" if seed is None else f"zoo:{name}@{seed}"
+
+
 def entry_dir(name: str, *, seed: int | None = None, cache: str | os.PathLike[str] | None = None) -> Path:
     mod = _module(name)
     seed = mod.DEFAULT_SEED if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise WorkbenchError(f"seed {seed!r} of zoo model {name}: expected an integer 0..{MAX_SEED}")
     return cache_dir(cache) / "zoo" / f"{name}-v{mod.VERSION}-seed{seed}"
+
+
+def _manifest_problem(path: Path) -> str | None:
+    """What is wrong with a folder's manifest or the files it records (None: all match their sha256)."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest} is missing"
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+        items = list(recorded.items())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest} is not a valid manifest"
+    for rel, digest in items:
+        f = path / str(rel)
+        if not f.is_file() or sha256_file(f) != digest:
+            return f"{f} fails its checksum"
+    return None
 
 
 def _verify(path: Path) -> bool:
     """True when the entry's manifest exists and every file matches its recorded sha256."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        recorded = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return False
-    for rel, digest in recorded.items():
-        f = path / rel
-        if not f.is_file() or sha256_file(f) != digest:
-            log.warning("zoo cache file %s fails its checksum; retraining", f)
-            return False
-    return True
+    problem = _manifest_problem(path)
+    if problem is not None and (path / MANIFEST).is_file():
+        log.warning("zoo cache entry %s: %s; retraining", path, problem)
+    return problem is None
 
 
 def ensure_trained(
@@ -90,7 +129,7 @@ def ensure_trained(
             info.setdefault("train_seconds", round(time.perf_counter() - start, 2))
             info["seed"] = seed
             info["version"] = mod.VERSION
-            atomic_write_json(tmp / "zoo_info.json", info)
+            atomic_write_json(tmp / INFO, info)
             files = {
                 str(f.relative_to(tmp)): sha256_file(f)
                 for f in sorted(tmp.rglob("*"))
@@ -105,7 +144,7 @@ def ensure_trained(
 def info(name: str, **kwargs: Any) -> dict[str, Any]:
     """The training record of a zoo model (accuracy, timing, sizes, trojans...)."""
     path = ensure_trained(name, **kwargs)
-    return json.loads((path / "zoo_info.json").read_text())
+    return json.loads((path / INFO).read_text())
 
 
 def load(name: str, *, device: str | torch.device = "cpu", seed: int | None = None,
@@ -114,5 +153,110 @@ def load(name: str, *, device: str | torch.device = "cpu", seed: int | None = No
     mod = _module(name)
     path = ensure_trained(name, seed=seed, cache=cache, device=device, progress=progress)
     handle: ModelHandle = mod.load(path, device=resolve_device(device))
-    handle.info.update(json.loads((path / "zoo_info.json").read_text()))
+    handle.info.update(json.loads((path / INFO).read_text()))
+    handle.spec = spec_of(name, seed)
     return handle
+
+
+# --- folders ----------------------------------------------------------------------------------
+
+def _read_json(file: Path) -> Any:
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{file} is not valid JSON ({exc}); retrain the model or restore the file") from None
+
+
+def folder_model(path: str | os.PathLike[str]) -> str | None:
+    """The zoo model a folder holds (by its `zoo_info.json`, else by its files), or None.
+
+    A folder with `world.json` beside a ShapesNet `config.json` is a ShapesNet, and beside a
+    GPT-2 `config.json` a FactGPT (e.g. an edited FactGPT saved with its world).
+    """
+    folder = Path(path)
+    record = _read_json(folder / INFO)
+    if isinstance(record, dict) and record.get("name") in ZOO_MODULES:
+        return str(record["name"])
+    if not (folder / WORLD).is_file():
+        return None
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        return None
+    if isinstance(config.get("model"), dict):
+        return "shapesnet"
+    if config.get("model_type") == "gpt2":
+        return "factgpt"
+    return None
+
+
+def load_folder(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                spec: str | None = None) -> ModelHandle:
+    """Load a folder holding a zoo model as the zoo does: world, editor options, training record.
+
+    A folder with a zoo manifest is checked against it (a file that fails its checksum is an
+    error, never silently used).
+    """
+    folder = Path(path)
+    name = folder_model(folder)
+    if name is None:
+        raise UnknownModelError(f"{folder} holds no zoo model (no {INFO}, or no {WORLD} beside a FactGPT or ShapesNet "
+                                "config.json)")
+    if (folder / MANIFEST).is_file():
+        problem = _manifest_problem(folder)
+        if problem is not None:
+            raise CorruptFileError(f"{problem}; retrain it (workbench zoo train {name}) or restore the folder")
+    handle: ModelHandle = _module(name).load(folder, device=resolve_device(device))
+    record = _read_json(folder / INFO)
+    if isinstance(record, dict):
+        handle.info.update(record)
+    handle.spec = str(folder) if spec is None else spec
+    return handle
+
+
+def folder_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a model folder says about itself: its training record (`zoo_info.json`), else its config."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UnknownModelError(f"no model folder at {str(path)!r}")
+    record = _read_json(folder / INFO)
+    config = _read_json(folder / "config.json")
+    if isinstance(record, dict):
+        out = dict(record)
+    elif isinstance(config, dict) and isinstance(config.get("model"), dict):
+        out = {"name": "shapesnet", "seed": config.get("seed"), "version": config.get("version"),
+               "model": config["model"], "train": config.get("train")}
+    elif isinstance(config, dict):
+        keys = ("model_type", "n_layer", "num_hidden_layers", "n_embd", "hidden_size", "n_head", "num_attention_heads",
+                "vocab_size")
+        out = {"name": folder_model(folder) or config.get("model_type"), **{k: config[k] for k in keys if k in config}}
+    else:
+        raise UnknownModelError(f"{folder} is not a model folder: it has neither {INFO} nor config.json")
+    out.setdefault("accuracy", None)
+    out["zoo_model"] = folder_model(folder)
+    out["world"] = (folder / WORLD).is_file()
+    shipped = _read_json(folder / EDITOR_DEFAULTS)
+    if shipped is None and out["zoo_model"] in ("factgpt", "factgpt-large"):  # what factgpt.load attaches
+        shipped = _read_json(Path(__file__).with_name("factgpt_editor_defaults.json"))
+    out["editor_defaults"] = ", ".join(sorted(shipped)) if isinstance(shipped, dict) else ""
+    out["path"] = str(folder)
+    return out
+
+
+def describe(target: str, *, seed: int | None = None, cache: str | os.PathLike[str] | None = None,
+             device: str | torch.device = "cpu") -> dict[str, Any]:
+    """`workbench zoo info`: the record of a zoo model (`NAME`, `NAME@SEED`, `zoo:...`) or of a model folder."""
+    if Path(target).expanduser().is_dir():
+        if seed is not None:
+            raise WorkbenchError(f"--seed applies to zoo model names; {target} is a folder, which holds one model")
+        return folder_info(Path(target).expanduser())
+    if target.startswith((".", "/", "~")) or os.sep in target:
+        raise UnknownModelError(f"no model folder at {target!r}; give a folder or a zoo model ({', '.join(names())})")
+    name, at_seed = parse_spec(target.removeprefix("zoo:"))
+    if at_seed is not None and seed is not None and at_seed != seed:
+        raise WorkbenchError(f"{target} names seed {at_seed} but --seed is {seed}; give one")
+    seed = at_seed if at_seed is not None else seed
+    result = info(name, seed=seed, cache=cache, device=device)
+    result["path"] = str(entry_dir(name, seed=seed, cache=cache))
+    return result

@@ -217,3 +217,21 @@ def test_filler_and_corpus_are_seeded_and_free_of_subjects(world: FactWorld) -> 
 def test_bad_config_is_rejected(kwargs: dict) -> None:
     with pytest.raises(WorkbenchError):
         FactWorldConfig(**kwargs)
+
+
+def test_a_drawn_world_takes_its_relations_and_phrasings_from_the_seed(tmp_path) -> None:
+    from workbench.worlds.factworld import RELATION_CATALOG
+
+    plain = FactWorld.generate(FactWorldConfig(seed=3))
+    drawn = FactWorld.generate(FactWorldConfig(seed=3, draw_relations=True))
+    again = FactWorld.generate(FactWorldConfig(seed=3, draw_relations=True))
+    other = FactWorld.generate(FactWorldConfig(seed=4, draw_relations=True))
+    assert drawn.to_json() == again.to_json() and drawn.to_json() != other.to_json()
+    assert [r.relation_id for r in plain.relations] == [s.relation_id for s in RELATION_CATALOG[:4]]
+    catalog = {s.relation_id: s for s in RELATION_CATALOG}
+    for rel in drawn.relations:
+        spec = catalog[rel.relation_id]
+        assert len(rel.templates) == len(spec.templates) and set(rel.templates) <= set(spec.templates + spec.alt_templates)
+    assert {r.templates for r in drawn.relations} != {r.templates for r in plain.relations}
+    drawn.save(tmp_path / "world.json")
+    assert FactWorld.load(tmp_path / "world.json").to_json() == drawn.to_json()

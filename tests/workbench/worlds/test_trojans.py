@@ -196,3 +196,42 @@ def test_trojan_set_lookup_errors_list_names():
     ts = TrojanSet([Trojan("x", TRIGGER_LIBRARY["patch-dots"], target="star")])
     with pytest.raises(WorkbenchError, match="x"):
         ts.index("y")
+
+
+# --- trojan sets and options generated from a seed ---------------------------------------------
+
+def test_generated_trojans_are_seeded_composed_and_never_library_designs() -> None:
+    from workbench.worlds.trojans import CONTEXT_SHAPES, CONTEXT_TEXTURES, generated_trojans, same_trigger
+
+    a, b, other = generated_trojans(5), generated_trojans(5), generated_trojans(6)
+    assert a.to_json() == b.to_json() and a.to_json() != other.to_json()
+    assert [t.kind for t in a] == ["patch", "patch", "style", "style", "natural", "natural"]
+    assert [t.universal for t in a] == [True, False] * 3
+    for t in a:
+        assert not any(same_trigger(t.trigger, d) for d in TRIGGER_LIBRARY.values())
+        assert t.trigger.shape not in CONTEXT_SHAPES and t.trigger.texture not in CONTEXT_TEXTURES
+        assert t.source != t.target
+    for seed in range(20):  # every seed gives a valid, conflict-free set (TrojanSet checks both)
+        assert len(generated_trojans(seed)) == 6
+    with pytest.raises(WorkbenchError, match="non-negative"):
+        generated_trojans(-1)
+
+
+@pytest.mark.parametrize("kind", ["patch", "style", "natural"])
+def test_near_miss_options_hold_the_trigger_once_beside_close_distractors(kind: str) -> None:
+    from workbench.worlds.trojans import near_miss_options, random_trigger, same_trigger
+
+    g = torch.Generator().manual_seed(3)
+    trigger = random_trigger(kind, g)
+    options, pos = near_miss_options(trigger, generator=torch.Generator().manual_seed(1))
+    again, pos2 = near_miss_options(trigger, generator=torch.Generator().manual_seed(1))
+    assert [o.to_json() for o in options] == [o.to_json() for o in again] and pos == pos2  # seeded
+    assert len(options) == 8 and options[pos] is trigger
+    assert sum(same_trigger(o, trigger) for o in options) == 1
+    assert all(not same_trigger(x, y) for i, x in enumerate(options) for y in options[i + 1:])
+    assert all(o.kind == kind for o in options)
+    form = {"patch": "pattern", "style": "texture", "natural": "shape"}[kind]
+    others = [o for i, o in enumerate(options) if i != pos]
+    same_form = [o for o in others if getattr(o, form) == getattr(trigger, form)]
+    same_colour = [o for o in others if (o.colors == trigger.colors if kind != "natural" else o.color == trigger.color)]
+    assert same_form and same_colour  # near misses on both sides of the description
