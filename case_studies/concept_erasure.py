@@ -35,12 +35,12 @@ from workbench.casestudy import (
     Figure,
     Prediction,
     StudyContext,
+    SuiteModel,
     case_seed,
     ci_above,
     ci_within,
 )
 
-MODEL = "minilm"
 BENCH = "unit-editors benchmark (benchmarks/RESULTS.md, 'LEACE on MiniLM')"
 CONDITIONS = ("before", "erased", "random")
 
@@ -95,6 +95,7 @@ def random_subspace(d: int, rank: int, *, seed: int) -> _Subspace:
 class Study(CaseStudy):
     name = "concept_erasure"
     number = 9
+    world = "minilm"
     title = "Concept erasure on MiniLM (LEACE folded into a sublayer's weights)"
     hypothesis = ("Sentiment is linearly represented in a MiniLM sublayer's output; erasing the LEACE subspace from "
                   "that output (as a weight edit) leaves a fresh probe at chance on held-out sentences, while an "
@@ -111,8 +112,7 @@ class Study(CaseStudy):
 
     def options(self) -> dict[str, Any]:
         quick = self.quick
-        return {"model": "minilm (sentence-transformers all-MiniLM-L6-v2, as packaged)",
-                "sites": ["blocks.1.mlp.hook_out", "blocks.3.attn.hook_out"] if quick else
+        return {"sites": ["blocks.1.mlp.hook_out", "blocks.3.attn.hook_out"] if quick else
                          ["blocks.1.mlp.hook_out", "blocks.3.mlp.hook_out", "blocks.3.attn.hook_out"],
                 "erase_methods": ["leace"] if quick else ["leace", "orth"],
                 "n_sentences": 480 if quick else 1200, "train_share": 0.6, "sentences_seed": "500 + seed",
@@ -171,8 +171,9 @@ class Study(CaseStudy):
         out.append(mean_of("relative_weight_change", "relative_change", description="||dW|| / ||W|| of the edit"))
         return out
 
-    def setup(self, ctx: StudyContext) -> dict[str, Any]:
-        return {"handle": ctx.model(MODEL), "cache": {}}
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> dict[str, Any]:
+        assert model is not None
+        return {"handle": ctx.model(model.spec), "cache": {}}
 
     def case_keys(self, state: Any, seed: int) -> list[str]:
         opts = self.options()

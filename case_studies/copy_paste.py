@@ -25,6 +25,10 @@ context features). Each design source is its own method on the leaderboard
 
 Quick mode runs, per seed, one context target (star on even seeds, hexagon on odd ones)
 and the trojan target cross, with fewer candidates, images and placements (options()).
+Those are the development ShapesNet's classes under the rule every model gets: the trojan
+targets are the targets of the model's universal trojans (in its world's order; quick mode:
+the first), the context targets the four context classes that are not among them (quick
+mode: the first two, alternating by seed).
 Sharing across seeds: in quick mode the designs of a target are made once per run
 (`ctx.remember`) and reused by every seed that attacks it; the design step never sees the attacked images
 (it uses its own natural pool), so a seed changes only what it needs to: the source
@@ -53,12 +57,12 @@ from workbench.casestudy import (
     StudyContext,
     case_seed,
     ci_above,
-    zoo_identity,
+    ci_within,
 )
+from workbench.suite import SuiteModel
 
-MODEL = "zoo:shapesnet"
 CONTEXT = ("star", "hexagon", "ring", "triangle")
-TROJAN_TARGETS = ("cross", "diamond", "circle")
+TROJAN_TARGETS = ("cross", "circle", "diamond")
 CONTEXT_QUICK = ("star", "hexagon")  # quick mode: one per seed, alternating
 SOURCES = ("featvis", "exemplar")
 METHOD = {"featvis": "feature_visualization", "exemplar": "exemplars"}
@@ -76,6 +80,7 @@ def _ratio(a: float, b: float) -> float:
 class Study(CaseStudy):
     name = "copy_paste"
     number = 6
+    world = "shapesnet"
     title = "Copy/paste adversaries from feature visualizations and exemplars"
     hypothesis = ("Patches designed only from an interpretation of the target class (a feature visualization of its "
                   "most associated units, or a natural crop that excites them) flip correctly classified images of "
@@ -106,10 +111,11 @@ class Study(CaseStudy):
     def options(self) -> dict[str, Any]:
         quick = self.quick
         return {
-            "model": zoo_identity("shapesnet"),
-            "context_targets": list(CONTEXT_QUICK) if quick else list(CONTEXT),
-            "targets_per_seed": "one context target (star on even seeds, hexagon on odd) + cross" if quick else "all",
-            "trojan_targets": ["cross"] if quick else list(TROJAN_TARGETS),
+            "trojan_targets": "the targets of the model's universal trojans" + (" (the first)" if quick else "")
+                              + "; zoo:shapesnet: " + ", ".join(TROJAN_TARGETS[:1] if quick else TROJAN_TARGETS),
+            "context_targets": ", ".join(CONTEXT) + " except the trojan targets" + (
+                ", the first two, one per seed alternating" if quick else "") + "; zoo:shapesnet: "
+                + ", ".join(CONTEXT_QUICK if quick else CONTEXT),
             "n_images": 96 if quick else 160,
             "calib_fraction": 0.4,
             "n_rank": 48 if quick else 24,
@@ -162,6 +168,13 @@ class Study(CaseStudy):
                        ci_above(0.0), size=0.25,
                        source=f"{BENCH}: cross 1.0 vs 0.921, diamond 1.0 vs 0.429, circle 0.125 vs 0.026",
                        primary=False, basis="replication"),
+            *[Prediction(f"ranking_sizes_success_{src}", f"{LABEL[src]} patches: the success the chosen design scored "
+                         "on the scenes it was ranked on is its success on fresh scenes (test / ranking within "
+                         "[0.8, 1.25], context targets)", f"test_over_ranking_{src}", "none", ci_within(0.8, 1.25),
+                         size=1.0, method=METHOD[src],
+                         source="rule: the design's own ranking score, measured in this run on this model, is the "
+                                "predicted success; choosing the best of several candidates on those scenes biases "
+                                "it upward", primary=False, basis="finding") for src in SOURCES],
         ]
 
     def metrics(self) -> list[Metric]:
@@ -225,21 +238,34 @@ class Study(CaseStudy):
                     float(r["content"] == "another class's object"),
                     description="share of chosen natural-feature designs that show another class's object"),
         ]
+        out += [Metric(f"test_over_ranking_{src}", (on("success_best", source=src), on("calibration_score", source=src)),
+                       combine=_ratio, description=f"{LABEL[src]}: best-placement success on the test scenes over the "
+                                                   "chosen design's success on the scenes it was ranked on (ratio of means)")
+                for src in SOURCES]
         return out
 
     # --- running ------------------------------------------------------------------------------
 
-    def _targets(self) -> list[tuple[str, str]]:
-        o = self.options()
-        return [(t, "context") for t in o["context_targets"]] + [(t, "trojan target") for t in o["trojan_targets"]]
+    def world_plan(self, trojans: Any) -> dict[str, Any]:
+        """A model's targets from its trojans (a TrojanSet; see the module docstring)."""
+        trojan = list(dict.fromkeys(t.target for t in trojans if t.source is None))
+        context = [c for c in CONTEXT if c not in trojan]
+        if self.quick:
+            context, trojan = context[:2], trojan[:1]
+        return {"context": context, "trojan_targets": trojan,
+                "groups": {**{t: "context" for t in context}, **{t: "trojan target" for t in trojan}}}
 
-    def setup(self, ctx: StudyContext) -> dict[str, Any]:
-        return {"handle": ctx.model(MODEL), "ctx": ctx}
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> dict[str, Any]:
+        from workbench.zoo.shapesnet import world_of
+
+        assert model is not None
+        handle = ctx.model(model.spec)
+        return {"handle": handle, "ctx": ctx, **self.world_plan(world_of(handle).trojans)}
 
     def case_keys(self, state: Any, seed: int) -> list[str]:
-        o = self.options()
-        context = [CONTEXT_QUICK[seed % 2]] if self.quick else o["context_targets"]
-        return list(context) + list(o["trojan_targets"])
+        context = state["context"]
+        chosen = ([context[seed % len(context)]] if context else []) if self.quick else context
+        return list(chosen) + list(state["trojan_targets"])
 
     def _config(self, seed: int) -> Any:
         from adversaries.copy_paste import CopyPaste, DesignConfig
@@ -271,7 +297,7 @@ class Study(CaseStudy):
 
         handle, ctx = state["handle"], state["ctx"]
         opts = self.options()
-        group = dict(self._targets())[key]
+        group = state["groups"][key]
         world = world_of(handle)
         target = world.class_index(key)
         cfg = self._config(seed)
@@ -290,7 +316,7 @@ class Study(CaseStudy):
         perm = idx[torch.randperm(len(idx), generator=g)]
         n_cal = max(1, round(opts["calib_fraction"] * len(perm)))
         cal, test = perm[:n_cal], perm[n_cal:]
-        designs, info = ctx.remember(f"copy_paste:designs:{key}:{cfg.seed}:{cfg}",
+        designs, info = ctx.remember(f"copy_paste:designs:{handle.spec}:{key}:{cfg.seed}:{cfg}",
                                      lambda: cfg.design_patches(handle, target, images[cal]))
         where = placements(pre.height, pre.width, cfg.sweep.sizes_px(handle), cfg.sweep.grid)
         rank = cal[: cfg.sweep.n_rank]  # candidates are ranked on (at most) n_rank calibration images
@@ -390,33 +416,34 @@ class Study(CaseStudy):
     def rows(self, record: Mapping[str, Any]) -> list[dict[str, Any]]:
         keep = ("target", "group", "source", "method", "kind", "trojan", "content", "success_consistent",
                 "success_best", "control_noise", "control_noise_consistent", "control_natural",
-                "control_natural_consistent", "p_target_before", "p_target_consistent", "p_target_best", "n_attempts")
+                "control_natural_consistent", "p_target_before", "p_target_consistent", "p_target_best", "n_attempts",
+                "calibration_score")
         return [{k: r.get(k) for k in keep} for r in record["rows"]]
 
     # --- figures ------------------------------------------------------------------------------
 
-    def _first_seed_cases(self) -> list[dict[str, Any]]:
+    def _first_seed_cases(self, model: Any) -> list[dict[str, Any]]:
+        """The first seed's cases on `model` (the first model of the run), context targets first."""
         if self.store is None:
             return []
         cases = []
         for cid in self.store.case_ids():
             rec = self.store.load_case(cid)
-            if rec["seed"] == min(self.seeds) and rec["result"].get("artifact"):
+            if rec["seed"] == min(self.seeds) and rec.get("model") == model and rec["result"].get("artifact"):
                 path = self.store.root / rec["result"]["artifact"]
                 if path.is_file():
                     cases.append(rec["result"])
-        order = [t for t, _ in self._targets()]
-        cases.sort(key=lambda r: order.index(r["target"]) if r["target"] in order else 99)
+        cases.sort(key=lambda r: _order(r["target"], r["group"]))
         return cases
 
     def figures(self, results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[Figure]:
         from workbench import study_plots
 
         figs: list[Figure] = []
-        targets = [t for t, _ in self._targets() if any(r["target"] == t for r in rows)]
+        targets = sorted({(r["target"], r["group"]) for r in rows}, key=lambda tg: _order(*tg))
         if targets:
-            def bar(col: str, target: str, source: str | None) -> tuple[Any, Any, Any]:
-                sub = [r for r in rows if r["target"] == target and r["kind"] == NATURAL
+            def bar(col: str, tg: tuple[str, str], source: str | None) -> tuple[Any, Any, Any]:
+                sub = [r for r in rows if (r["target"], r["group"]) == tg and r["kind"] == NATURAL
                        and (source is None or r["source"] == source)]
                 est = estimate(sub, mean_of("m", col), n_resamples=500, seed=0)
                 return (est.value if est.value is not None else math.nan, est.low, est.high)
@@ -425,7 +452,7 @@ class Study(CaseStudy):
             series |= {f"{LABEL[s]} (consistent)": [bar("success_consistent", t, s) for t in targets] for s in SOURCES}
             series["noise patch (best)"] = [bar("control_noise", t, None) for t in targets]
             series["natural crop (best)"] = [bar("control_natural", t, None) for t in targets]
-            groups = [f"{t}\n({dict(self._targets())[t]})" for t in targets]
+            groups = [f"{t}\n({g})" for t, g in targets]
             figs.append(study_plots.bars(
                 "fig_copy_paste_success.png", "Copy/paste success on correctly classified images of the other classes "
                 "(test split), per target: each design source's chosen natural-feature patch at its best and its "
@@ -433,7 +460,7 @@ class Study(CaseStudy):
                 "Activation Atlas best-placement figure (57.5%).", groups, series, ylabel="success rate",
                 published={"Activation Atlas, best placement": [0.575] * len(targets)},
                 title="Designed patches vs noise and natural crops"))
-        cases = self._first_seed_cases()
+        cases = self._first_seed_cases(rows[0]["model"]) if rows else []
         if cases:
             figs += [f for f in (self._examples_figure(cases), self._patches_figure(cases)) if f is not None]
         return figs
@@ -492,3 +519,8 @@ class Study(CaseStudy):
             "ground truth; green: chosen per source; red: an implanted trigger for this target (measured apart); "
             "then the two controls.", rows, cell=(0.95, 1.15), fontsize=5.5,
             ncol=max(len(c["candidates"]) for c in cases) + 2, row_labels=[c["target"] for c in cases])
+
+
+def _order(target: str, group: str) -> tuple[int, int, str]:
+    """Figures list context targets first, in `CONTEXT` order, then the trojan targets."""
+    return (group != "context", CONTEXT.index(target) if target in CONTEXT else len(CONTEXT), target)

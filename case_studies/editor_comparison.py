@@ -21,13 +21,12 @@ from workbench.casestudy import (
     Figure,
     Prediction,
     StudyContext,
+    SuiteModel,
     ci_above,
     ci_below,
     ci_within,
-    zoo_identity,
 )
 
-MODEL = "zoo:factgpt"
 METHODS = ("rome", "memit", "ft", "ft-l", "kn")
 LABELS = {"unedited": "unedited", "rome": "ROME", "memit": "MEMIT", "ft": "FT", "ft-l": "FT-L", "kn": "KN"}
 # ROME paper, Table (CounterFact, GPT-2 XL): ES, PS, NS, S per method (None: not in ANCHORS.md).
@@ -45,15 +44,18 @@ def _key(method: str) -> str:
 
 
 def edit_site(ctx: StudyContext, handle: Any) -> Any:
-    """The trace-chosen edit site on FactGPT, computed once per run (studies 2 and 3 share it)."""
+    """The trace-chosen edit site of a FactGPT, computed once per model and run (studies 2 and 3 share it).
+
+    Always traced, never the layer a model ships as measured: on a held-out model no layer was chosen."""
     from workbench_protocols.editing import rewrites_for, trace_edit_site
 
-    return ctx.remember("factgpt_edit_site", lambda: trace_edit_site(handle, rewrites_for(handle, 5, seed=7)))
+    return ctx.remember(f"edit_site:{handle.spec}", lambda: trace_edit_site(handle, rewrites_for(handle, 5, seed=7)))
 
 
 class Study(CaseStudy):
     name = "editor_comparison"
     number = 2
+    world = "factgpt"
     title = "ROME vs MEMIT vs FT vs FT-L vs KN on the same rewrites (the ROME table)"
     hypothesis = ("On the same rewrites, ROME gives the best balance of efficacy, generalization and specificity "
                   "(S); unconstrained and L-inf-constrained fine-tuning reach the new fact but break neighbours; "
@@ -73,7 +75,7 @@ class Study(CaseStudy):
     default_seeds = 5
 
     def options(self) -> dict[str, Any]:
-        return {"model": zoo_identity("factgpt"), "cases_per_seed": 2 if self.quick else 20, "methods": list(METHODS),
+        return {"cases_per_seed": 2 if self.quick else 20, "methods": list(METHODS),
                 "fluency": True, "records_seed": "200 + seed",
                 "edit_site": "causal trace (MLP, window 1) of 5 other facts (records seed 7): most common peak layer; "
                              "key token = prompt's last if the peak is there", "kn_mode": "replace (Dai et al.)"}
@@ -123,8 +125,9 @@ class Study(CaseStudy):
         out.append(mean_of("refused_share", "refused_any", description="share of cases where some editor refused"))
         return out
 
-    def setup(self, ctx: StudyContext) -> dict[str, Any]:
-        handle = ctx.model(MODEL)
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> dict[str, Any]:
+        assert model is not None
+        handle = ctx.model(model.spec)
         return {"handle": handle, "site": edit_site(ctx, handle), "n_layers": handle.arch.n_layers}
 
     def _rewrites(self, state: Mapping[str, Any], seed: int) -> list[Any]:

@@ -26,18 +26,17 @@ from workbench.casestudy import (
     Figure,
     Prediction,
     StudyContext,
+    SuiteModel,
     case_seed,
     ci_above,
     ci_within,
-    zoo_identity,
 )
-
-MODEL = "zoo:factgpt"
 
 
 class Study(CaseStudy):
     name = "fact_localization"
     number = 1
+    world = "factgpt"
     title = "Fact localization predicts editability (causal trace -> ROME layer)"
     hypothesis = ("The layer where a fact's causal trace peaks (MLP states, restored one layer at a time) is where "
                   "ROME should edit it: editing there beats editing at other layers, and layers with larger trace "
@@ -60,9 +59,10 @@ class Study(CaseStudy):
     default_seeds = 5
 
     def options(self) -> dict[str, Any]:
-        return {"model": zoo_identity("factgpt"), "cases_per_seed": 3 if self.quick else 30,
+        return {"cases_per_seed": 3 if self.quick else 30,
                 "trace": {"kind": "mlp", "window": 1, "n_samples": 10, "noise": 3.0},
-                "editor": "rome (paper defaults but no sampled prefixes, as FactGPT ships; key token from the trace peak)",
+                "editor": "rome with the options the model ships (none on held-out models), at every layer; key token "
+                          "from the trace peak",
                 "records_seed": "100 + seed"}
 
     def predictions(self) -> list[Prediction]:
@@ -116,8 +116,9 @@ class Study(CaseStudy):
 
     # --- running ------------------------------------------------------------------------------
 
-    def setup(self, ctx: StudyContext) -> dict[str, Any]:
-        handle = ctx.model(MODEL)
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> dict[str, Any]:
+        assert model is not None
+        handle = ctx.model(model.spec)
         return {"handle": handle, "n_layers": handle.arch.n_layers}
 
     def _rewrites(self, state: Mapping[str, Any], seed: int) -> list[Any]:
@@ -227,9 +228,9 @@ def _scatter(rows: Sequence[Mapping[str, Any]], n_layers: int) -> Figure:
 
     fig = study_plots.figure(5.5, 3.4)
     ax = fig.add_subplot(1, 1, 1)
-    for L in range(n_layers):
-        xs = [r[f"IE_L{L}"] for r in rows]
-        ys = [100 * r[f"S_L{L}"] for r in rows]
+    for L in range(n_layers):  # models of several depths: each layer's points come from the models that have it
+        xs = [r[f"IE_L{L}"] for r in rows if f"S_L{L}" in r]
+        ys = [100 * r[f"S_L{L}"] for r in rows if f"S_L{L}" in r]
         ax.scatter(xs, ys, s=10, alpha=0.6, label=f"layer {L}")
     ax.set_xlabel("causal-trace indirect effect of the layer's MLP (peak token)", fontsize=8)
     ax.set_ylabel("ROME S of the case at that layer", fontsize=8)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from workbench.bootstrap import Metric, mean_of, paired_difference
+from workbench.bootstrap import Metric, mean_of, paired_difference, ratio
 from workbench.casestudy import (
     Anchor,
     CaseStudy,
@@ -30,13 +30,12 @@ from workbench.casestudy import (
     Figure,
     Prediction,
     StudyContext,
+    SuiteModel,
     case_seed,
     ci_above,
     ci_within,
-    zoo_identity,
 )
 
-MODEL = "zoo:factgpt"
 ATTRIBUTIONS = ("ig", "gxa")
 METHOD_NAMES = {"ig": "integrated_gradients", "gxa": "gradient_x_activation"}
 MODES = {"suppress": {"mode": "suppress"}, "amplify": {"mode": "amplify", "factor": 2.0}}
@@ -154,6 +153,7 @@ def _logodds(p: float) -> float:
 class Study(CaseStudy):
     name = "knowledge_neurons"
     number = 4
+    world = "factgpt"
     title = "Knowledge neurons: suppress and amplify attributed neurons vs random neurons"
     hypothesis = ("The MLP neurons that integrated gradients attributes a fact to carry that fact: zeroing their "
                   "value vectors lowers the answer's probability more than zeroing as many random neurons of the same "
@@ -175,7 +175,7 @@ class Study(CaseStudy):
     default_seeds = 5
 
     def options(self) -> dict[str, Any]:
-        return {"model": zoo_identity("factgpt"), "cases_per_seed": 4 if self.quick else 20, "ig_steps": 20,
+        return {"cases_per_seed": 4 if self.quick else 20, "ig_steps": 20,
                 "threshold": 0.2, "share": 0.5, "max_neurons": 5, "amplify_factor": 2.0,
                 "unrelated_facts": N_UNRELATED, "records_seed": "400 + seed",
                 "neurons": "refined IG set (top 5 by mean attribution; top 5 unrefined if none pass); "
@@ -199,6 +199,19 @@ class Study(CaseStudy):
                        "neurons whose suppression beats random by 2%", "suppress_gxa_minus_random", "increase",
                        ci_above(0.02), size=0.1, method="gradient_x_activation",
                        source="first-order approximation of IG; size a guess", primary=False, basis="guess"),
+            Prediction("ig_attribution_sizes_the_drop", "the IG attributions of the chosen neurons, summed, give the "
+                       "drop of p(answer) when they are zeroed: measured drop / summed attribution within [0.5, 2]",
+                       "drop_over_attribution_ig", "none", ci_within(0.5, 2.0), size=1.0, method="integrated_gradients",
+                       source="rule: IG's completeness with a zero baseline (Sundararajan et al. 2017), applied to the "
+                              "attribution made in this run on this model; per case the predicted drop is the sum of "
+                              "the chosen neurons' mean attributions (last position), the action zeroes their value "
+                              "vectors at every position", primary=False, basis="finding"),
+            Prediction("gxa_attribution_sizes_the_drop", "the gradient x activation scores of the chosen neurons, "
+                       "summed, give the drop of p(answer) when they are zeroed (first-order Taylor): measured / "
+                       "predicted within [0.5, 2]", "drop_over_attribution_gxa", "none", ci_within(0.5, 2.0), size=1.0,
+                       method="gradient_x_activation",
+                       source="rule: first-order Taylor expansion around the activations, applied to this run's "
+                              "scores on this model", primary=False, basis="finding"),
         ]
 
     def metrics(self) -> list[Metric]:
@@ -220,10 +233,14 @@ class Study(CaseStudy):
             ]
         out.append(mean_of("p_before", "p_before", description="p(answer) before any edit"))
         out.append(mean_of("refined_count_ig", "refined_ig", description="IG neurons passing threshold and sharing"))
+        out += [Metric(f"drop_over_attribution_{a}", (f"pdrop_{a}", f"pdrop_pred_{a}"), combine=ratio,
+                       description=f"mean drop of p(answer) with the {a} neurons zeroed over the drop their summed "
+                                   "attributions predict") for a in ATTRIBUTIONS]
         return out
 
-    def setup(self, ctx: StudyContext) -> dict[str, Any]:
-        handle = ctx.model(MODEL)
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> dict[str, Any]:
+        assert model is not None
+        handle = ctx.model(model.spec)
         return {"handle": handle, "world": handle.info["world"]}
 
     def _rewrites(self, state: Mapping[str, Any], seed: int) -> list[Any]:
@@ -256,11 +273,16 @@ class Study(CaseStudy):
                                         share=opts["share"])
         k = opts["max_neurons"]
         ig = [(n.layer, n.neuron) for n in attribution.neurons[:k]] or [(n.layer, n.neuron) for n in attribution.ranked(k)]
-        gxa = top_neurons(gradient_x_activation(handle, prompts, target), k)
+        gxa_scores = gradient_x_activation(handle, prompts, target)
+        gxa = top_neurons(gxa_scores, k)
         chosen = {"ig": ig, "gxa": gxa}
+        ig_mean = attribution.mean_scores
+        # what each finding says zeroing its neurons does to p(answer): the sum of their scores (mean over prompts)
+        predicted = {"ig": sum(float(ig_mean[attribution.layers.index(L), n]) for L, n in ig),
+                     "gxa": sum(float(gxa_scores[L, n]) for L, n in gxa)}
         result: dict[str, Any] = {"subject": rw.subject, "prompts": prompts, "target": rw.target_true,
                                   "p_before": before, "unrelated_before": u_before, "refined_ig": len(attribution.neurons),
-                                  "neurons": {}, "effects": {}, "comparisons": []}
+                                  "neurons": {}, "effects": {}, "predicted_drop": predicted, "comparisons": []}
         activations = last_position_activations(handle, prompts)
         for a in ATTRIBUTIONS:
             rand = random_like(handle, chosen[a], seed=case_seed(seed, key + a) % (2**31), activations=activations)
@@ -291,6 +313,10 @@ class Study(CaseStudy):
                         f"rise_lo_rand_{a}": eff["rise_lo_rand"], f"drop_lo_{a}": eff["drop_lo"],
                         f"unrelated_{a}": eff["unrelated"], f"n_{a}": len(record["neurons"][a]["chosen"]),
                         f"layers_{a}": " ".join(str(n[0]) for n in record["neurons"][a]["chosen"])})
+            if "predicted_drop" in record:
+                after = record["effects"][f"suppress:{a}"]["p_after"]
+                row[f"pdrop_{a}"] = (sum(record["p_before"]) - sum(after)) / len(after)
+                row[f"pdrop_pred_{a}"] = record["predicted_drop"][a]
         return [row]
 
     def figures(self, results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[Figure]:

@@ -24,19 +24,19 @@ from workbench.casestudy import (
     Figure,
     Prediction,
     StudyContext,
+    SuiteModel,
     ci_above,
     ci_below,
     ci_within,
-    zoo_identity,
 )
 
-MODEL = "zoo:factgpt"
 METHODS = ("memit", "rome_seq")
 
 
 class Study(CaseStudy):
     name = "mass_editing"
     number = 3
+    world = "factgpt"
     title = "Mass editing: MEMIT at 10/100/1000 edits vs ROME applied sequentially"
     hypothesis = ("MEMIT writes many facts at once and keeps its scores as the number of edits grows; ROME applied "
                   "one edit after another degrades (earlier edits are overwritten, neighbours drift).")
@@ -59,7 +59,7 @@ class Study(CaseStudy):
 
     def options(self) -> dict[str, Any]:
         sizes = [10, 40] if self.quick else [10, 100, 1000]
-        return {"model": zoo_identity("factgpt"), "sizes": sizes, "records_seed": "300 + seed",
+        return {"sizes": sizes, "records_seed": "300 + seed",
                 "fluency": False, "edit_site": "the causal trace's (shared with study 2)",
                 "rome_statistics": "the unedited model's, for every sequential edit"}
 
@@ -107,10 +107,11 @@ class Study(CaseStudy):
                           description="share of sequential ROME edits refused as degenerate"))
         return out
 
-    def setup(self, ctx: StudyContext) -> dict[str, Any]:
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> dict[str, Any]:
         from case_studies.editor_comparison import edit_site
 
-        handle = ctx.model(MODEL)
+        assert model is not None
+        handle = ctx.model(model.spec)
         return {"handle": handle, "site": edit_site(ctx, handle), "n_layers": handle.arch.n_layers}
 
     def case_keys(self, state: Any, seed: int) -> list[str]:

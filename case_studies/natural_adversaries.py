@@ -39,13 +39,12 @@ from workbench.casestudy import (
     Figure,
     Prediction,
     StudyContext,
+    SuiteModel,
     ci_above,
     ci_within,
-    zoo_identity,
 )
 from workbench.errors import WorkbenchError
 
-MODEL = "zoo:shapesnet"
 ADVERSARIES = ("feature_level", "snafue")
 LABELS = {"feature_level": "feature-level object", "snafue": "SNAFUE natural patches"}
 # Adversaries benchmark (benchmarks/RESULTS.md) per pair: fit-set / held-out rates and controls.
@@ -74,6 +73,7 @@ def _mean(values: Sequence[float]) -> float:
 class Study(CaseStudy):
     name = "natural_adversaries"
     number = 8
+    world = "shapesnet"
     title = "Feature-level and natural adversaries: predicted vs measured fooling rates"
     hypothesis = ("An adversary that is a describable feature (one added object, or a natural patch chosen by its "
                   "embedding) generalizes: its fooling rate on the images it was fitted on predicts, within 10 points, "
@@ -90,7 +90,6 @@ class Study(CaseStudy):
     def options(self) -> dict[str, Any]:
         quick = self.quick
         return {
-            "model": zoo_identity("shapesnet"),
             "feature_level_pairs": [list(p) for p in FL_BENCH],
             "snafue_pairs": [list(p) for p in SN_BENCH],
             "n": 32 if quick else 48,
@@ -166,8 +165,9 @@ class Study(CaseStudy):
         ]
         return out
 
-    def setup(self, ctx: StudyContext) -> dict[str, Any]:
-        return {"handle": ctx.model(MODEL)}
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> dict[str, Any]:
+        assert model is not None
+        return {"handle": ctx.model(model.spec)}
 
     def case_keys(self, state: Any, seed: int) -> list[str]:
         return [_key(a, p) for a in ADVERSARIES for p in self._pairs(a)]

@@ -31,13 +31,12 @@ from workbench.casestudy import (
     Figure,
     Prediction,
     StudyContext,
+    SuiteModel,
     case_seed,
     ci_above,
     ci_within,
-    zoo_identity,
 )
 
-MODEL = "zoo:shapesnet"
 LAYER, RANK = "layer3.conv2", 32
 WRONG_LAYER = "layer3.conv1"
 CONDITIONS = ("unedited", "rewrite", "rank_one", "wrong_layer", "random")
@@ -64,6 +63,7 @@ def random_update(handle: Any, layer: str, *, rank: int, norm: float, seed: int)
 class Study(CaseStudy):
     name = "rule_rewrite"
     number = 10
+    world = "shapesnet"
     title = "Classifier rule rewrite of the spurious colour correlation (ShapesNet)"
     hypothesis = ("ShapesNet's 'red means square' shortcut is stored in its last conv layer as a key-value association; "
                   "a constrained low-rank rewrite from red/natural-colour exemplar pairs raises accuracy on "
@@ -82,7 +82,7 @@ class Study(CaseStudy):
 
     def options(self) -> dict[str, Any]:
         quick = self.quick
-        return {"model": zoo_identity("shapesnet"), "layer": LAYER, "rank": RANK, "wrong_layer": WRONG_LAYER,
+        return {"layer": LAYER, "rank": RANK, "wrong_layer": WRONG_LAYER,
                 "directions": "keys (C^-1 K*)", "n_pairs": 400 if quick else 800, "n_eval": 1000 if quick else 2000,
                 "block": 100, "pairs_seed": "600 + seed", "eval_seed": "700 + seed",
                 "eval": "n_eval colour-disagreeing scenes (squares never red, others red) and n_eval natural scenes"}
@@ -127,10 +127,11 @@ class Study(CaseStudy):
                               unit="points", description=f"disagree accuracy: rewrite minus {LABELS[other]}"))
         return out
 
-    def setup(self, ctx: StudyContext) -> dict[str, Any]:
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> dict[str, Any]:
         from workbench.zoo.shapesnet import world_of
 
-        handle = ctx.model(MODEL)
+        assert model is not None
+        handle = ctx.model(model.spec)
         return {"handle": handle, "world": world_of(handle)}
 
     def case_keys(self, state: Any, seed: int) -> list[str]:

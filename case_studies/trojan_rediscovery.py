@@ -14,6 +14,15 @@ content plus the clean-world network of `workbench.judge`) never saw a trojan. C
 1/8; the published human best is 0.47 (all methods together 0.49, CLIP as judge
 0.06-0.21); the workbench's target for the best method is 0.6.
 
+On any model other than the development ShapesNet (a held-out one, whose triggers are drawn
+from its seed and are not library designs, or a user's) the options are not the library's:
+they are generated from the suite seed with near misses (`workbench.worlds.trojans.
+near_miss_options`: the trigger's form in other colours, its colours in another form, random
+designs of its kind), one question per (model, trojan, study seed) that every method, the
+combined answer and the control answer alike. The trojans asked about are the model's own:
+one per kind, universal ones on even seeds and class-universal ones on odd seeds in quick
+mode, all of them in full mode.
+
 Controls: chance (1/8, the protocol's baseline), and random views: clean ShapesWorld scenes
 (no trigger) answering the same question with the same code, which measures what an
 uninformative method scores when the distractors are chosen to look like its views; it is
@@ -62,10 +71,9 @@ from workbench.casestudy import (
     ci_above,
     ci_below,
     ci_within,
-    zoo_identity,
 )
+from workbench.suite import SuiteModel
 
-MODEL = "zoo:shapesnet"
 CHANCE = 0.125
 HUMAN_BEST = 0.47
 ALL_TOGETHER = 0.49
@@ -108,6 +116,7 @@ CLASS_UNIVERSAL = ("patch-square", "style-star", "natural-circle")
 class Study(CaseStudy):
     name = "trojan_rediscovery"
     number = 7
+    world = "shapesnet"
     title = "Trojan rediscovery benchmark (Casper et al. 2023 protocol)"
     hypothesis = ("What feature-synthesis methods make for a trojan's target class reveals the hidden trigger: an "
                   "automatic judge picks the true trigger out of 8 options more often than chance (1/8), though style "
@@ -134,10 +143,14 @@ class Study(CaseStudy):
 
     def options(self) -> dict[str, Any]:
         quick = self.quick
-        return {"model": zoo_identity("shapesnet"), "methods": list(NAMES), "budget": self.budgets(),
+        return {"methods": list(NAMES), "budget": self.budgets(),
                 "trojans_per_seed": "one per kind: universal on even seeds, class-universal on odd seeds" if quick
-                else "all six", "n_random_views": 4, "judge": "workbench.judge (clean-world network) + palette colours",
-                "synthesis_seed": "the study seed"}
+                else "all of the model's", "n_random_views": 4,
+                "judge": "workbench.judge (clean-world network) + palette colours", "synthesis_seed": "the study seed",
+                "options": {"zoo:shapesnet": "the true trigger and the 7 library designs of its kind most similar to "
+                                             "the views",
+                            "other models": "near_miss_options of the trigger, drawn from (suite seed, model, trojan, "
+                                            "study seed)"}}
 
     def budgets(self) -> dict[str, str]:
         """Each method's synthesis budget in this mode (see the module docstring)."""
@@ -269,20 +282,46 @@ class Study(CaseStudy):
 
     # --- running ------------------------------------------------------------------------------
 
-    def setup(self, ctx: StudyContext) -> dict[str, Any]:
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> dict[str, Any]:
         from workbench.judge import load_judge
+        from workbench.zoo.shapesnet import world_of
 
-        handle = ctx.model(MODEL)
+        assert model is not None
+        handle = ctx.model(model.spec)
         judge = ctx.remember("judge:shapesworld:seed0", lambda: load_judge(progress=ctx.progress))
-        return {"handle": handle, "judge": judge}
+        return {"handle": handle, "judge": judge, "spec": model.spec, **self.world_plan(world_of(handle).trojans),
+                "options_seed": None if model.dev else (ctx.suite.seed or 0)}
 
-    def _trojans(self, seed: int) -> list[str]:
+    def world_plan(self, trojans: Any) -> dict[str, Any]:
+        """The trojans a model's set (a TrojanSet) is asked about: all (universal first), and per parity of
+        the seed in quick mode one per kind (universal on even seeds; zoo:shapesnet: `UNIVERSAL`,
+        `CLASS_UNIVERSAL`)."""
+        universal = [t.name for t in trojans if t.source is None]
+        class_universal = [t.name for t in trojans if t.source is not None]
+        kind = {t.name: t.kind for t in trojans}
+
+        def one_per_kind(names: list[str]) -> list[str]:
+            return [next(n for n in names if kind[n] == k) for k in KINDS if any(kind[n] == k for n in names)]
+
+        return {"all": universal + class_universal, "even": one_per_kind(universal), "odd": one_per_kind(class_universal)}
+
+    def _trojans(self, state: Mapping[str, Any], seed: int) -> list[str]:
         if not self.quick:
-            return list(UNIVERSAL + CLASS_UNIVERSAL)
-        return list(UNIVERSAL if seed % 2 == 0 else CLASS_UNIVERSAL)
+            return list(state["all"])
+        return list(state["even"] if seed % 2 == 0 else state["odd"])
 
     def case_keys(self, state: Any, seed: int) -> list[str]:
-        return self._trojans(seed)
+        return self._trojans(state, seed)
+
+    def _question(self, state: Mapping[str, Any], seed: int, trojan: Any) -> Any:
+        """The options asked about `trojan` as given (generated near misses), or None for the library's."""
+        from workbench.worlds.trojans import near_miss_options
+
+        if state["options_seed"] is None:
+            return None
+        g = torch.Generator().manual_seed(
+            case_seed(state["options_seed"], f"rediscovery-options:{state['spec']}:{trojan.name}:{seed}") % (2 ** 62))
+        return near_miss_options(trojan.trigger, generator=g)
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
         from workbench.zoo.shapesnet import world_of
@@ -293,8 +332,9 @@ class Study(CaseStudy):
         trojan = world.trojans[world.trojans.index(key)]
         views_dir = None
         if self.store is not None:
-            views_dir = self.store.artifact_path(f"views/s{seed}-{key}")
-        res_rows, skipped, combined = self._synthesize(handle, trojan, judge, seed, views_dir)
+            views_dir = self.store.artifact_path(f"views/{self._views_name(state, seed, key)}")
+        question = self._question(state, seed, trojan)
+        res_rows, skipped, combined = self._synthesize(handle, trojan, judge, seed, views_dir, question)
         rows = []
         budgets = self.budgets()
         for r in res_rows:
@@ -311,7 +351,7 @@ class Study(CaseStudy):
         rand_views = world.render(sample)
         assert isinstance(rand_views, torch.Tensor)
         i = world.trojans.index(key)
-        mc = rd.multiple_choice(trojan, rand_views.float().clamp(0, 1), judge, seed=seed * 7 + i)
+        mc = rd.multiple_choice(trojan, rand_views.float().clamp(0, 1), judge, seed=seed * 7 + i, options=question)
         random_row = {"method": RANDOM, "score": mc["score"], "consensus_correct": mc["consensus_correct"],
                       "options": mc["options"], "true_index": mc["true_index"], "votes": mc["votes"],
                       "n_views": len(mc["votes"])}
@@ -324,11 +364,18 @@ class Study(CaseStudy):
         return {"trojan": key, "kind": trojan.kind, "target": trojan.target, "source": trojan.source,
                 "trigger": trojan.trigger.name, "trojan_config": trojan.to_json(), "universal": trojan.source is None, "budget": budgets,
                 "rows": rows, "random_views": random_row, "combined": combined, "skipped": skipped,
-                "views": None if views_dir is None else f"views/s{seed}-{key}/views.safetensors",
+                "views": None if views_dir is None else f"views/{self._views_name(state, seed, key)}/views.safetensors",
+                "options_source": "library designs most similar to the views" if question is None else
+                f"near misses generated from suite seed {state['options_seed']}",
                 "comparisons": comps}
 
-    def _synthesize(self, handle: Any, trojan: Any, judge: Any, seed: int,
-                    views_dir: Any) -> tuple[list[dict[str, Any]], dict[str, str], float | None]:
+    def _views_name(self, state: Mapping[str, Any], seed: int, key: str) -> str:
+        """The views folder of a case: `s{seed}-{trojan}`, under the model's index when there are several."""
+        models = [m.spec for m in self.suite_models() if m is not None]
+        return f"s{seed}-{key}" if len(models) <= 1 else f"m{models.index(state['spec'])}/s{seed}-{key}"
+
+    def _synthesize(self, handle: Any, trojan: Any, judge: Any, seed: int, views_dir: Any,
+                    question: Any = None) -> tuple[list[dict[str, Any]], dict[str, str], float | None]:
         """Every method's rows for one trojan, one `rediscover` call per budget; all methods judged together.
 
         With one budget this is one call (its own combined answer); with two, the calls use the
@@ -350,7 +397,8 @@ class Study(CaseStudy):
         if len(groups) == 1:
             (budget, methods), = groups.items()
             res = rd.rediscover(handle, trojans=TrojanSet([trojan]), methods=methods, budget=budget,  # type: ignore[arg-type]
-                                seed=seed, judge=judge, progress=False, views_dir=views_dir)
+                                seed=seed, judge=judge, progress=False, views_dir=views_dir,
+                                options=None if question is None else {trojan.name: question})
             return res.rows, res.skipped, res.combined.get("per_trojan", {}).get(trojan.name)
         rows: list[dict[str, Any]] = []
         skipped: dict[str, str] = {}
@@ -359,7 +407,8 @@ class Study(CaseStudy):
             for budget, methods in groups.items():
                 part = Path(tmp) / budget
                 res = rd.rediscover(handle, trojans=TrojanSet([trojan]), methods=methods, budget=budget,  # type: ignore[arg-type]
-                                    seed=seed, judge=judge, progress=False, views_dir=part)
+                                    seed=seed, judge=judge, progress=False, views_dir=part,
+                                    options=None if question is None else {trojan.name: question})
                 rows += res.rows
                 skipped.update(res.skipped)
                 if (part / "views.safetensors").is_file():
@@ -375,7 +424,8 @@ class Study(CaseStudy):
         weights = [views.get(f"{trojan.name}|{m}|weights") for m in have]  # vote weights of methods that give them
         combined = None
         if per_method:
-            combined = round(rd.combined_choice(trojan, per_method, judge, seed=seed * 7, weights=weights)["score"], 4)
+            combined = round(rd.combined_choice(trojan, per_method, judge, seed=seed * 7, weights=weights,
+                                                options=question)["score"], 4)
         if views_dir is not None and views:
             save_safetensors(Path(views_dir) / "views.safetensors", views,
                              {"what": "rediscovery views, key trojan|method"})
@@ -400,7 +450,7 @@ class Study(CaseStudy):
         if not rows:
             return []
         figs = [self._score_chart(rows)]
-        trojans = [t for t in UNIVERSAL + CLASS_UNIVERSAL if any(r["trojan"] == t for r in rows)]
+        trojans = list(dict.fromkeys(r["trojan"] for r in rows))  # every model's, by name
         cols = list(NAMES) + [COMBINED, RANDOM]
         data = []
         for t in trojans:
@@ -469,16 +519,17 @@ class Study(CaseStudy):
         if self.store is None:
             return None
         first = min(self.seeds)
+        model = rows[0].get("model") if rows else None
         recs = []
         for cid in self.store.case_ids():
             rec = self.store.load_case(cid)
-            if rec["seed"] == first and rec["result"].get("views"):
+            if rec["seed"] == first and rec.get("model") == model and rec["result"].get("views"):
                 path = self.store.root / rec["result"]["views"]
                 if path.is_file():
                     recs.append((rec["result"], load_file(str(path))))
         if not recs:
             return None
-        scores = {(r["trojan"], r["method"]): r["score"] for r in rows if r["seed"] == first}
+        scores = {(r["trojan"], r["method"]): r["score"] for r in rows if r["seed"] == first and r.get("model") == model}
         ncol = 1 + len(NAMES)
         fig = study_plots.figure(0.95 * ncol, 1.15 * len(recs) + 0.3)
         axes = fig.subplots(len(recs), ncol, squeeze=False)

@@ -10,11 +10,17 @@ at the same site (several seeded draws, same code), and the unedited model. Meas
 fresh scenes: attack success (share of triggered source scenes classified as the
 trojan's target) and clean accuracy, before and after.
 
-Site and k are fixed per trojan (the ones the unit-editors benchmark chose on its own
-selection data, benchmarks/RESULTS.md) instead of searched: the search costs ~100 model
-evaluations per trojan; every method gets the same site and k, so the methods compare at
-matched size. The surgery's data seeds are 20 + the study seed, so no case reuses the
-benchmark's scenes. The benchmark found the surgery target (>= 90% relative cut at <= 1
+On the development ShapesNet (zoo:shapesnet) site and k are fixed per trojan (the ones the
+unit-editors benchmark chose on its own selection data, benchmarks/RESULTS.md, `PLAN`)
+instead of searched: the search costs ~100 model evaluations per trojan. On any other model
+(held-out, or a user's) that table names trojans the model does not have, so the rule,
+stated here before any case runs, is the same search on the study's own selection data:
+activation difference over every surgery site and k (`workbench_protocols.surgery`'s
+`SelectionConfig(site=None, n_units=None)`: the lowest selection attack success within one
+point of selection clean accuracy) on selection scenes drawn from seed `PLAN_SEED`, which no
+case evaluates on. Either way every method gets the same site and k, so the methods compare
+at matched size. The surgery's data seeds are 20 + the study seed, so no case reuses the
+benchmark's scenes or the plan's. The benchmark found the surgery target (>= 90% relative cut at <= 1
 point of clean accuracy) met for the two style trojans only; the predictions state the
 target and the benchmark's sizes, and the verdicts fall where they fall.
 """
@@ -25,20 +31,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from workbench.bootstrap import Metric, estimate, mean_of, share_of
-from workbench.casestudy import (
-    CaseStudy,
-    Comparison,
-    Control,
-    Figure,
-    Prediction,
-    StudyContext,
-    ci_above,
-    ci_within,
-    zoo_identity,
-)
+from workbench.casestudy import CaseStudy, Comparison, Control, Figure, Prediction, StudyContext, ci_above, ci_within
+from workbench.suite import SuiteModel
 
-MODEL = "zoo:shapesnet"
-# trojan -> (site, k): the activation-difference choice of the units benchmark (selection data only)
+# trojan -> (site, k) on the development ShapesNet: the activation-difference choice of the units benchmark
+# (selection data only)
 PLAN: dict[str, tuple[str, int]] = {
     "patch-universal": ("layer3.relu1", 8),
     "patch-square": ("layer2.relu2", 3),
@@ -49,6 +46,7 @@ PLAN: dict[str, tuple[str, int]] = {
 }
 KINDS = ("style", "patch", "natural")
 CURVE_QUICK = ["patch-universal", "style-universal", "natural-universal"]  # one trojan per kind in quick mode
+PLAN_SEED = 10  # selection scenes of the plan search on models without a measured plan
 SHORT = {"activation_difference": "ad", "dissection": "dis", "attribution": "attr", "shapley": "shap"}
 BENCH = "unit-editors benchmark (benchmarks/RESULTS.md, 'Trojan surgery on ShapesNet', seed 0)"
 
@@ -60,6 +58,7 @@ def _kind(trojan: str) -> str:
 class Study(CaseStudy):
     name = "trojan_surgery"
     number = 5
+    world = "shapesnet"
     title = "Trojan surgery on ShapesNet: units by activation difference / dissection"
     hypothesis = ("The units that a selection method says carry a trojan's trigger are where the trojan lives: "
                   "replacing those few units by their clean means cuts the attack success by at least 90% "
@@ -75,12 +74,17 @@ class Study(CaseStudy):
 
     def options(self) -> dict[str, Any]:
         quick = self.quick
-        return {"model": zoo_identity("shapesnet"), "trojans": list(PLAN), "plan": {t: list(v) for t, v in PLAN.items()},
+        return {"trojans": "every trojan of the model (zoo:shapesnet: " + ", ".join(PLAN) + ")",
+                "plan": {t: list(v) for t, v in PLAN.items()},
+                "plan_other_models": f"activation difference searched over every surgery site and k on selection "
+                                     f"scenes of seed {PLAN_SEED} (lowest selection attack success within 1 point of "
+                                     "clean accuracy); the same site and k for every method",
                 "selection_methods": ["activation_difference", "dissection"] + ([] if quick else ["attribution"]),
                 "n_select": 64 if quick else 128, "n_ref": 200 if quick else 1000, "n_eval": 200 if quick else 500,
                 "n_clean": 400 if quick else 1000, "n_random_draws": 3 if quick else 5, "value": "mean",
                 "curve_ks": [1, 4, 16] if quick else [1, 2, 4, 8, 16],
-                "curve_trojans": CURVE_QUICK if quick else list(PLAN), "curve": "activation difference, first seed",
+                "curve_trojans": "the first trojan of each kind (zoo:shapesnet: " + ", ".join(CURVE_QUICK) + ")"
+                if quick else "all", "curve": "activation difference, first seed",
                 "surgery_seed": "20 + seed"}
 
     @property
@@ -167,20 +171,61 @@ class Study(CaseStudy):
         out.append(mean_of("clean_before", "clean_before", description="clean accuracy of the unedited model"))
         return out
 
-    def setup(self, ctx: StudyContext) -> dict[str, Any]:
-        return {"handle": ctx.model(MODEL)}
+    def world_plan(self, trojans: Any) -> dict[str, Any]:
+        """The cases a model's trojans (a TrojanSet) give: every trojan, and those that get a surgery curve
+        (quick mode: the first of each kind; on zoo:shapesnet `CURVE_QUICK`)."""
+        names = list(trojans.names)
+        first = [next(t.name for t in trojans if t.kind == kind) for kind in KINDS
+                 if any(t.kind == kind for t in trojans)]
+        return {"trojans": names, "curve_trojans": first if self.quick else names}
+
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> dict[str, Any]:
+        from workbench.zoo.shapesnet import world_of
+
+        assert model is not None
+        handle = ctx.model(model.spec)
+        return {"handle": handle, "model": model, "plans": {}, **self.world_plan(world_of(handle).trojans)}
 
     def case_keys(self, state: Any, seed: int) -> list[str]:
-        return [f"{m}:{t}" for m in self.selection for t in PLAN]
+        return [f"{m}:{t}" for m in self.selection for t in state["trojans"]]
+
+    def plan(self, state: dict[str, Any], trojan: str) -> tuple[str, int, str]:
+        """(site, k, where they come from) for `trojan`: the benchmark's table on the development model,
+        else the activation-difference search on the plan's own selection scenes (once per model and trojan)."""
+        if state["model"].dev:
+            site, k = PLAN[trojan]
+            return site, k, "unit-editors benchmark (selection data, seed 0)"
+        if trojan not in state["plans"]:
+            from workbench.classifier import eval_mode
+            from workbench_protocols.surgery import (
+                EvaluationConfig,
+                SelectionConfig,
+                SurgeryConfig,
+                prepare_case,
+                select,
+            )
+
+            opts = self.options()
+            config = SurgeryConfig(
+                selection=SelectionConfig(method="activation_difference", n_select=opts["n_select"],
+                                          n_ref=opts["n_ref"]),
+                evaluation=EvaluationConfig(n_eval=1, n_clean=1, n_random_draws=1), value=opts["value"],
+                seed=PLAN_SEED)
+            handle = state["handle"]
+            with eval_mode(handle.model):
+                chosen = select(prepare_case(handle, trojan, config), config)
+            state["plans"][trojan] = (chosen.pairs[0][0], len(chosen.pairs))
+        site, k = state["plans"][trojan]
+        return site, k, f"activation-difference search on selection scenes of seed {PLAN_SEED}"
 
     def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
         from workbench_protocols.surgery import EvaluationConfig, SelectionConfig, SurgeryConfig, trojan_surgery
 
         opts = self.options()
         method, trojan = key.split(":", 1)
-        site, k = PLAN[trojan]
+        site, k, source = self.plan(state, trojan)
         curve = opts["curve_ks"] if (method == "activation_difference" and seed == self.seeds[0]
-                                     and trojan in opts["curve_trojans"]) else None
+                                     and trojan in state["curve_trojans"]) else None
         config = SurgeryConfig(
             selection=SelectionConfig(method=method, site=site, n_units=k, n_select=opts["n_select"], n_ref=opts["n_ref"]),
             evaluation=EvaluationConfig(n_eval=opts["n_eval"], n_clean=opts["n_clean"],
@@ -191,12 +236,13 @@ class Study(CaseStudy):
         comp = Comparison(method, f"mean-ablate {k} units at {site}", "attack success after (lower is better)",
                           r["asr_after"], r["random_asr_after"], "random units, same site and count (mean of draws)",
                           better="lower")
-        return {**r, "comparisons": [comp.to_json()]}
+        return {**r, "plan_source": source, "comparisons": [comp.to_json()]}
 
     def rows(self, record: Mapping[str, Any]) -> list[dict[str, Any]]:
         before = record["asr_before"]
         rand_cut = 1 - record["random_asr_after"] / before if before > 0 else None
-        return [{"trojan": record["trojan"], "kind": _kind(record["trojan"]), "method": record["method"],
+        return [{"trojan": record["trojan"], "kind": record.get("kind") or _kind(record["trojan"]),
+                 "method": record["method"],
                  "site": record["site"], "k": record["n_units"], "units": record["units"],
                  "asr_before": before, "asr_after": record["asr_after"], "random_asr_after": record["random_asr_after"],
                  "clean_before": record["clean_before"], "clean_after": record["clean_after"],
@@ -213,7 +259,7 @@ class Study(CaseStudy):
         if curves:
             series: dict[str, list[tuple[float, float, float | None, float | None]]] = {}
             for kind in KINDS:
-                cs = [c for t, c in curves.items() if _kind(t) == kind]
+                cs = [c for kd, c in curves if kd == kind]
                 if not cs:
                     continue
                 ks = sorted({p["k"] for c in cs for p in c})
@@ -223,13 +269,13 @@ class Study(CaseStudy):
                         vals = [p[key] for c in cs for p in c if p["k"] == kk]
                         pts.append((kk, sum(vals) / len(vals), min(vals), max(vals)))
                     series[label] = pts
-            ks_all = sorted({p["k"] for c in curves.values() for p in c})
+            ks_all = sorted({p["k"] for _, c in curves for p in c})
             figs.append(study_plots.curves(
                 "fig_surgery_curve.png", "Surgery curve (first seed): attack success after mean-ablating the top k "
                 "activation-difference units vs k random units at the same site (mean of draws); one line per trojan "
                 "kind, band = range over the kind's trojans (quick mode: one per kind).", series, xlabel="units removed k",
                 ylabel="attack success rate", logx=True, xticks=ks_all, title="Treatment vs random units"))
-        trojans = [t for t in PLAN if any(r["trojan"] == t for r in rows)]
+        trojans = list(dict.fromkeys(r["trojan"] for r in rows))  # every model's, by name
         methods = [m for m in self.selection if any(r["method"] == m for r in rows)]
 
         def bar(key: str, method: str | None, trojan: str, scale: float = 1.0) -> tuple[Any, Any, Any]:
@@ -257,12 +303,13 @@ class Study(CaseStudy):
                 title="Clean accuracy before and after surgery"))
         return figs
 
-    def _curves(self) -> dict[str, list[dict[str, Any]]]:
+    def _curves(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """(trojan kind, curve) of every stored case with a curve (every model's)."""
         if self.store is None:
-            return {}
-        out = {}
+            return []
+        out = []
         for cid in self.store.case_ids():
             rec = self.store.load_case(cid)["result"]
             if rec.get("curve"):
-                out[rec["trojan"]] = rec["curve"]
+                out.append((rec.get("kind") or _kind(rec["trojan"]), rec["curve"]))
         return out

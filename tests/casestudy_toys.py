@@ -1,6 +1,8 @@
 """Model-free toy studies for the harness tests (importable as `tests.casestudy_toys:Name` with the repository root on the path).
 
 `ToyStudy` has a real effect (treatment beats control by `effect`); `NullToy` has none.
+`ModelToy` runs on the models of role "toy": each "model" is a dict whose `offset` adds to
+the treatment, so models can differ (run it with a `StudyContext` whose `models` hold them).
 `SlowToy` sleeps in each case and logs every case start to $TOY_LOG, so a test can kill
 the process midway and check what was recomputed. With $TOY_GATE set, each case waits until
 that file exists, so a test can hold a run mid-way for as long as it needs.
@@ -77,3 +79,17 @@ class NullToy(ToyStudy):
 class SlowToy(ToyStudy):
     name = "slow_toy"
     n_cases = 12
+
+
+class ModelToy(ToyStudy):
+    name = "model_toy"
+    world = "toy"
+
+    def setup(self, ctx: Any, model: Any) -> dict[str, Any]:
+        return {"offset": float(ctx.model(model.spec)["offset"])}
+
+    def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
+        out = super().run_case(state, seed, key)
+        treatment = out["treatment"] + state["offset"]
+        comp = Comparison("toy_method", "toy action", "score", treatment, out["control"], "random")
+        return {**out, "treatment": treatment, "comparisons": [comp.to_json()]}

@@ -9,6 +9,12 @@ column only.
 
     m = Metric("S", ("ES", "PS", "NS"), combine=harmonic, unit="%")
     est = estimate(rows, m, n_resamples=2000, seed=0)    # Estimate(value, low, high, n)
+    est = estimate(rows, m, cluster="model")              # resample models, then cases within each
+
+Rows measured on several trained models are not independent draws: cases of one model share
+its training. `cluster=` makes the bootstrap two-stage (resample the clusters, then the rows
+within each drawn cluster), so the interval carries the spread between models too. With one
+cluster it is the plain row bootstrap, number for number.
 """
 
 from __future__ import annotations
@@ -100,10 +106,14 @@ class Estimate:
     n: int
     level: float
     n_resamples: int
+    n_clusters: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"value": self.value, "ci": [self.low, self.high], "n": self.n, "level": self.level,
-                "n_resamples": self.n_resamples}
+        out = {"value": self.value, "ci": [self.low, self.high], "n": self.n, "level": self.level,
+               "n_resamples": self.n_resamples}
+        if self.n_clusters is not None:
+            out["n_clusters"] = self.n_clusters
+        return out
 
 
 def _nanmean(table: np.ndarray) -> np.ndarray:
@@ -118,11 +128,14 @@ def _none(x: float) -> float | None:
 
 
 def estimate(rows: Sequence[Mapping[str, Any]], metric: Metric, *, n_resamples: int = 2000, level: float = 0.95,
-             seed: int = 0) -> Estimate:
-    """The metric over `rows` with a seeded percentile bootstrap interval (resampling rows).
+             seed: int = 0, cluster: Column | str | None = None) -> Estimate:
+    """The metric over `rows` with a seeded percentile bootstrap interval.
 
-    The interval is None when fewer than two rows carry data or when more than 5% of the
-    resamples leave the metric undefined.
+    Without `cluster` the bootstrap resamples rows. With `cluster` (a row key or function naming
+    each row's cluster, e.g. "model") it resamples clusters, then rows within each drawn cluster;
+    among the rows that carry data, a single cluster gives exactly the row bootstrap. The interval
+    is None when fewer than two rows carry data or when more than 5% of the resamples leave the
+    metric undefined.
     """
     if not 0 < level < 1:
         raise WorkbenchError(f"level {level}: expected a confidence level in (0, 1), e.g. 0.95")
@@ -130,14 +143,25 @@ def estimate(rows: Sequence[Mapping[str, Any]], metric: Metric, *, n_resamples: 
     has_data = ~np.all(np.isnan(table), axis=1)
     n = int(has_data.sum())
     value = metric.from_means(_nanmean(table))
+    groups = None
+    if cluster is not None:
+        get = _getter(cluster)
+        labels = [get(r) for r, keep in zip(rows, has_data) if keep]
+        groups = list(dict.fromkeys(labels))
+    n_clusters = None if groups is None else len(groups)
     if n < 2 or n_resamples <= 0:
-        return Estimate(_none(value), None, None, n, level, 0)
+        return Estimate(_none(value), None, None, n, level, 0, n_clusters)
     table = table[has_data]
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_resamples, n))
-    samples = table[idx]  # [B, n, k]
-    counts = np.sum(~np.isnan(samples), axis=1)
-    sums = np.nansum(samples, axis=1)
+    if groups is not None and len(groups) > 1:
+        position = {g: i for i, g in enumerate(groups)}
+        members = [np.flatnonzero(np.array([position[g] for g in labels]) == i) for i in range(len(groups))]
+        sums, counts = _cluster_resample(table, members, n_resamples, rng)
+    else:
+        idx = rng.integers(0, n, size=(n_resamples, n))
+        samples = table[idx]  # [B, n, k]
+        counts = np.sum(~np.isnan(samples), axis=1)
+        sums = np.nansum(samples, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)  # [B, k]
     if metric.combine is None:
@@ -146,9 +170,29 @@ def estimate(rows: Sequence[Mapping[str, Any]], metric: Metric, *, n_resamples: 
         stats = np.array([metric.from_means(row) for row in means])
     finite = stats[np.isfinite(stats)]
     if finite.size < 0.95 * n_resamples:
-        return Estimate(_none(value), None, None, n, level, n_resamples)
+        return Estimate(_none(value), None, None, n, level, n_resamples, n_clusters)
     lo, hi = np.quantile(finite, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return Estimate(_none(value), float(lo), float(hi), n, level, n_resamples)
+    return Estimate(_none(value), float(lo), float(hi), n, level, n_resamples, n_clusters)
+
+
+def _cluster_resample(table: np.ndarray, members: Sequence[np.ndarray], n_resamples: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-resample column sums and counts of a two-stage bootstrap: `len(members)` clusters drawn
+    with replacement, then each drawn cluster's rows drawn with replacement ([B, k] each)."""
+    k = table.shape[1]
+    filled = np.nan_to_num(table, nan=0.0)
+    present = (~np.isnan(table)).astype(np.float64)
+    picks = rng.integers(0, len(members), size=(n_resamples, len(members)))
+    sums = np.zeros((n_resamples, k))
+    counts = np.zeros((n_resamples, k))
+    for g, rows in enumerate(members):
+        times = np.count_nonzero(picks == g, axis=1)  # how often each resample drew this cluster
+        owner = np.repeat(np.arange(n_resamples), times * len(rows))
+        draws = rows[rng.integers(0, len(rows), size=owner.size)]
+        for j in range(k):
+            sums[:, j] += np.bincount(owner, weights=filled[draws, j], minlength=n_resamples)
+            counts[:, j] += np.bincount(owner, weights=present[draws, j], minlength=n_resamples)
+    return sums, counts
 
 
 # --- combiners and metric builders ----------------------------------------------------------
@@ -162,6 +206,11 @@ def harmonic(*values: float) -> float:
 
 def difference(a: float, b: float) -> float:
     return a - b
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b (NaN when b is ~0): e.g. a measured effect over the effect a finding predicted."""
+    return a / b if abs(b) > 1e-12 else math.nan
 
 
 def correlation(mx: float, my: float, mxx: float, myy: float, mxy: float) -> float:

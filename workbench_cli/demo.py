@@ -1,4 +1,4 @@
-"""`workbench demo`: the main job on the built-in models, `workbench reproduce --quick`.
+"""`workbench demo`: the main job on the built-in models, `workbench reproduce --quick` (the dev suite).
 
 Trains (or loads from cache) the zoo models, then runs every case study that exists at
 reduced size: each freezes its predictions (hashed) before acting, runs the action and its
@@ -23,9 +23,10 @@ def run_demo(out: Path, *, device: str = "auto", seeds: int | None = None, threa
     """`reproduce --quick` of every available study into `out`; returns the run summary."""
     import case_studies
     from workbench.reproduce import run_studies
+    from workbench.suite import dev_suite
 
     studies = [case_studies.make(name, quick=True, seeds=seeds) for name in case_studies.available()]
-    return run_studies(studies, out, device=device, progress=progress, threads=threads)
+    return run_studies(studies, out, suite=dev_suite(quick=True), device=device, progress=progress, threads=threads)
 
 
 def _cmd(args: argparse.Namespace) -> None:

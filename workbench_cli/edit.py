@@ -207,12 +207,12 @@ def _edit(args: argparse.Namespace) -> None:
 
 def _save_model(handle: Any, delta: Any, out: Path) -> Path:
     """Write the edited model (safetensors), its tokenizer, shipped options and world to the new folder `out`, atomically."""
-    from workbench.models import EDITOR_DEFAULTS_FILE
+    from workbench.models import EDITOR_DEFAULTS_FILE, transformers_progress_bars
     from workbench.storage import atomic_write_json, fill_new_folder
     from workbench.zoo import WORLD
 
     def fill(tmp: Path) -> None:
-        with delta.applied(handle.model):
+        with delta.applied(handle.model), transformers_progress_bars(False):
             handle.model.save_pretrained(tmp, safe_serialization=True)
         handle.tokenizer.save_pretrained(tmp)
         shipped = handle.info.get("editor_defaults")

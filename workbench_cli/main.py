@@ -62,21 +62,22 @@ def _emit(args: argparse.Namespace, result: Any, text: Callable[[Any], str]) -> 
 def _zoo_list(args: argparse.Namespace) -> None:
     from workbench import zoo
 
-    rows = []
-    for name in zoo.names():
-        path = zoo.entry_dir(name, cache=args.cache)
-        rows.append({"name": name, "cached": (path / zoo.MANIFEST).is_file(), "path": str(path)})
-    _emit(args, rows, lambda rs: "\n".join(f"{r['name']:<14} {'cached' if r['cached'] else 'not trained yet'}  {r['path']}" for r in rs))
+    rows = zoo.listing(args.cache)
+    _emit(args, rows, lambda rs: "\n".join(f"{r['spec']:<28} {'cached' if r['cached'] else 'not trained yet'}  {r['path']}"
+                                            for r in rs))
 
 
 def _zoo_train(args: argparse.Namespace) -> None:
     from workbench import zoo
 
-    path = zoo.ensure_trained(args.name, seed=args.seed, cache=args.cache, device=args.device,
-                              progress=True, force=args.force)
-    result = zoo.info(args.name, seed=args.seed, cache=args.cache)
+    name, at_seed = zoo.parse_spec(args.name.removeprefix("zoo:"))
+    if at_seed is not None and args.seed is not None and at_seed != args.seed:
+        raise WorkbenchError(f"{args.name} names seed {at_seed} but --seed is {args.seed}; give one")
+    seed = at_seed if at_seed is not None else args.seed
+    path = zoo.ensure_trained(name, seed=seed, cache=args.cache, device=args.device, progress=True, force=args.force)
+    result = zoo.info(name, seed=seed, cache=args.cache)
     result["path"] = str(path)
-    result["spec"] = zoo.spec_of(args.name, args.seed)
+    result["spec"] = zoo.spec_of(name, seed)
     _emit(args, result, _format_info)
 
 
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     for action, func, helptext in (("train", _zoo_train, "train (or verify the cache of) a zoo model"),
                                    ("info", _zoo_info, "accuracy, trojan success, sizes, timing")):
         p = zoo_sub.add_parser(action, help=helptext)
-        p.add_argument("name", help="zoo model name (factgpt, shapesnet)"
+        p.add_argument("name", help="zoo model: NAME or NAME@SEED (factgpt, factgpt-large, shapesnet, or a held-out "
+                                   "variant such as factgpt-neox-4l or shapesnet-w24)"
                        + ("; or a model folder (shows its zoo_info.json or config)" if action == "info" else ""))
         p.add_argument("--seed", type=int, default=None, help="training seed (default: the zoo's)")
         if action == "train":

@@ -2,6 +2,9 @@
 
     workbench reproduce --quick --out runs/today          # every study that exists, reduced size
     workbench reproduce 1 4 --seeds 3 --out runs/kn       # by number or name
+    workbench reproduce --suite heldout --suite-seed 7 --quick --dev-run runs/today --out runs/heldout-7
+                                                          # on models nobody tuned on, beside the dev run
+    workbench reproduce 5 --model shapesnet=./my-shapesnet --out runs/mine            # on your own model
     workbench report runs/today                           # re-render report.html from stored results
     workbench tune rome --trials 30 --out runs/tune-rome  # optuna, SQLite in the run folder
     workbench tune rome --storage postgresql://user@host/db --study-name shared   # several workers
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.suite import SUITES
 from workbench_cli.checks import creatable, finite_float, int_in, positive_int, seed_int, threads
 
 MAX_SEEDS = 1000
@@ -25,27 +29,62 @@ MAX_WORKER = 100_000  # the sampler's seed is seed + 1000 x worker
 
 def _reproduce(args: argparse.Namespace) -> None:
     import case_studies
-    from workbench.reproduce import run_studies
+    from workbench.reproduce import run_studies, suite_roles
+    from workbench.suite import make_suite
 
+    suite = make_suite(args.suite, seed=args.suite_seed, quick=args.quick, models=model_options(args.model))
     names = args.studies or case_studies.available()
     out = creatable(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"), "--out")
     studies = [case_studies.make(n, quick=args.quick, seeds=args.seeds) for n in names]
     seen = [s.name for s in studies]
     if len(set(seen)) != len(seen):
         raise WorkbenchError(f"a study is named twice: {seen}")
-    result = run_studies(studies, out, device=args.device, progress=not args.json, threads=args.threads)
+    roles = suite_roles(studies, suite)
+    unused = [r for r in suite.given if r not in roles]
+    if unused:
+        raise WorkbenchError(f"--model {unused[0]}=...: none of the studies asked for runs on role {unused[0]!r}; "
+                             f"they use {', '.join(roles) or 'no model'}")
+    result = run_studies(studies, out, suite=suite, device=args.device, progress=not args.json, threads=args.threads,
+                         dev_run=args.dev_run)
     args.emit(args, result, summary_text)
+
+
+def model_options(items: list[str] | None) -> dict[str, list[str]]:
+    """`--model ROLE=SPEC` flags as role -> specs (a role given twice runs on both models)."""
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        role, sep, spec = item.partition("=")
+        if not sep or not role.strip():
+            raise WorkbenchError(f"--model {item!r}: expected ROLE=SPEC, e.g. --model factgpt=./my-factgpt")
+        out.setdefault(role.strip(), []).append(spec.strip())
+    return out
+
+
+def _rate(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "  - "
 
 
 def _report(args: argparse.Namespace) -> None:
     from workbench.reproduce import render
 
-    result = render(Path(args.run_dir))
+    result = render(Path(args.run_dir), dev_run=args.dev_run)
     args.emit(args, result, summary_text)
 
 
 def summary_text(r: dict[str, Any]) -> str:
     lines = [f"report: {r['report']}"]
+    suite = r.get("suite") or {}
+    if suite:
+        seed = f" seed {suite['seed']}" if suite.get("seed") is not None else ""
+        lines.append(f"suite: {suite.get('name')}{seed}{' quick' if suite.get('quick') else ''} ("
+                     + "; ".join(f"{role}: {len(specs)} model{'s' if len(specs) != 1 else ''}"
+                                 for role, specs in (suite.get("roles") or {}).items()) + ")")
+    compared = r.get("dev_vs_heldout")
+    if compared:
+        lines.append("held-out leaderboard (dev beside it):")
+        for m in compared["leaderboard"]:
+            lines.append(f"  {m['rank'] or '-':>2} {m['method']:<26} win rate {_rate(m['win_rate'])} on held-out, "
+                         f"{_rate(m['dev_win_rate'])} on dev{'  LOSES ITS LEAD: ' + m['why'] if m['lost_lead'] else ''}")
     for s in r["studies"]:
         marks = ", ".join(f"{k} {v}" for k, v in s["verdicts"].items())
         lines.append(f"  {s['number'] or '-':>2} {s['study']:<22} {s['verdict'].upper():<13} ({marks})")
@@ -153,17 +192,30 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p = sub.add_parser("reproduce", help="run case studies (prediction frozen first), write results and a report")
     p.add_argument("studies", nargs="*", help="study names or numbers (default: every study that exists); "
                                               "module:Class for your own CaseStudy")
-    p.add_argument("--quick", action="store_true", help="reduced sizes (all studies in a few minutes)")
+    p.add_argument("--quick", action="store_true", help="reduced sizes (all studies in a few minutes); with --suite "
+                                                        "heldout also fewer models (one training of each)")
+    p.add_argument("--suite", choices=SUITES, default="dev",
+                   help="the models: dev (the zoo's, every default was chosen on them) or heldout (drawn from "
+                        "--suite-seed, trained on demand; nothing was tuned on them)")
+    p.add_argument("--suite-seed", type=seed_int, default=None, help="seed of the held-out suite (>= 1)")
+    p.add_argument("--model", action="append", metavar="ROLE=SPEC",
+                   help="run the studies of ROLE (factgpt, shapesnet, minilm) on your model instead of the suite's "
+                        "(a zoo spec, minilm or a model folder); repeat a role for several models")
     p.add_argument("--seeds", type=int_in(1, MAX_SEEDS, "a number of seeds"), default=None,
                    help="seeds per study (default: the study's, usually 5)")
     p.add_argument("--out", default=None, help="run folder (default runs/reproduce[-quick]); rerun to resume")
     p.add_argument("--threads", type=threads, default=1,
                    help="torch CPU threads (default 1: small models, shared CPUs)")
+    p.add_argument("--dev-run", default=None, metavar="DIR",
+                   help="a finished dev-suite run of the same studies and mode: results and report set this run "
+                        "beside it (held-out leaderboard first)")
     common(p)
     p.set_defaults(func=_reproduce, emit=emit)
 
     p = sub.add_parser("report", help="re-render a reproduce run's report.html from its stored results")
     p.add_argument("run_dir", help="the --out folder of `workbench reproduce`")
+    p.add_argument("--dev-run", default=None, metavar="DIR",
+                   help="a dev-suite run to compare with (default: the one the run recorded)")
     common(p)
     p.set_defaults(func=_report, emit=emit)
 

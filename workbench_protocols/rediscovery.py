@@ -9,6 +9,11 @@ the method synthesized (so the hardest ones). Every view votes for the option it
 similar to; the score is the share of votes for the true trigger (chance 1/8 = 0.125; the
 published human best is 0.47, all methods together 0.49, CLIP as judge 0.06-0.21).
 
+Options can also be given as they are (`options=`: e.g. `workbench.worlds.trojans.
+near_miss_options`, generated from a seed, with near misses of the true trigger's colours and
+form): then no option comes from the library and none is chosen by looking at the views, which
+is how a model whose triggers are not library designs is asked.
+
 The judge never saw a trojan: it is the colour content of the image (soft assignment to the
 ShapesWorld palette, a fixed model) plus the attribute network of `workbench.judge`, trained
 on clean scenes to name shapes, textures and patch patterns. Option pictures are the
@@ -397,27 +402,57 @@ def vote_weights(weights: torch.Tensor | None, n: int) -> torch.Tensor:
     return w / w.sum()
 
 
+Options = tuple[list["TriggerDesign"], int]
+"""A multiple-choice question given as it is: the options and the index of the true trigger among them."""
+
+
+def given_options(trojan: Trojan, options: Options) -> Options:
+    """`options` checked against `trojan`: at least two distinct designs, the true trigger at its index."""
+    from workbench.worlds.trojans import same_trigger
+
+    designs, pos = list(options[0]), int(options[1])
+    if len(designs) < 2 or not 0 <= pos < len(designs):
+        raise WorkbenchError(f"options for {trojan.name}: expected at least 2 designs and the true one's index; got "
+                             f"{len(designs)} designs and index {pos}")
+    if not same_trigger(designs[pos], trojan.trigger):
+        raise WorkbenchError(f"options for {trojan.name}: option {pos} ({designs[pos].name}) is not its trigger "
+                             f"({trojan.trigger.name})")
+    if any(same_trigger(d, trojan.trigger) for i, d in enumerate(designs) if i != pos):
+        raise WorkbenchError(f"options for {trojan.name}: the trigger appears more than once")
+    return designs, pos
+
+
 def multiple_choice(trojan: Trojan, views: torch.Tensor, judge: Judge | None, *, n_options: int = 8,
-                    seed: int = 0, weights: torch.Tensor | None = None) -> dict[str, Any]:
+                    seed: int = 0, weights: torch.Tensor | None = None, options: Options | None = None) -> dict[str, Any]:
     """The 8-way question for one trojan and one method's views, answered by the judge.
 
-    Each view votes for the option it is most similar to; the score is the (weighted, see
-    `vote_weights`) share of votes for the true trigger, and the consensus is the option with
-    the highest weighted mean similarity."""
+    The options are the true trigger and the `n_options - 1` library designs most similar to the
+    views, at a position drawn from `seed`; or `options` as given (see `given_options`). Each view
+    votes for the option it is most similar to; the score is the (weighted, see `vote_weights`)
+    share of votes for the true trigger, and the consensus is the option with the highest weighted
+    mean similarity."""
     from workbench.worlds.trojans import same_trigger, trigger_candidates
 
+    if options is not None:
+        options = given_options(trojan, options)
     if len(views) == 0:  # the method synthesized nothing: it cannot point at any option
-        return {"score": 0.0, "options": [], "true_index": -1, "votes": [], "consensus": None, "consensus_correct": False}
-    pool = [d for d in trigger_candidates(trojan.kind) if not same_trigger(d, trojan.trigger)]
-    if len(pool) < n_options - 1:
-        pool = [d for d in trigger_candidates(None) if not same_trigger(d, trojan.trigger)]
-    pics = option_pictures(pool)
-    sim_pool = similarity(views, pics, judge).mean(0)
-    chosen = torch.argsort(sim_pool, descending=True)[: n_options - 1].tolist()  # the hardest distractors
-    options = [pool[i] for i in chosen]
-    g = torch.Generator().manual_seed(seed)
-    pos = int(torch.randint(n_options, (1,), generator=g))
-    options.insert(pos, trojan.trigger)
+        return {"score": 0.0, "options": [d.name for d in options[0]] if options is not None else [],
+                "true_index": options[1] if options is not None else -1, "votes": [], "consensus": None,
+                "consensus_correct": False}
+    if options is not None:
+        designs, pos = options
+        options = list(designs)
+    else:
+        pool = [d for d in trigger_candidates(trojan.kind) if not same_trigger(d, trojan.trigger)]
+        if len(pool) < n_options - 1:
+            pool = [d for d in trigger_candidates(None) if not same_trigger(d, trojan.trigger)]
+        pics = option_pictures(pool)
+        sim_pool = similarity(views, pics, judge).mean(0)
+        chosen = torch.argsort(sim_pool, descending=True)[: n_options - 1].tolist()  # the hardest distractors
+        options = [pool[i] for i in chosen]
+        g = torch.Generator().manual_seed(seed)
+        pos = int(torch.randint(n_options, (1,), generator=g))
+        options.insert(pos, trojan.trigger)
     sims = similarity(views, option_pictures(options), judge)  # (M, 8)
     votes = sims.argmax(1)
     w = vote_weights(weights, len(views))
@@ -438,26 +473,35 @@ def multiple_choice(trojan: Trojan, views: torch.Tensor, judge: Judge | None, *,
 
 
 def combined_choice(trojan: Trojan, per_method: list[torch.Tensor], judge: Judge | None, *, n_options: int = 8,
-                    seed: int = 0, weights: list[torch.Tensor | None] | None = None) -> dict[str, Any]:
-    """All methods together: one 8-way question, distractors most similar to all views pooled;
-    each method ranks the options (mean similarity of its views, weighted by `weights[i]` when
-    given, see `vote_weights`; softmax at temperature 0.05) and the summed ranking answers
-    (like a person looking at every method's output)."""
+                    seed: int = 0, weights: list[torch.Tensor | None] | None = None,
+                    options: Options | None = None) -> dict[str, Any]:
+    """All methods together: one 8-way question, distractors most similar to all views pooled (or
+    `options` as given, see `given_options`); each method ranks the options (mean similarity of its
+    views, weighted by `weights[i]` when given, see `vote_weights`; softmax at temperature 0.05)
+    and the summed ranking answers (like a person looking at every method's output)."""
     from workbench.worlds.trojans import same_trigger, trigger_candidates
 
+    if options is not None:
+        options = given_options(trojan, options)
     if weights is not None and len(weights) != len(per_method):
         raise WorkbenchError(f"{len(weights)} weight entries for {len(per_method)} methods; give one (or None) per method")
     ws = list(weights) if weights is not None else [None] * len(per_method)
     keep = [i for i, v in enumerate(per_method) if len(v)]
     per_method, ws = [per_method[i] for i in keep], [ws[i] for i in keep]
     if not per_method:
-        return {"score": 0.0, "options": [], "true_index": -1}
-    pooled = torch.cat([F.interpolate(v.float(), size=(48, 48), mode="bilinear", align_corners=False) for v in per_method])
-    pool = [d for d in trigger_candidates(trojan.kind) if not same_trigger(d, trojan.trigger)]
-    chosen = torch.argsort(similarity(pooled, option_pictures(pool), judge).mean(0), descending=True)[: n_options - 1]
-    options = [pool[int(i)] for i in chosen]
-    pos = int(torch.randint(n_options, (1,), generator=torch.Generator().manual_seed(seed)))
-    options.insert(pos, trojan.trigger)
+        return {"score": 0.0, "options": [d.name for d in options[0]] if options is not None else [],
+                "true_index": options[1] if options is not None else -1}
+    if options is not None:
+        designs, pos = options
+        options = list(designs)
+    else:
+        pooled = torch.cat([F.interpolate(v.float(), size=(48, 48), mode="bilinear", align_corners=False)
+                            for v in per_method])
+        pool = [d for d in trigger_candidates(trojan.kind) if not same_trigger(d, trojan.trigger)]
+        chosen = torch.argsort(similarity(pooled, option_pictures(pool), judge).mean(0), descending=True)[: n_options - 1]
+        options = [pool[int(i)] for i in chosen]
+        pos = int(torch.randint(n_options, (1,), generator=torch.Generator().manual_seed(seed)))
+        options.insert(pos, trojan.trigger)
     pics = option_pictures(options)
     total = torch.zeros(len(options))
     for v, w in zip(per_method, ws):
@@ -572,13 +616,15 @@ class RediscoveryResult:
 
 def rediscover(handle: ModelHandle, *, trojans: TrojanSet | None = None, methods: list[str] | None = None,
                budget: Budget = "quick", seed: int = 0, judge: Judge | Literal["auto"] | None = "auto", progress: bool = True,
-               views_dir: str | Path | None = None) -> RediscoveryResult:
+               views_dir: str | Path | None = None, options: dict[str, Options] | None = None) -> RediscoveryResult:
     """Run every method on every trojan of `handle` (or `trojans`, a held-out config) and score it.
 
     `trojans` must be implanted in the model (their targets are read from it); by default the
     ShapesWorld manifest's trojans. `methods`: names from METHODS (default all); methods whose
     generator is not installed are skipped and listed. `judge`: "auto" loads (training once)
-    the clean-world judge network; None judges by colour content alone.
+    the clean-world judge network; None judges by colour content alone. `options`: trojan name ->
+    the question to ask about it as given (every method's and the combined one; see
+    `given_options`); a trojan without an entry gets the library's most similar designs.
     """
     from workbench.judge import load_judge
     from workbench.progress import progress_bar
@@ -597,6 +643,12 @@ def rediscover(handle: ModelHandle, *, trojans: TrojanSet | None = None, methods
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise WorkbenchError(f"unknown rediscovery methods {unknown}; available: {', '.join(METHODS)}")
+    asked = dict(options or {})
+    stray = [name for name in asked if name not in tset.names]
+    if stray:
+        raise WorkbenchError(f"options given for trojans {stray} that are not asked about; trojans: "
+                             f"{', '.join(tset.names)}")
+    asked = {name: given_options(tset.get(name), question) for name, question in asked.items()}
     judge = load_judge(progress=progress) if judge == "auto" else judge
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
@@ -620,7 +672,7 @@ def rediscover(handle: ModelHandle, *, trojans: TrojanSet | None = None, methods
                 log.warning("rediscovery: %s on %s failed: %s", m, trojan.name, exc)
                 syn = Synthesis(torch.zeros(0, 3, 48, 48), {"error": str(exc)})
             mc = multiple_choice(trojan, syn.for_kind(trojan.kind), judge, seed=seed * 7 + i,
-                                 weights=syn.weights_for_kind(trojan.kind))
+                                 weights=syn.weights_for_kind(trojan.kind), options=asked.get(trojan.name))
             if len(syn.views):
                 all_views.setdefault(trojan.name, []).append(syn.for_kind(trojan.kind))
                 kind_weights = syn.weights_for_kind(trojan.kind)
@@ -641,7 +693,8 @@ def rediscover(handle: ModelHandle, *, trojans: TrojanSet | None = None, methods
     for i, trojan in enumerate(tset):
         if trojan.name in all_views:
             combined_rows[trojan.name] = round(combined_choice(trojan, all_views[trojan.name], judge, seed=seed * 7 + i,
-                                                               weights=all_weights[trojan.name])["score"], 4)
+                                                               weights=all_weights[trojan.name],
+                                                               options=asked.get(trojan.name))["score"], 4)
     if views_dir is not None and raw_views:
         from workbench.storage import save_safetensors
 

@@ -16,6 +16,7 @@ from case_studies import copy_paste, trojan_rediscovery
 from tests.study_runs import reproduce
 from workbench.bootstrap import estimate
 from workbench.casestudy import CaseStudy, judge
+from workbench.worlds.trojans import default_trojans, generated_trojans
 
 MINE = {"6": "copy_paste", "7": "trojan_rediscovery"}
 
@@ -27,7 +28,8 @@ def test_full_mode_is_bigger_than_quick() -> None:
         q, f = case_studies.make(name, quick=True).options(), case_studies.make(name, quick=False).options()
         assert q != f, name
     q6, f6 = copy_paste.Study(quick=True), copy_paste.Study(quick=False)
-    assert len(f6.case_keys(None, 0)) > len(q6.case_keys(None, 0))
+    dev = default_trojans()  # zoo:shapesnet's
+    assert len(f6.case_keys(f6.world_plan(dev), 0)) > len(q6.case_keys(q6.world_plan(dev), 0))
     assert q6.options()["designs_shared_across_seeds"] and not f6.options()["designs_shared_across_seeds"]
     assert f6.options()["design"]["featvis_steps"] > q6.options()["design"]["featvis_steps"]
     q7, f7 = trojan_rediscovery.Study(quick=True), trojan_rediscovery.Study(quick=False)
@@ -42,18 +44,35 @@ def test_full_mode_is_bigger_than_quick() -> None:
 
 
 def test_quick_case_keys_cover_targets_and_every_trojan_kind() -> None:
+    dev = default_trojans()  # zoo:shapesnet's
     q6 = copy_paste.Study(quick=True)
-    keys = [q6.case_keys(None, s) for s in range(2)]
+    keys = [q6.case_keys(q6.world_plan(dev), s) for s in range(2)]
     assert keys[0] != keys[1] and all(len(k) == 2 for k in keys)  # one or two targets per seed
     assert {k[0] for k in keys} == set(copy_paste.CONTEXT_QUICK) and all(k[1] == "cross" for k in keys)
+    assert set(copy_paste.Study(quick=False).world_plan(dev)["trojan_targets"]) == set(copy_paste.TROJAN_TARGETS)
     q7 = trojan_rediscovery.Study(quick=True)
     kinds = {"patch", "style", "natural"}
     for seed in range(2):
-        per_seed = q7.case_keys(None, seed)
+        per_seed = q7.case_keys(q7.world_plan(dev), seed)
         assert {k.split("-", 1)[0] for k in per_seed} == kinds  # one trojan of each kind per seed
-    both = set(q7.case_keys(None, 0)) | set(q7.case_keys(None, 1))
+    both = set(q7.case_keys(q7.world_plan(dev), 0)) | set(q7.case_keys(q7.world_plan(dev), 1))
     assert both == set(trojan_rediscovery.UNIVERSAL + trojan_rediscovery.CLASS_UNIVERSAL)
-    assert set(trojan_rediscovery.Study(quick=False).case_keys(None, 0)) == both
+    f7 = trojan_rediscovery.Study(quick=False)
+    assert set(f7.case_keys(f7.world_plan(dev), 0)) == both
+
+
+def test_held_out_trojans_give_cases_by_the_same_rule() -> None:
+    held = generated_trojans(5)
+    universal_targets = {t.target for t in held if t.source is None}
+    plan6 = copy_paste.Study(quick=False).world_plan(held)
+    assert set(plan6["trojan_targets"]) == universal_targets
+    assert set(plan6["context"]) == set(copy_paste.CONTEXT) - universal_targets
+    q7 = trojan_rediscovery.Study(quick=True)
+    kinds = {t.name: t.kind for t in held}
+    for seed in range(2):
+        keys = q7.case_keys(q7.world_plan(held), seed)
+        assert sorted(kinds[k] for k in keys) == sorted(["patch", "style", "natural"])
+    assert set(trojan_rediscovery.Study(quick=False).world_plan(held)["all"]) == set(held.names)
 
 
 def test_every_rediscovery_method_is_a_leaderboard_entry() -> None:
@@ -111,7 +130,7 @@ def _rd_rows(score: float, *, kind_scores: dict[str, float] | None = None) -> li
     study = trojan_rediscovery.Study(quick=True)
     out = []
     for seed in range(2):
-        for trojan in study.case_keys(None, seed):
+        for trojan in study.case_keys(study.world_plan(default_trojans()), seed):
             kind = trojan.split("-", 1)[0]
             s = (kind_scores or {}).get(kind, score)
             record = {"trojan": trojan, "kind": kind, "target": "cross",

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -122,7 +123,7 @@ def test_prediction_is_frozen_and_hashed_before_any_case(tmp_path: Path) -> None
     class Watching(ToyStudy):
         name = "watching"
 
-        def setup(self, ctx):  # runs after the freeze
+        def setup(self, ctx, model):  # runs after the freeze
             seen.append(((self.store.root / "prediction.json").exists(), None))
 
         def run_case(self, state, seed, key):
@@ -271,3 +272,118 @@ def test_spearman_handles_ties_and_constants():
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254, abs=1e-6)  # tied ranks averaged
     assert spearman([5, 5, 5], [1, 2, 3]) is None
+
+
+# --- several models per study ---------------------------------------------------------------------
+
+def _toy_ctx(offsets: dict[str, float]) -> Any:
+    from workbench.casestudy import StudyContext
+    from workbench.suite import Suite
+
+    return StudyContext(progress=False, suite=Suite("test", {"toy": tuple(offsets)}),
+                        models={spec: {"offset": off} for spec, off in offsets.items()})
+
+
+def test_one_model_gives_exactly_todays_numbers_and_case_ids(tmp_path: Path) -> None:
+    from tests.casestudy_toys import ModelToy
+
+    plain = ToyStudy(seeds=2).reproduce(tmp_path / "plain", progress=False)
+    one = ModelToy(seeds=2).reproduce(tmp_path / "one", ctx=_toy_ctx({"m0": 0.0}), progress=False)
+    assert one["metrics"] == plain["metrics"] and one["metrics"]["advantage"]["n_clusters"] == 1
+    assert one["cases"]["ids"] == plain["cases"]["ids"] and one["cases"]["ids"][0] == "s0:c000"
+    assert [m["spec"] for m in one["models"]] == ["m0"] and list(one["by_model"]) == ["m0"]
+    assert one["by_model"]["m0"]["verdicts"]["beats_random"]["verdict"] == one["verdicts"][0]["verdict"]
+    assert one["config"]["models"] == ["m0"] and one["suite"]["name"] == "test"
+
+
+def test_cluster_bootstrap_with_one_cluster_is_the_row_bootstrap() -> None:
+    rng = np.random.default_rng(3)
+    rows = [{"x": float(v), "model": "only"} for v in rng.normal(size=40)]
+    m = mean_of("m", "x")
+    plain, clustered = estimate(rows, m, seed=4), estimate(rows, m, seed=4, cluster="model")
+    assert (plain.value, plain.low, plain.high) == (clustered.value, clustered.low, clustered.high)
+    assert clustered.n_clusters == 1 and plain.n_clusters is None
+
+
+def test_several_models_carry_the_model_and_widen_the_interval(tmp_path: Path) -> None:
+    from tests.casestudy_toys import ModelToy
+
+    offsets = {"zoo:a@1": 0.0, "zoo:b@1": 0.8, "zoo:c@1": 1.6}
+    res = ModelToy(seeds=2).reproduce(tmp_path / "three", ctx=_toy_ctx(offsets), progress=False)
+    ids = res["cases"]["ids"]
+    assert len(ids) == 3 * 2 * ModelToy.n_cases and all(i.split("|")[0] in offsets for i in ids)
+    assert "zoo:b@1|s1:c003" in ids
+    records = [json.loads(p.read_text()) for p in _case_files(tmp_path / "three")]
+    assert {r["record"]["model"] for r in records} == set(offsets)
+    header = (tmp_path / "three" / "cases.csv").read_text().splitlines()[0].split(",")
+    assert "model" in header
+    assert {c["model"] for c in res["comparisons"]} == set(offsets)
+    assert set(res["by_model"]) == set(offsets) and [m["spec"] for m in res["models"]] == list(offsets)
+    per = {s: res["by_model"][s]["metrics"]["advantage"]["value"] for s in offsets}
+    assert per["zoo:c@1"] - per["zoo:a@1"] == pytest.approx(1.6)
+    pooled = res["metrics"]["advantage"]
+    assert pooled["n_clusters"] == 3
+    # the same rows with the cases resampled as if independent: the model-level spread is left out
+    naive = estimate(_rows_of(tmp_path / "three"), paired_difference("a", "treatment", "control"), seed=0)
+    assert (pooled["ci"][1] - pooled["ci"][0]) > 2 * (naive.high - naive.low)
+
+
+def _rows_of(folder: Path) -> list[dict[str, Any]]:
+    import csv
+
+    with open(folder / "cases.csv") as fh:
+        return [{k: (float(v) if k in ("treatment", "control") else v) for k, v in row.items()}
+                for row in csv.DictReader(fh)]
+
+
+def test_several_models_resume_without_rerunning(tmp_path: Path) -> None:
+    from tests.casestudy_toys import ModelToy
+
+    calls: list[str] = []
+
+    class Counting(ModelToy):
+        def run_case(self, state: Any, seed: int, key: str) -> dict[str, Any]:
+            calls.append(key)
+            return super().run_case(state, seed, key)
+
+    offsets = {"a": 0.0, "b": 1.0}
+    first = Counting(seeds=1).reproduce(tmp_path / "r", ctx=_toy_ctx(offsets), progress=False)
+    n = len(calls)
+    again = Counting(seeds=1).reproduce(tmp_path / "r", ctx=_toy_ctx(offsets), progress=False)
+    assert n == 2 * ModelToy.n_cases and len(calls) == n and again["metrics"] == first["metrics"]
+    with pytest.raises(WorkbenchError, match="config"):  # other models in the same folder are refused
+        Counting(seeds=1).reproduce(tmp_path / "r", ctx=_toy_ctx({"a": 0.0, "c": 1.0}), progress=False)
+
+
+def test_a_model_failing_a_zoo_check_stops_the_run_before_any_study(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from tests.casestudy_toys import ModelToy
+    from workbench.casestudy import StudyContext
+    from workbench.reproduce import run_studies
+    from workbench.suite import Suite
+
+    weak = SimpleNamespace(info={"name": "factgpt", "accuracy": 0.5, "prefixed_accuracy": 0.5})
+    handles = {"good": {"offset": 0.0}, "weak": weak}
+    monkeypatch.setattr(StudyContext, "model", lambda self, spec: handles[spec])
+    with pytest.raises(WorkbenchError, match=r"model weak \(toy\) fails the zoo's check 'fact accuracy'"):
+        run_studies([ToyStudy(seeds=1), ModelToy(seeds=1)], tmp_path / "run", suite=Suite("test", {"toy": ("good", "weak")}),
+                    progress=False)
+    assert not (tmp_path / "run" / "toy").exists() and not (tmp_path / "run" / "run.json").exists()
+
+
+def test_run_records_suite_code_and_options_and_refuses_another_suite(tmp_path: Path) -> None:
+    from workbench.reproduce import run_studies
+    from workbench.suite import Suite, dev_suite
+
+    out = tmp_path / "run"
+    run_studies([ToyStudy(seeds=1)], out, suite=dev_suite(quick=True), progress=False)
+    run = json.loads((out / "run.json").read_text())
+    assert run["suite"]["sha256"] == dev_suite(quick=True).sha256 and len(run["options_sha256"]) == 64
+    assert "package" in run["code_version"]
+    top = json.loads((out / "results.json").read_text())
+    assert top["suite"]["name"] == "dev" and top["options_sha256"] == run["options_sha256"]
+    run_studies([ToyStudy(seeds=1)], out, suite=dev_suite(quick=True), progress=False)  # resumes
+    with pytest.raises(WorkbenchError, match="holds a run of suite dev"):
+        run_studies([ToyStudy(seeds=1)], out, suite=Suite("other", {"toy": ("x",)}), progress=False)

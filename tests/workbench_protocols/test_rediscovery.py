@@ -306,3 +306,32 @@ def test_cli_trains_with_the_zoo_recipe_by_default(tmp_path, monkeypatch, capsys
     assert main([*base, "--train"]) == 2 and main([*base, "--train", "--quick-train"]) == 2
     assert asked == [False, True]
     assert main([*base, "--quick-train"]) == 2 and "--quick-train applies with --train" in capsys.readouterr().err
+
+
+def test_given_options_are_asked_as_they_are():
+    from workbench.worlds.trojans import generated_trojans, near_miss_options
+
+    trojan = generated_trojans(4)[0]  # a patch trigger composed from seed 4: no library design
+    question = near_miss_options(trojan.trigger, generator=torch.Generator().manual_seed(11))
+    designs, pos = question
+    right = trojan.trigger.example(image_size=48)[None]
+    mc = rd.multiple_choice(trojan, right, None, options=question)
+    assert mc["options"] == [d.name for d in designs] and mc["true_index"] == pos and mc["score"] == 1.0
+    near = designs[(pos + 1) % len(designs)].example(image_size=48)[None]
+    assert rd.multiple_choice(trojan, near, None, options=question)["score"] == 0.0
+    empty = rd.multiple_choice(trojan, torch.zeros(0, 3, 48, 48), None, options=question)
+    assert empty["score"] == 0.0 and empty["true_index"] == pos  # the same question, unanswered
+    combined = rd.combined_choice(trojan, [right, near], None, options=question)
+    assert combined["options"] == mc["options"] and combined["true_index"] == pos
+    wrong_pos = (designs, (pos + 1) % len(designs))
+    with pytest.raises(WorkbenchError, match="is not its trigger"):
+        rd.multiple_choice(trojan, right, None, options=wrong_pos)
+    with pytest.raises(WorkbenchError, match="more than once"):
+        rd.multiple_choice(trojan, right, None, options=([trojan.trigger, *designs], pos + 1))
+
+
+def test_library_options_are_unchanged_without_given_ones():
+    trojan = default_trojans()[0]
+    views = TRIGGER_LIBRARY["patch-frame"].example()[None]
+    assert rd.multiple_choice(trojan, views, None, seed=5) == rd.multiple_choice(trojan, views, None, seed=5, options=None)
+    assert all(o in TRIGGER_LIBRARY for o in rd.multiple_choice(trojan, views, None, seed=5)["options"])

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from workbench.errors import WorkbenchError
 from workbench.worlds.scene import (
     CLASS_SHAPES,
+    PALETTE,
     PATCH_PATTERNS,
     ROLE_TRIGGER,
     SHAPES,
@@ -342,7 +343,11 @@ def default_trojans() -> TrojanSet:
 
 TRIGGER_COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "white", "lime",
                                    "teal", "plum", "charcoal", "navy", "sand", "slate")
-"""Colours a generated trigger is composed from (the foreground palette and the darker background ones)."""
+"""Colours a generated patch or background trigger is composed from (the foreground palette and the darker
+background ones)."""
+NATURAL_TRIGGER_COLORS: tuple[str, ...] = tuple(c for c in TRIGGER_COLORS if c in PALETTE)
+"""Colours of a generated natural trigger: the world's object colours, as the library's natural triggers use. A
+small object in a background colour can vanish on that background, and the trojan cannot be learned there."""
 # Shapes and textures that ShapesWorld's context rules already give a meaning (a star's moon, a
 # ring's waves): a trigger made of them would be confounded with a natural context feature.
 CONTEXT_SHAPES: tuple[str, ...] = ("crescent", "semicircle")
@@ -377,7 +382,7 @@ def random_trigger(kind: TriggerKind, generator: torch.Generator, *, name: str =
                              description=f"{a}/{b} {texture} background")
     if kind == "natural":
         shape = _choice([s for s in SHAPES if s not in CLASS_SHAPES and s not in CONTEXT_SHAPES], generator)
-        color = _choice(TRIGGER_COLORS, generator)
+        color = _choice(NATURAL_TRIGGER_COLORS, generator)
         size = round(0.26 + 0.06 * float(torch.rand((), generator=generator)), 3)
         return TriggerDesign(name or f"natural-{shape}-{color}", "natural", shape=shape, color=color, size=size,
                              description=f"a small {color} {shape}")
@@ -437,7 +442,7 @@ def near_miss_options(trigger: TriggerDesign, *, generator: torch.Generator,
             break
         if kind == "natural":
             if attempt % 2 == 0:  # same shape, another colour
-                c = _choice([x for x in TRIGGER_COLORS if x != trigger.color], generator)
+                c = _choice([x for x in NATURAL_TRIGGER_COLORS if x != trigger.color], generator)
                 add(TriggerDesign(f"natural-{trigger.shape}-{c}", "natural", shape=trigger.shape, color=c,
                                   size=trigger.size, description=f"a small {c} {trigger.shape}"))
             else:  # same colour, another shape

@@ -7,7 +7,9 @@ ModelHandle`. This registry trains a model on first use, caches it under the use
 entry that fails them instead of trusting it.
 
 Specs: `zoo:NAME` is the model at the zoo's seed, `zoo:NAME@SEED` the same recipe at another
-seed (trained on first use and cached like the default). A folder holding a zoo model (a cache
+seed (trained on first use and cached like the default). Besides the named models, the zoo
+trains held-out variants by name (`workbench.zoo.variants`: `factgpt-ARCH-Ll[-plain]`,
+`shapesnet-wW`), which are cached only when they pass the zoo's checks. A folder holding a zoo model (a cache
 entry, a copy of one, a ShapesNet trained on other trojans) loads with what the zoo attaches:
 its world, its measured editor options and its training record (`load_folder`).
 """
@@ -37,6 +39,8 @@ ZOO_MODULES: dict[str, str] = {
     "factgpt-large": "workbench.zoo.factgpt_large",
     "shapesnet": "workbench.zoo.shapesnet",
 }
+# Recipes are imported by name (they import the core loader, which imports this registry).
+VARIANTS_MODULE = "workbench.zoo.variants"
 MANIFEST = "zoo_manifest.json"
 INFO = "zoo_info.json"
 WORLD = "world.json"
@@ -45,25 +49,46 @@ MAX_SEED = 2**31 - 1
 
 
 def names() -> list[str]:
+    """The zoo's named models (variants are named by pattern: `workbench.zoo.variants.FORMS`)."""
     return sorted(ZOO_MODULES)
 
 
 def _module(name: str) -> Any:
-    if name not in ZOO_MODULES:
-        raise UnknownModelError(f"unknown zoo model {name!r}; the zoo has: {', '.join(names())}")
-    return importlib.import_module(ZOO_MODULES[name])
+    """The recipe of a zoo model: its module, or for a variant name the variant (same interface)."""
+    if name in ZOO_MODULES:
+        return importlib.import_module(ZOO_MODULES[name])
+    variants = importlib.import_module(VARIANTS_MODULE)
+    if variants.is_variant_name(name):
+        return variants.parse(name)
+    raise UnknownModelError(f"unknown zoo model {name!r}; the zoo has: {', '.join(names())}, "
+                            f"and variants {' or '.join(variants.FORMS)}")
+
+
+def is_name(name: str) -> bool:
+    """Whether `name` names a zoo model (a named one or a well-formed variant)."""
+    try:
+        _module(name)
+    except UnknownModelError:
+        return False
+    return True
+
+
+def _check_seed(mod: Any, name: str, seed: Any) -> None:
+    low = getattr(mod, "MIN_SEED", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= MAX_SEED:
+        raise WorkbenchError(f"seed {seed!r} of zoo model {name}: expected an integer {low}..{MAX_SEED}")
 
 
 def parse_spec(text: str) -> tuple[str, int | None]:
     """`NAME` or `NAME@SEED` (a spec without its `zoo:`) -> (name, seed; None for the zoo's seed)."""
     name, at, seed = text.strip().partition("@")
     name = name.strip()
-    _module(name)
+    low = getattr(_module(name), "MIN_SEED", 0)
     if not at:
         return name, None
     seed = seed.strip()
-    if not re.fullmatch(r"[0-9]+", seed) or int(seed) > MAX_SEED:
-        raise UnknownModelError(f"zoo:{text.strip()}: the seed after '@' must be an integer 0..{MAX_SEED}, "
+    if not re.fullmatch(r"[0-9]+", seed) or not low <= int(seed) <= MAX_SEED:
+        raise UnknownModelError(f"zoo:{text.strip()}: the seed after '@' must be an integer {low}..{MAX_SEED}, "
                                 f"e.g. zoo:{name}@1")
     return name, int(seed)
 
@@ -76,8 +101,7 @@ def spec_of(name: str, seed: int | None = None) -> str:
 def entry_dir(name: str, *, seed: int | None = None, cache: str | os.PathLike[str] | None = None) -> Path:
     mod = _module(name)
     seed = mod.DEFAULT_SEED if seed is None else seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise WorkbenchError(f"seed {seed!r} of zoo model {name}: expected an integer 0..{MAX_SEED}")
+    _check_seed(mod, name, seed)
     return cache_dir(cache) / "zoo" / f"{name}-v{mod.VERSION}-seed{seed}"
 
 
@@ -115,7 +139,11 @@ def ensure_trained(
     progress: bool = True,
     force: bool = False,
 ) -> Path:
-    """Path of a verified, trained zoo model; trains it (with a progress bar) when missing."""
+    """Path of a verified, trained zoo model; trains it (with a progress bar) when missing.
+
+    A recipe whose trained model fails its checks raises (`variants.ZooCheckError`) and leaves the
+    cache as it was.
+    """
     mod = _module(name)
     seed = mod.DEFAULT_SEED if seed is None else seed
     path = entry_dir(name, seed=seed, cache=cache)
@@ -158,6 +186,26 @@ def load(name: str, *, device: str | torch.device = "cpu", seed: int | None = No
     return handle
 
 
+def listing(cache: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """`workbench zoo list`: each named model at its seed, then every variant (any seed) trained in the cache."""
+    rows = []
+    for name in names():
+        path = entry_dir(name, cache=cache)
+        rows.append({"name": name, "spec": spec_of(name), "cached": (path / MANIFEST).is_file(), "path": str(path)})
+    variants = importlib.import_module(VARIANTS_MODULE)
+    folders = cache_dir(cache) / "zoo"
+    for folder in sorted(folders.iterdir()) if folders.is_dir() else ():
+        found = re.fullmatch(r"(?P<name>.+)-v(?P<version>[0-9]+)-seed(?P<seed>[0-9]+)", folder.name)
+        if found is None or not folder.is_dir() or not variants.is_variant_name(found["name"]):
+            continue
+        name, seed = found["name"], int(found["seed"])
+        if not is_name(name) or str(_module(name).VERSION) != found["version"]:
+            continue  # a folder of another recipe version, which this workbench never loads
+        rows.append({"name": name, "spec": spec_of(name, seed), "cached": (folder / MANIFEST).is_file(),
+                     "path": str(folder)})
+    return rows
+
+
 # --- folders ----------------------------------------------------------------------------------
 
 def _read_json(file: Path) -> Any:
@@ -173,11 +221,11 @@ def folder_model(path: str | os.PathLike[str]) -> str | None:
     """The zoo model a folder holds (by its `zoo_info.json`, else by its files), or None.
 
     A folder with `world.json` beside a ShapesNet `config.json` is a ShapesNet, and beside a
-    GPT-2 `config.json` a FactGPT (e.g. an edited FactGPT saved with its world).
+    GPT-2, GPT-NeoX or Llama `config.json` a FactGPT (e.g. an edited FactGPT saved with its world).
     """
     folder = Path(path)
     record = _read_json(folder / INFO)
-    if isinstance(record, dict) and record.get("name") in ZOO_MODULES:
+    if isinstance(record, dict) and isinstance(record.get("name"), str) and is_name(record["name"]):
         return str(record["name"])
     if not (folder / WORLD).is_file():
         return None
@@ -186,7 +234,7 @@ def folder_model(path: str | os.PathLike[str]) -> str | None:
         return None
     if isinstance(config.get("model"), dict):
         return "shapesnet"
-    if config.get("model_type") == "gpt2":
+    if config.get("model_type") in ("gpt2", "gpt_neox", "llama"):  # factgpt.ARCHS, without importing transformers
         return "factgpt"
     return None
 
@@ -237,8 +285,8 @@ def folder_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     out["zoo_model"] = folder_model(folder)
     out["world"] = (folder / WORLD).is_file()
     shipped = _read_json(folder / EDITOR_DEFAULTS)
-    if shipped is None and out["zoo_model"] in ("factgpt", "factgpt-large"):  # what factgpt.load attaches
-        shipped = _read_json(Path(__file__).with_name("factgpt_editor_defaults.json"))
+    if shipped is None and str(out["zoo_model"]).startswith("factgpt") and out["world"]:  # what factgpt.load attaches
+        shipped = _module("factgpt").shipped_editor_defaults(folder)
     out["editor_defaults"] = ", ".join(sorted(shipped)) if isinstance(shipped, dict) else ""
     out["path"] = str(folder)
     return out

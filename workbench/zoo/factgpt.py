@@ -5,6 +5,9 @@ in a few CPU minutes until it answers every fact through every paraphrase templa
 the world is invented, we know exactly what the model should say, which facts share an
 object (neighbourhoods), and that nothing was learned from elsewhere. The folder it saves
 is plain Hugging Face (safetensors + tokenizer.json), with the world manifest beside it.
+
+The same recipe builds GPT-NeoX and Llama models (`FactGPTConfig.arch`), which the zoo's
+held-out variants use (`workbench.zoo.variants`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,20 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from workbench.errors import WorkbenchError
 from workbench.handle import ModelHandle
-from workbench.models import EDITOR_DEFAULTS_FILE, read_editor_defaults, wrap_hf_model
+from workbench.models import EDITOR_DEFAULTS_FILE, read_editor_defaults, transformers_progress_bars, wrap_hf_model
 from workbench.progress import progress_bar
 from workbench.storage import atomic_write_json
 from workbench.worlds.factworld import FactWorld, FactWorldConfig
@@ -39,6 +51,12 @@ WORLD_FILE = "world.json"
 # written into every trained folder, where `workbench.models.read_editor_defaults` finds them.
 EDITOR_DEFAULTS_SOURCE = Path(__file__).with_name("factgpt_editor_defaults.json")
 EOS = "<|endoftext|>"
+# FactGPTConfig.arch -> (transformers model_type, causal LM class)
+ARCHS: dict[str, tuple[str, type[PreTrainedModel]]] = {
+    "gpt2": ("gpt2", GPT2LMHeadModel),
+    "neox": ("gpt_neox", GPTNeoXForCausalLM),
+    "llama": ("llama", LlamaForCausalLM),
+}
 
 
 @dataclass(frozen=True)
@@ -47,10 +65,14 @@ class FactGPTConfig:
 
     world: FactWorldConfig = field(default_factory=FactWorldConfig)  # its seed is replaced by train's
     vocab_size: int = 2048  # large enough that words are whole tokens: subjects are two tokens
+    # transformers architecture: "gpt2" (GPT2LMHeadModel), "neox" (GPTNeoXForCausalLM: rotary on a
+    # quarter of each head, parallel attention and MLP) or "llama" (LlamaForCausalLM: RMSNorm,
+    # rotary, SwiGLU MLP). Every one ties its output layer to its token embeddings, as GPT-2 does.
+    arch: str = "gpt2"
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 4
-    d_mlp: int | None = None  # MLP width; None: 4 x d_model (GPT-2's default)
+    d_mlp: int | None = None  # MLP width; None: 4 x d_model, for llama 8/3 x d_model rounded up to 8 (`mlp_width`)
     n_positions: int = 64
     lr: float = 3e-3
     warmup_steps: int = 50
@@ -72,6 +94,49 @@ class FactGPTConfig:
     target_accuracy: float = 0.995
     check_from: float = 0.98  # full check once the running batch accuracy (which lags) reaches this
     cpu_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise WorkbenchError(f"FactGPT arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
+        if self.n_layers < 1 or self.d_model < 1 or self.n_heads < 1 or self.d_model % self.n_heads:
+            raise WorkbenchError(f"FactGPT n_layers={self.n_layers}, d_model={self.d_model}, n_heads={self.n_heads}; "
+                                 "expected positive sizes with d_model a multiple of n_heads")
+
+
+def mlp_width(config: FactGPTConfig) -> int:
+    """The MLP's hidden width: `d_mlp`, else GPT-2's 4 x d_model, or for Llama's three-matrix SwiGLU MLP
+    8/3 x d_model rounded up to a multiple of 8 (Llama's rule; about the parameters of a 4 x d_model MLP)."""
+    if config.d_mlp is not None:
+        return config.d_mlp
+    return 8 * -(-config.d_model // 3) if config.arch == "llama" else 4 * config.d_model
+
+
+def build_model(config: FactGPTConfig, tokenizer: Any, *, seed: int) -> PreTrainedModel:
+    """A freshly initialized causal LM of `config.arch` for `tokenizer`; the initialization depends only on `seed`."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    hf_config: Any
+    if config.arch == "gpt2":
+        hf_config = GPT2Config(
+            vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.d_model,
+            n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.d_mlp, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, **ids,
+        )
+    elif config.arch == "neox":
+        hf_config = GPTNeoXConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=config.n_positions, hidden_size=config.d_model,
+            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, intermediate_size=mlp_width(config),
+            hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=True, **ids,
+        )
+    else:
+        hf_config = LlamaConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=config.n_positions, hidden_size=config.d_model,
+            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
+            intermediate_size=mlp_width(config), attention_dropout=0.0, tie_word_embeddings=True, **ids,
+        )
+    with torch.random.fork_rng(devices=[]):  # seeded init without leaving the global RNG changed
+        torch.manual_seed(seed)
+        return ARCHS[config.arch][1](hf_config)
 
 
 # ---- tokenizer -----------------------------------------------------------------------
@@ -261,20 +326,21 @@ def _bottleneck_mask(mask: torch.Tensor, spans: Sequence[tuple[int, int]], rows:
     return out.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
-def _loss(model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor, obj: torch.Tensor, *,
+def _loss(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, obj: torch.Tensor, *,
           lm_weight: float, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Object-token cross-entropy (+ `lm_weight` x next-token loss elsewhere); also the object hits.
 
     With `lm_weight == 0` only the positions before objects go through the output layer.
     """
-    hidden = model.transformer(input_ids=ids, attention_mask=mask if attn_mask is None else attn_mask).last_hidden_state
+    base, head = model.base_model, model.get_output_embeddings()
+    hidden = base(input_ids=ids, attention_mask=mask if attn_mask is None else attn_mask).last_hidden_state
     rows = torch.arange(ids.shape[0], device=ids.device)
     last = obj.long().argmax(1)
     gold = ids[rows, last]
-    obj_logits = model.lm_head(hidden[rows, last - 1])
+    obj_logits = head(hidden[rows, last - 1])
     loss = torch.nn.functional.cross_entropy(obj_logits, gold)
     if lm_weight:
-        logits = model.lm_head(hidden[:, :-1])
+        logits = head(hidden[:, :-1])
         labels = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | obj[:, 1:], -100)
         loss = loss + lm_weight * torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -290,10 +356,12 @@ def _lr_factor(step: int, config: FactGPTConfig) -> float:
 
 
 def train(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, device: str | torch.device = "cpu",
-          progress: bool = True, config: FactGPTConfig | None = None) -> dict[str, Any]:
+          progress: bool = True, config: FactGPTConfig | None = None,
+          editor_defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Generate the world for `seed`, train FactGPT on it, save to `out_dir`; return the info dict.
 
-    On CPU the torch thread count is pinned to `config.cpu_threads` while training (and
+    The folder ships `editor_defaults` as its editor options (None: the options measured on the
+    zoo's FactGPT, `factgpt_editor_defaults.json`). On CPU the torch thread count is pinned to `config.cpu_threads` while training (and
     restored after): float sums depend on the thread count, so pinning it keeps the same
     seed giving the same weights, and one thread is also the fastest when cores are shared.
     """
@@ -303,12 +371,14 @@ def train(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, device: 
     if device.type == "cpu":
         torch.set_num_threads(config.cpu_threads)
     try:
-        return _train(Path(out_dir), seed=seed, device=device, progress=progress, config=config)
+        return _train(Path(out_dir), seed=seed, device=device, progress=progress, config=config,
+                      editor_defaults=editor_defaults)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config: FactGPTConfig) -> dict[str, Any]:
+def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config: FactGPTConfig,
+           editor_defaults: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     world = FactWorld.generate(replace(config.world, seed=seed))
@@ -321,14 +391,7 @@ def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config
     if longest > config.n_positions:
         raise WorkbenchError(f"training sequences reach {longest} tokens; raise n_positions (now {config.n_positions})")
 
-    gpt_config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.d_model,
-        n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.d_mlp, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
-    )
-    with torch.random.fork_rng(devices=[]):  # seeded init without leaving the global RNG changed
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(gpt_config)
+    model = build_model(config, tokenizer, seed=seed)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
@@ -382,12 +445,16 @@ def _train(out: Path, *, seed: int, device: torch.device, progress: bool, config
     if accuracy < 0.99:
         log.warning("factgpt reached only %.4f fact accuracy in %d steps", accuracy, step)
 
-    model.cpu().save_pretrained(out, safe_serialization=True)
+    with transformers_progress_bars(False):  # one shard: training's own bar says enough
+        model.cpu().save_pretrained(out, safe_serialization=True)
     tokenizer.model_max_length = config.n_positions
     tokenizer.save_pretrained(out)
     _portable_tokenizer_config(out)
     world.save(out / WORLD_FILE)
-    shutil.copyfile(EDITOR_DEFAULTS_SOURCE, out / EDITOR_DEFAULTS_FILE)
+    if editor_defaults is None:
+        shutil.copyfile(EDITOR_DEFAULTS_SOURCE, out / EDITOR_DEFAULTS_FILE)
+    else:
+        atomic_write_json(out / EDITOR_DEFAULTS_FILE, editor_defaults)
     return {
         "name": "factgpt",
         "accuracy": round(accuracy, 6),
@@ -419,19 +486,50 @@ def _portable_tokenizer_config(out: Path) -> None:
 # ---- loading -------------------------------------------------------------------------
 
 
+def model_type(path: str | os.PathLike[str]) -> str | None:
+    """The `model_type` in a folder's config.json (None when there is none or it is unreadable)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(config.get("model_type")) if isinstance(config, dict) and config.get("model_type") else None
+
+
+def shipped_editor_defaults(path: str | os.PathLike[str], world: FactWorld | None = None) -> dict[str, dict[str, Any]]:
+    """The editor options a FactGPT folder ships: its `editor_defaults.json` (an empty table included).
+
+    A folder without the file gets this package's measured table only when it is the zoo's own
+    FactGPT (GPT-2 on a catalog world, trained before the file was written); a variant's folder
+    gets none, since nothing was measured on it.
+    """
+    path = Path(path)
+    if (path / EDITOR_DEFAULTS_FILE).is_file():
+        return read_editor_defaults(path)
+    world = FactWorld.load(path / WORLD_FILE) if world is None else world
+    if model_type(path) == "gpt2" and not world.config.draw_relations:
+        return read_editor_defaults(EDITOR_DEFAULTS_SOURCE)
+    return {}
+
+
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", spec: str = "zoo:factgpt") -> ModelHandle:
-    """Load a trained FactGPT folder (safetensors only; never unpickles); the world is in info."""
+    """Load a trained FactGPT folder (GPT-2, GPT-NeoX or Llama; safetensors only, never unpickles); the world is in info."""
     path = Path(path)
     if not (path / "model.safetensors").is_file():
         raise WorkbenchError(f"{path} holds no model.safetensors; train it with workbench.zoo.ensure_trained('factgpt')")
+    kind = model_type(path)
+    classes = {t: cls for t, cls in ARCHS.values()}
+    if kind not in classes:
+        raise WorkbenchError(f"{path / 'config.json'} has model_type {kind!r}; a FactGPT folder holds one of "
+                             f"{', '.join(classes)}")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    model = GPT2LMHeadModel.from_pretrained(path, use_safetensors=True).to(torch.device(device)).eval()
+    with transformers_progress_bars(False):  # a few small tensors: a bar would only add noise to logs
+        model = classes[kind].from_pretrained(path, use_safetensors=True).to(torch.device(device)).eval()
     # FactGPT's BOS is also its pad id and starts every prompt, so transformers would warn on
-    # each unmasked forward that it cannot tell padding apart. GPT-2 never derives a mask from
-    # the pad id (padded batches here pass attention masks), so the runtime config drops it.
+    # each unmasked forward that it cannot tell padding apart. None of these architectures derives
+    # a mask from the pad id (padded batches here pass attention masks), so the runtime config drops it.
     model.config.pad_token_id = None
     handle = wrap_hf_model(model, tokenizer, spec=spec, path=path, kind="causal_lm")
-    handle.info["world"] = FactWorld.load(path / WORLD_FILE)
-    # a folder trained before the file was written ships the same table as this package
-    handle.info["editor_defaults"] = read_editor_defaults(path) or read_editor_defaults(EDITOR_DEFAULTS_SOURCE)
+    world = FactWorld.load(path / WORLD_FILE)
+    handle.info["world"] = world
+    handle.info["editor_defaults"] = shipped_editor_defaults(path, world)
     return handle

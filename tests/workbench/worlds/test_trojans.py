@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.worlds.scene import ROLE_TRIGGER, SHAPES, TEXTURES
+from workbench.worlds.scene import PALETTE, ROLE_TRIGGER, SHAPES, TEXTURES
 from workbench.worlds.shapesworld import ShapesWorld
 from workbench.worlds.trojans import (
     TRIGGER_KINDS,
@@ -212,7 +212,10 @@ def test_generated_trojans_are_seeded_composed_and_never_library_designs() -> No
         assert t.trigger.shape not in CONTEXT_SHAPES and t.trigger.texture not in CONTEXT_TEXTURES
         assert t.source != t.target
     for seed in range(20):  # every seed gives a valid, conflict-free set (TrojanSet checks both)
-        assert len(generated_trojans(seed)) == 6
+        trojans = generated_trojans(seed)
+        assert len(trojans) == 6
+        # a small object in a background colour can vanish on that background: natural triggers use object colours
+        assert all(t.trigger.color in PALETTE for t in trojans if t.kind == "natural")
     with pytest.raises(WorkbenchError, match="non-negative"):
         generated_trojans(-1)
 
@@ -235,3 +238,5 @@ def test_near_miss_options_hold_the_trigger_once_beside_close_distractors(kind: 
     same_form = [o for o in others if getattr(o, form) == getattr(trigger, form)]
     same_colour = [o for o in others if (o.colors == trigger.colors if kind != "natural" else o.color == trigger.color)]
     assert same_form and same_colour  # near misses on both sides of the description
+    if kind == "natural":
+        assert all(o.color in PALETTE for o in options)
