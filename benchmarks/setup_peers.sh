@@ -32,5 +32,8 @@ pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
 # then its small runtime deps (scipy, requests)
 "${pip[@]}" --no-deps "torchattacks==3.5.1"
 "${pip[@]}" scipy requests
+# SAELens 6.54.12 (dictionary format and training-step peer: tests/workbench/dictionaries/test_saelens_interop.py,
+# bench_sae_training.py); it brings transformer-lens, wandb and their dependencies, so it lives here, not in .venv
+"${pip[@]}" "sae-lens==6.54.12"
 echo "peer venv ready: $venv"
 "$venv/bin/python" -c "import torch, torchvision, lucent; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'lucent ok')"

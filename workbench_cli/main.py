@@ -149,6 +149,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "workbench_cli.studies",
     "workbench_cli.attack",
     "workbench_cli.featvis",
+    "workbench_cli.sae",
 )
 
 
