@@ -8,7 +8,8 @@ better than a constant, while moving them as little as possible (least squares);
 The eraser is folded into the weights, as a WeightDelta (a rank-k change plus a bias):
 
 - a site **written** by a Linear/Conv1D (`blocks.L.attn.hook_out`, `blocks.L.mlp.hook_out`,
-  `blocks.L.mlp.hook_pre`, any Linear's output): `W <- (I - L R) W`, `c <- (I - L R) c + L R b`;
+  `blocks.L.mlp.hook_pre`, any Linear's output) or a Conv2d (its output channels, every
+  position): `W <- (I - L R) W`, `c <- (I - L R) c + L R b`;
 - a site **read** by a Linear/Conv1D (`blocks.L.mlp.hook_post`, `NAME:input`): the reader
   sees the erased vector: `W <- W (I - L R)`, `c <- c + W L R b`. The site's own activation
   is unchanged; what the next layer computes from it (the MLP output) no longer carries the
@@ -211,6 +212,8 @@ def fold_target(handle: ModelHandle, site: str | Site) -> tuple[str, str, nn.Mod
     linear = isinstance(module, nn.Linear) or is_conv1d_hf(module)
     if linear:
         return ("read" if resolved.side == "input" else "write"), resolved.module_path, module
+    if isinstance(module, nn.Conv2d) and resolved.side == "output" and module.groups == 1:
+        return "write", resolved.module_path, module  # output channels are the features: W <- (I - L R) W per tap
     kind = canonical_kind(resolved)
     site_map = handle.arch.site_map
     if resolved.side == "output" and kind in _WRITER_ROLES and site_map is not None and resolved.layer is not None:
@@ -253,7 +256,8 @@ def eraser_delta(handle: ModelHandle, site: str | Site, eraser: Any, *, method: 
     bias_b = None if eraser.bias is None else eraser.bias.detach().double().cpu()
     w = module.weight.detach().double().cpu()
     conv1d = is_conv1d_hf(module)
-    w_oi = w.T if conv1d else w  # (d_out, d_in)
+    conv2d = isinstance(module, nn.Conv2d)
+    w_oi = w.T if conv1d else w.reshape(w.shape[0], -1) if conv2d else w  # (d_out, d_in [x taps])
     has_bias = getattr(module, "bias", None) is not None
     changes: dict[str, Any] = {}
     dtype = module.weight.dtype
@@ -263,8 +267,10 @@ def eraser_delta(handle: ModelHandle, site: str | Site, eraser: Any, *, method: 
         # W_oi <- W_oi - L (R W_oi)
         rw = right @ w_oi  # (k, d_in)
         u, v = compact_factors(-left, rw.T)
-        # W_io = W_oi^T: the change is v u^T
-        changes[f"{path}.weight"] = LowRank(v.to(dtype), u.to(dtype)) if conv1d else LowRank(u.to(dtype), v.to(dtype))
+        if conv2d:  # a dense change of the kernel: (I - L R) applied to every tap's output channels
+            changes[f"{path}.weight"] = (u @ v.T).reshape(w.shape).to(dtype)
+        else:  # W_io = W_oi^T: the change is v u^T
+            changes[f"{path}.weight"] = LowRank(v.to(dtype), u.to(dtype)) if conv1d else LowRank(u.to(dtype), v.to(dtype))
         c = module.bias.detach().double().cpu() if has_bias else torch.zeros(w_oi.shape[0], dtype=torch.float64)
         db = -(left @ (right @ c))
         if bias_b is not None:

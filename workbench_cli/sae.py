@@ -1,4 +1,4 @@
-"""`workbench sae train | features | quality`: sparse dictionaries on a model's site.
+"""`workbench sae train | features | quality | ablate`: sparse dictionaries on a model's site.
 
     workbench sae train zoo:shapesnet --site layer2 --out sae-l2/ --kind topk --width 256 --k 8 --json
     workbench sae train zoo:factgpt --site blocks.2.hook_resid_post --out sae-f/ --kind relu
@@ -6,6 +6,7 @@
     workbench sae features zoo:shapesnet --sae sae-l2/ --json            # the world's known features
     workbench sae features minilm --sae sae-m/ --labels labelled.json     # a user's labelled examples
     workbench sae quality zoo:shapesnet --sae sae-l2/ --json
+    workbench sae ablate zoo:shapesnet --sae sae-l3/ --latent 21 --trojan patch-universal --json
 
 `train` streams activations from the model's world (ShapesNet scenes, FactGPT's text) or
 `--corpus` (one text per line, or a JSON list), trains (cached by model fingerprint, resumed
@@ -15,7 +16,9 @@ path and the other quality figures. `features` prints, per known feature, the be
 AUROC (with precision, recall and 95% bootstrap intervals) beside difference-in-means and a
 linear probe on the same examples; `--blind` adds, per ShapesNet trojan, the rank of its
 trigger latent among latents ranked by their effect on the target logit on clean scenes.
-Bad input (unknown site, width <= 0, k > width, a dictionary trained on another model or
+`ablate` projects the chosen latents' decoder directions out of the site as a weight delta
+(`editors.latent_edit`), and with `--trojan` measures attack success and clean accuracy on the
+trojan-surgery protocol's evaluation scenes beside as many random latents. Bad input (unknown site, width <= 0, k > width, a dictionary trained on another model or
 site, an existing --out) exits 2 with one line.
 """
 
@@ -26,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench_cli.checks import finite_float, new_folder, positive_int, seed_int, threads
+from workbench_cli.checks import finite_float, new_file, new_folder, positive_int, seed_int, threads
 
 KINDS = ("topk", "relu", "jumprelu", "transcoder")
 
@@ -164,6 +167,69 @@ def _quality(args: argparse.Namespace) -> None:
                                        f"downstream {r['downstream']}"))
 
 
+def _ablate(args: argparse.Namespace) -> None:
+    from editors.latent_edit import LatentAblation, LatentRequest
+
+    latents = _latent_list(args.latent)
+    out = new_file(args.out or "sae-ablate.delta.safetensors", "--out")
+    handle = _load(args)
+    d = _dictionary(args, handle)
+    delta = LatentAblation().fit(handle, LatentRequest(d, latents))
+    result: dict[str, Any] = {"model": args.model, "sae": args.sae, "site": d.config.hook_name, "latents": list(latents),
+                              "rank": delta.extra.get("rank"), "module": delta.extra.get("module")}
+    if args.trojan:
+        result.update(_trojan_effect(handle, d, latents, delta, args))
+    result["delta_path"] = str(delta.save(out))
+    args.emit(args, result, _ablate_text)
+
+
+def _latent_list(text: str) -> tuple[int, ...]:
+    try:
+        latents = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise WorkbenchError(f"--latent {text!r}: expected latent indices separated by commas, e.g. --latent 3,17") from None
+    if not latents:
+        raise WorkbenchError("--latent: give at least one latent index, e.g. --latent 3")
+    return latents
+
+
+def _trojan_effect(handle: Any, d: Any, latents: tuple[int, ...], delta: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Attack success and clean accuracy on the trojan-surgery protocol's evaluation scenes (seed + 1000), before
+    and after, and after as many random latents (the control), in `args.draws` seeded draws."""
+    from editors.latent_edit import projection_hook, random_latents
+    from workbench_protocols.surgery import EvaluationConfig, SelectionConfig, SurgeryConfig, prepare_case
+
+    config = SurgeryConfig(selection=SelectionConfig(n_select=1, n_ref=1),
+                           evaluation=EvaluationConfig(n_eval=args.n_eval, n_clean=args.n_clean), seed=args.seed)
+    case = prepare_case(handle, args.trojan, config)
+    asr, acc = case.attack_success, case.accuracy
+    out = {"trojan": args.trojan, "asr_before": asr(case.x_ev_trig), "clean_before": acc(case.x_clean, case.y_clean)}
+    with delta.applied(handle.model):
+        out["asr_after"], out["clean_after"] = asr(case.x_ev_trig), acc(case.x_clean, case.y_clean)
+    controls = []
+    for draw in range(args.draws):
+        chosen = random_latents(d, len(latents), exclude=latents, seed=args.seed * 1000 + draw)
+        with projection_hook(handle, d, chosen):
+            controls.append({"latents": chosen, "asr_after": asr(case.x_ev_trig),
+                             "clean_after": acc(case.x_clean, case.y_clean)})
+    out["random"] = controls
+    out["random_asr_after"] = sum(c["asr_after"] for c in controls) / len(controls)
+    out["random_clean_after"] = sum(c["clean_after"] for c in controls) / len(controls)
+    out.update({"n_eval": args.n_eval, "n_clean": args.n_clean, "seed": args.seed})
+    return out
+
+
+def _ablate_text(r: dict[str, Any]) -> str:
+    lines = [f"projected latents {r['latents']} (rank {r['rank']}) out of {r['site']}, folded into {r['module']}"]
+    if "asr_before" in r:
+        lines.append(f"  trojan {r['trojan']}: attack success {r['asr_before']:.3f} -> {r['asr_after']:.3f} "
+                     f"(random latents: {r['random_asr_after']:.3f})")
+        lines.append(f"  clean accuracy {r['clean_before']:.3f} -> {r['clean_after']:.3f} "
+                     f"(random latents: {r['random_clean_after']:.3f})")
+    lines.append(f"  delta: {r['delta_path']}")
+    return "\n".join(lines)
+
+
 def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emit: Callable[..., None]) -> None:
     sae = sub.add_parser("sae", help="sparse dictionaries (SAEs, transcoders): train, judge against ground truth")
     sae_sub = sae.add_subparsers(dest="sae_command", metavar="ACTION", parser_class=type(sae))
@@ -203,6 +269,17 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--n-per-trojan", type=positive_int, default=300, help="ShapesWorld: triggered scenes per trojan")
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--blind", action="store_true", help="ShapesNet: rank latents by effect on each trojan's target logit")
+
+    p = base("ablate", "project latents' decoder directions out of their site, as a weight delta", _ablate)
+    p.add_argument("--sae", required=True, help="a dictionary folder trained on this model")
+    p.add_argument("--latent", required=True, help="latent indices, comma-separated (e.g. 21 or 21,84)")
+    p.add_argument("--site", default=None, help="refuse the dictionary unless it was trained on this site")
+    p.add_argument("--out", default=None, help="delta file (default ./sae-ablate.delta.safetensors; never overwritten)")
+    p.add_argument("--trojan", default=None, help="ShapesNet: measure this trojan's attack success and clean accuracy "
+                                                  "before and after, beside as many random latents")
+    p.add_argument("--n-eval", type=positive_int, default=500, help="--trojan: triggered evaluation scenes")
+    p.add_argument("--n-clean", type=positive_int, default=1000, help="--trojan: clean evaluation scenes")
+    p.add_argument("--draws", type=positive_int, default=3, help="--trojan: random-latent control draws")
 
     p = base("quality", "l0, explained variance, spliced-in loss/accuracy, dead and dense latents", _quality)
     p.add_argument("--sae", required=True)

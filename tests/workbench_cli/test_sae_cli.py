@@ -87,3 +87,48 @@ def test_an_unknown_site_and_another_models_dictionary_are_refused(tiny_model_di
     code, _, err = _run(capsys, ["sae", "train", str(tiny_model_dirs["gpt2"]), "--site", "blocks.1.hook_resid_post",
                                  "--out", str(out), "--corpus", str(corpus), *SMALL])
     assert code == 2 and "exists" in err  # never over an earlier dictionary
+
+
+def test_ablate_writes_a_delta_and_refuses_bad_latents_and_unfoldable_sites(
+        tiny_model_dirs: dict[str, Path], corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from workbench.delta import WeightDelta
+
+    model = str(tiny_model_dirs["gpt2"])
+    folders = {}
+    for site in ("blocks.1.mlp.hook_out", "blocks.1.hook_resid_post"):
+        folders[site] = tmp_path / site.replace(".", "_")
+        code, _, err = _run(capsys, ["sae", "train", model, "--site", site, "--out", str(folders[site]), "--width", "32",
+                                     "--k", "4", "--corpus", str(corpus), *SMALL])
+        assert code == 0, err
+    out = tmp_path / "d.delta.safetensors"
+    code, stdout, err = _run(capsys, ["sae", "ablate", model, "--sae", str(folders["blocks.1.mlp.hook_out"]),
+                                      "--latent", "1,2", "--out", str(out), "--json"])
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["latents"] == [1, 2] and r["rank"] == 2 and r["delta_path"] == str(out)
+    assert WeightDelta.load(out).method == "sae-ablate"
+    for latent, fragment in (("99", "latent 99 is out of range"), ("x", "expected latent indices")):
+        code, stdout, err = _run(capsys, ["sae", "ablate", model, "--sae", str(folders["blocks.1.mlp.hook_out"]),
+                                          "--latent", latent, "--out", str(tmp_path / "e.safetensors")])
+        assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "e.safetensors").exists()
+    code, _, err = _run(capsys, ["sae", "ablate", model, "--sae", str(folders["blocks.1.hook_resid_post"]),
+                                 "--latent", "1", "--out", str(tmp_path / "f.safetensors")])
+    assert code == 2 and "residual stream" in err and not (tmp_path / "f.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ablate_measures_a_trojan_beside_random_latents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sae = tmp_path / "sae"
+    code, _, err = _run(capsys, ["sae", "train", "zoo:shapesnet", "--site", "layer3.conv1", "--out", str(sae), "--width",
+                                 "128", "--k", "8", "--n-activations", "65536", "--eval-activations", "4096",
+                                 "--device", "cpu"])
+    assert code == 0, err
+    code, stdout, err = _run(capsys, ["sae", "ablate", "zoo:shapesnet", "--sae", str(sae), "--latent", "3,5",
+                                      "--trojan", "patch-universal", "--n-eval", "64", "--n-clean", "128", "--draws", "2",
+                                      "--out", str(tmp_path / "d.safetensors"), "--device", "cpu", "--json"])
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["asr_before"] > 0.8 and 0 <= r["asr_after"] <= 1 and len(r["random"]) == 2
+    assert all(not set(c["latents"]) & {3, 5} and len(c["latents"]) == 2 for c in r["random"])
+    assert r["random_asr_after"] == pytest.approx(sum(c["asr_after"] for c in r["random"]) / 2)
