@@ -11,7 +11,7 @@ command line, the protocols and the case studies find a method by name in one ta
 from editors.concept_erasure import ConceptErasure
 from editors.finetune import FineTune, FineTuneL
 from editors.knowledge_neuron_edit import KnowledgeNeuronEdit
-from editors.latent_edit import LatentAblation
+from editors.latent_edit import LatentAblation, LatentSteering
 from editors.memit import MEMIT
 from editors.registry import Editor, available, get, register
 from editors.rome import ROME
@@ -19,5 +19,5 @@ from editors.rule_rewrite import RuleRewrite
 from editors.steering import Steering
 from editors.unit_ablation import UnitAblation
 
-__all__ = ["MEMIT", "ROME", "ConceptErasure", "Editor", "FineTune", "FineTuneL", "KnowledgeNeuronEdit", "LatentAblation", "RuleRewrite",
+__all__ = ["MEMIT", "ROME", "ConceptErasure", "Editor", "FineTune", "FineTuneL", "KnowledgeNeuronEdit", "LatentAblation", "LatentSteering", "RuleRewrite",
            "Steering", "UnitAblation", "available", "get", "register"]

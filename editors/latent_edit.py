@@ -1,4 +1,4 @@
-"""Sparse-dictionary latents as weight edits: a latent's decoder direction projected out of the model.
+"""Sparse-dictionary latents as weight edits: a latent's decoder direction projected out, or added.
 
 A latent's decoder row is the direction it writes into its site. `LatentAblation` removes the span
 of the chosen latents' directions from the site: `x -> (I - Q Q^T) x`, Q an orthonormal basis of
@@ -25,10 +25,11 @@ import torch
 
 from editors.concept_erasure import eraser_delta, erasure_hook, fold_target
 from editors.registry import register
+from editors.steering import bias_target, steering_delta
 from workbench.delta import WeightDelta, assert_unchanged
 from workbench.dictionaries.ground_truth import check_dictionary_fits
 from workbench.dictionaries.sae import SparseDictionary
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, require_finite
 from workbench.handle import ModelHandle
 
 
@@ -104,6 +105,32 @@ class LatentAblation:
                                        "width": d.d_sae})
 
 
+@register("sae-steer")
+@dataclass(frozen=True)
+class LatentSteering:
+    """Add `strength` x the sum of the latents' unit decoder directions to the site, as a bias WeightDelta."""
+
+    strength: float = 1.0
+
+    name: ClassVar[str] = "sae-steer"
+
+    def __post_init__(self) -> None:
+        require_finite(self)
+
+    def fit(self, handle: ModelHandle, request: LatentRequest) -> WeightDelta:
+        if not isinstance(request, LatentRequest):
+            raise WorkbenchError("sae-steer needs a LatentRequest(dictionary, latents) request")
+        d = request.dictionary
+        check_dictionary_fits(handle, d)
+        site = d.config.hook_name_out or d.config.hook_name  # where the decoder writes (a transcoder: its output site)
+        bias_target(handle, site)  # a clear refusal before any work
+        chosen = check_latents(d, request.latents)
+        with assert_unchanged(handle.model):
+            vector = self.strength * d.decoder_directions()[list(chosen)].sum(0).detach().float().cpu()
+            return steering_delta(handle, site, vector, request={"latents": list(chosen)},
+                                  extra={"strength": self.strength, "dictionary": d.config.metadata.get("cache_key")})
+
+
 @contextmanager
 def projection_hook(handle: ModelHandle, dictionary: SparseDictionary, latents: Sequence[int]) -> Iterator[None]:
     """The same projection applied to the site at run time (any site, exact)."""
@@ -120,5 +147,5 @@ def random_latents(dictionary: SparseDictionary, count: int, *, exclude: Sequenc
     return [pool[int(i)] for i in order]
 
 
-__all__ = ["LatentAblation", "LatentRequest", "Projection", "check_latents", "latent_projection", "projection_hook",
+__all__ = ["LatentAblation", "LatentRequest", "LatentSteering", "Projection", "check_latents", "latent_projection", "projection_hook",
            "random_latents"]

@@ -157,7 +157,11 @@ def steering_hook(handle: ModelHandle, site: str | Site, vector: torch.Tensor) -
     """Add `vector` to a site's activation at every position at run time (any site, any family)."""
     from workbench.hooks import patch
 
-    with patch(handle, {site: lambda act: act + vector.to(act)}):
+    def add(act: torch.Tensor) -> torch.Tensor:
+        v = vector.to(act)
+        return act + (v.view(1, -1, 1, 1) if act.ndim == 4 else v)  # a conv map's features are its channels
+
+    with patch(handle, {site: add}):
         yield
 
 

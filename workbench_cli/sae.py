@@ -1,4 +1,4 @@
-"""`workbench sae train | features | quality | ablate`: sparse dictionaries on a model's site.
+"""`workbench sae train | features | quality | ablate | steer`: sparse dictionaries on a model's site.
 
     workbench sae train zoo:shapesnet --site layer2 --out sae-l2/ --kind topk --width 256 --k 8 --json
     workbench sae train zoo:factgpt --site blocks.2.hook_resid_post --out sae-f/ --kind relu
@@ -18,7 +18,8 @@ linear probe on the same examples; `--blind` adds, per ShapesNet trojan, the ran
 trigger latent among latents ranked by their effect on the target logit on clean scenes.
 `ablate` projects the chosen latents' decoder directions out of the site as a weight delta
 (`editors.latent_edit`), and with `--trojan` measures attack success and clean accuracy on the
-trojan-surgery protocol's evaluation scenes beside as many random latents. Bad input (unknown site, width <= 0, k > width, a dictionary trained on another model or
+trojan-surgery protocol's evaluation scenes beside as many random latents; `steer` adds a strength
+times the latents' directions to the bias that writes the site. Bad input (unknown site, width <= 0, k > width, a dictionary trained on another model or
 site, an existing --out) exits 2 with one line.
 """
 
@@ -183,6 +184,21 @@ def _ablate(args: argparse.Namespace) -> None:
     args.emit(args, result, _ablate_text)
 
 
+def _steer(args: argparse.Namespace) -> None:
+    from editors.latent_edit import LatentRequest, LatentSteering
+
+    latents = _latent_list(args.latent)
+    out = new_file(args.out or "sae-steer.delta.safetensors", "--out")
+    handle = _load(args)
+    d = _dictionary(args, handle)
+    delta = LatentSteering(strength=args.strength).fit(handle, LatentRequest(d, latents))
+    result = {"model": args.model, "sae": args.sae, "site": delta.extra.get("site"), "param": delta.extra.get("param"),
+              "latents": list(latents), "strength": args.strength, "norm": delta.extra.get("norm"),
+              "delta_path": str(delta.save(out))}
+    args.emit(args, result, lambda r: (f"added {r['strength']} x latents {r['latents']}' directions to {r['param']} "
+                                       f"(site {r['site']}, norm {r['norm']:.4g})\n  delta: {r['delta_path']}"))
+
+
 def _latent_list(text: str) -> tuple[int, ...]:
     try:
         latents = tuple(int(t) for t in text.split(",") if t.strip())
@@ -280,6 +296,13 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--n-eval", type=positive_int, default=500, help="--trojan: triggered evaluation scenes")
     p.add_argument("--n-clean", type=positive_int, default=1000, help="--trojan: clean evaluation scenes")
     p.add_argument("--draws", type=positive_int, default=3, help="--trojan: random-latent control draws")
+
+    p = base("steer", "add a strength x latents' decoder directions to the bias that writes their site", _steer)
+    p.add_argument("--sae", required=True, help="a dictionary folder trained on this model")
+    p.add_argument("--latent", required=True, help="latent indices, comma-separated")
+    p.add_argument("--strength", type=finite_float, required=True, help="activation units along the unit direction")
+    p.add_argument("--site", default=None, help="refuse the dictionary unless it was trained on this site")
+    p.add_argument("--out", default=None, help="delta file (default ./sae-steer.delta.safetensors; never overwritten)")
 
     p = base("quality", "l0, explained variance, spliced-in loss/accuracy, dead and dense latents", _quality)
     p.add_argument("--sae", required=True)

@@ -83,3 +83,44 @@ def test_random_latents_are_seeded_distinct_and_avoid_the_chosen() -> None:
     assert len(set(a)) == 5 and not set(a) & {1, 2, 3}
     with pytest.raises(WorkbenchError, match="available"):
         random_latents(d, 19, exclude=[1, 2])
+
+
+def test_steering_along_a_latent_is_its_run_time_twin_and_raises_the_latent(load_tiny) -> None:
+    from editors import LatentSteering
+    from editors.steering import steering_hook
+
+    h = load_tiny("gpt2")
+    site = "blocks.0.mlp.hook_out"
+    d = _dictionary(h, site, 32)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    before = _state(h.model)
+    pre = []
+    for strength in (-2.0, -1.0, 0.0, 1.0, 2.0):
+        delta = LatentSteering(strength=strength).fit(h, LatentRequest(d, (7,)))
+        vector = strength * d.decoder_directions()[7]
+        with steering_hook(h, site, vector), capture(h, [site]) as hooked:
+            want = h.model(input_ids=ids).logits
+        with delta.applied(h.model), capture(h, [site]) as edited:
+            got = h.model(input_ids=ids).logits
+        assert torch.allclose(got, want, atol=1e-5) and torch.allclose(edited[site], hooked[site], atol=1e-5)
+        with torch.no_grad():
+            pre.append(float(d.pre_activations(edited[site])[..., 7].mean()))
+    assert all(b > a for a, b in zip(pre, pre[1:]))  # the latent's pre-activation rises with the strength
+    assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
+    with pytest.raises(NotFoldableError, match="no bias"):
+        LatentSteering().fit(load_tiny("llama"), LatentRequest(_dictionary(load_tiny("llama"), site, 32), (1,)))
+    with pytest.raises(WorkbenchError, match="finite"):
+        LatentSteering(strength=float("nan"))
+
+
+def test_steering_hook_adds_along_a_conv_maps_channels(cnn_handle) -> None:
+    from editors.steering import steering_hook
+
+    vector = torch.arange(16, dtype=torch.float32)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with capture(cnn_handle, ["features.3"]) as plain:
+        cnn_handle.model(x)
+    with steering_hook(cnn_handle, "features.3", vector), capture(cnn_handle, ["features.3"]) as steered:
+        cnn_handle.model(x)
+    diff = steered["features.3"] - plain["features.3"]
+    assert torch.allclose(diff, vector.view(1, -1, 1, 1).expand_as(diff))

@@ -132,3 +132,25 @@ def test_ablate_measures_a_trojan_beside_random_latents(tmp_path: Path, capsys: 
     assert r["asr_before"] > 0.8 and 0 <= r["asr_after"] <= 1 and len(r["random"]) == 2
     assert all(not set(c["latents"]) & {3, 5} and len(c["latents"]) == 2 for c in r["random"])
     assert r["random_asr_after"] == pytest.approx(sum(c["asr_after"] for c in r["random"]) / 2)
+
+
+def test_steer_writes_a_bias_delta_and_refuses_a_bias_free_writer(tiny_model_dirs: dict[str, Path], corpus: Path,
+                                                                  tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from workbench.delta import WeightDelta
+
+    for family, ok in (("gpt2", True), ("llama", False)):
+        sae = tmp_path / f"sae-{family}"
+        code, _, err = _run(capsys, ["sae", "train", str(tiny_model_dirs[family]), "--site", "blocks.1.mlp.hook_out",
+                                     "--out", str(sae), "--width", "32", "--k", "4", "--corpus", str(corpus), *SMALL])
+        assert code == 0, err
+        out = tmp_path / f"{family}.delta.safetensors"
+        code, stdout, err = _run(capsys, ["sae", "steer", str(tiny_model_dirs[family]), "--sae", str(sae), "--latent",
+                                          "3", "--strength", "2.5", "--out", str(out), "--json"])
+        if ok:
+            assert code == 0, err
+            r = json.loads(stdout)
+            assert r["param"].endswith(".bias") and r["norm"] == pytest.approx(2.5, rel=1e-5)
+            assert WeightDelta.load(out).method == "steer"
+        else:
+            assert code == 2 and "no bias" in err and len(err.strip().splitlines()) == 1 and not out.exists()
