@@ -27,7 +27,7 @@ from workbench.fingerprint import model_fingerprint, tensor_digest
 from workbench.hooks import capture
 from workbench.progress import progress_bar
 from workbench.sites import Site, resolve_site
-from workbench.storage import cache_dir, load_safetensors_checked, save_safetensors_checked, sha256_json
+from workbench.storage import cache_subdir, load_safetensors_checked, save_safetensors_checked, sha256_json
 
 if TYPE_CHECKING:
     from workbench.handle import ModelHandle
@@ -246,14 +246,6 @@ def statistics_key(
     return sha256_json(fields), fields
 
 
-def _cache_root(cache: bool | str | os.PathLike[str]) -> Path | None:
-    if cache is False:
-        return None
-    root = cache_dir(None if cache is True else cache) / "stats"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 def _load_cached(path: Path, key: str, device: torch.device) -> StreamingMoments | None:
     if not path.exists():
         return None
@@ -317,7 +309,7 @@ def collect_statistics(
 
     if corpus_id is None:
         corpus_id = _corpus_id(data)
-    root = _cache_root(cache)
+    root = cache_subdir(cache, "stats")
     key: str | None = None
     path: Path | None = None
     if root is not None and corpus_id is None:

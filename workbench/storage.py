@@ -42,6 +42,15 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     return path
 
 
+def cache_subdir(cache: bool | str | os.PathLike[str], name: str) -> Path | None:
+    """`cache_dir()/name` (created) for `cache=True`, `PATH/name` for a folder, None for `cache=False` (no caching)."""
+    if cache is False:
+        return None
+    root = cache_dir(None if cache is True else cache) / name
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` then rename tmp_path onto `path` (same folder, so atomic)."""
     path = Path(path)

@@ -39,6 +39,16 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
+def int_list(text: str | None, flag: str, what: str = "integers") -> list[int]:
+    """`3,17,40` -> [3, 17, 40]; empty or non-integer text is a one-line error naming the flag."""
+    if text is None or not text.replace(",", "").strip():
+        raise WorkbenchError(f"{flag} is empty; give comma-separated {what} such as 3,17,40")
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise WorkbenchError(f"{flag} {text!r}: expected comma-separated {what} such as 3,17,40") from None
+
+
 def int_in(lo: int, hi: int | None = None, what: str = "an integer") -> Callable[[str], int]:
     """An argparse type: an integer in lo..hi (no upper bound when `hi` is None)."""
     def parse(text: str) -> int:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench_cli.checks import finite_float, new_file, new_folder, positive_int, seed_int, threads
+from workbench_cli.checks import finite_float, int_list, new_file, new_folder, positive_int, seed_int, threads
 
 KINDS = ("topk", "relu", "jumprelu", "transcoder")
 
@@ -171,7 +171,7 @@ def _quality(args: argparse.Namespace) -> None:
 def _ablate(args: argparse.Namespace) -> None:
     from editors.latent_edit import LatentAblation, LatentRequest
 
-    latents = _latent_list(args.latent)
+    latents = tuple(int_list(args.latent, "--latent", "latent indices"))
     out = new_file(args.out or "sae-ablate.delta.safetensors", "--out")
     handle = _load(args)
     d = _dictionary(args, handle)
@@ -187,7 +187,7 @@ def _ablate(args: argparse.Namespace) -> None:
 def _steer(args: argparse.Namespace) -> None:
     from editors.latent_edit import LatentRequest, LatentSteering
 
-    latents = _latent_list(args.latent)
+    latents = tuple(int_list(args.latent, "--latent", "latent indices"))
     out = new_file(args.out or "sae-steer.delta.safetensors", "--out")
     handle = _load(args)
     d = _dictionary(args, handle)
@@ -197,16 +197,6 @@ def _steer(args: argparse.Namespace) -> None:
               "delta_path": str(delta.save(out))}
     args.emit(args, result, lambda r: (f"added {r['strength']} x latents {r['latents']}' directions to {r['param']} "
                                        f"(site {r['site']}, norm {r['norm']:.4g})\n  delta: {r['delta_path']}"))
-
-
-def _latent_list(text: str) -> tuple[int, ...]:
-    try:
-        latents = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise WorkbenchError(f"--latent {text!r}: expected latent indices separated by commas, e.g. --latent 3,17") from None
-    if not latents:
-        raise WorkbenchError("--latent: give at least one latent index, e.g. --latent 3")
-    return latents
 
 
 def _trojan_effect(handle: Any, d: Any, latents: tuple[int, ...], delta: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -25,21 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench_cli.checks import finite_float, new_file, positive_int, seed_int, threads
+from workbench_cli.checks import finite_float, int_list, new_file, positive_int, seed_int, threads
 
 log = logging.getLogger(__name__)
 
 CONCEPTS = ("sentiment", "topic")
 DELTA_COMMANDS = ("ablate", "erase", "steer", "rewrite")
-
-
-def _ints(text: str | None, what: str) -> list[int]:
-    if text is None or not text.replace(",", "").strip():
-        raise WorkbenchError(f"{what} is empty; give comma-separated integers such as 3,17,40")
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise WorkbenchError(f"{what} {text!r}: expected comma-separated integers such as 3,17,40") from None
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -241,7 +232,7 @@ def _ablate(args: argparse.Namespace) -> None:
         return
     if not args.site:
         raise WorkbenchError("give --trojan NAME, or --site SITE --units 1,2,3")
-    units = _ints(args.units, "--units")
+    units = int_list(args.units, "--units")
     values = _floats(args.values, "--values") if args.values else None
     delta = unit_delta(handle, UnitRequest(args.site, tuple(units), None if values is None else tuple(values)),
                        factor=args.factor, side=args.side)

@@ -107,7 +107,7 @@ def test_ablate_writes_a_delta_and_refuses_bad_latents_and_unfoldable_sites(
     r = json.loads(stdout)
     assert r["latents"] == [1, 2] and r["rank"] == 2 and r["delta_path"] == str(out)
     assert WeightDelta.load(out).method == "sae-ablate"
-    for latent, fragment in (("99", "latent 99 is out of range"), ("x", "expected latent indices")):
+    for latent, fragment in (("99", "latent 99 is out of range"), ("x", "expected comma-separated latent indices")):
         code, stdout, err = _run(capsys, ["sae", "ablate", model, "--sae", str(folders["blocks.1.mlp.hook_out"]),
                                           "--latent", latent, "--out", str(tmp_path / "e.safetensors")])
         assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1

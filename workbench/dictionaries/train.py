@@ -47,7 +47,7 @@ from workbench.handle import ModelHandle
 from workbench.progress import progress_bar
 from workbench.sites import Site, resolve_site
 from workbench.storage import (
-    cache_dir,
+    cache_subdir,
     exclusive_lock,
     load_safetensors_checked,
     replace_folder,
@@ -311,14 +311,6 @@ def dictionary_key(handle: ModelHandle, sites: Sequence[Site], source: Activatio
     })
 
 
-def _cache_root(cache: bool | str | os.PathLike[str]) -> Path | None:
-    if cache is False:
-        return None
-    root = cache_dir(None if cache is True else cache) / "dictionaries"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 def load_cached(root: Path, key: str) -> SparseDictionary | None:
     folder = root / key
     if not folder.is_dir():
@@ -370,7 +362,7 @@ def train_dictionary(
     source = default_source(handle, seed=config.seed, corpus=corpus) if source is None else source
     fingerprint = model_fingerprint(handle.model)
     key = dictionary_key(handle, sites, source, config, fingerprint=fingerprint)
-    root = _cache_root(cache)
+    root = cache_subdir(cache, "dictionaries")
 
     def finish(result: TrainedDictionary) -> TrainedDictionary:
         if out is not None:
