@@ -49,7 +49,7 @@ from editors.mlp_update import (
     value_site,
 )
 from editors.registry import register
-from workbench.delta import Change, WeightDelta, assert_unchanged
+from workbench.delta import Change, WeightDelta, assert_unchanged, changes_added
 from workbench.errors import WorkbenchError, require_finite
 from workbench.requests import Rewrite, validate_rewrite
 from workbench.sites import require_causal_lm
@@ -159,7 +159,7 @@ class MEMIT:
         timings: dict[str, float] = {}
         changes: dict[str, Change] = {}
         layer_info: list[dict[str, Any]] = []
-        with assert_unchanged(model):
+        with assert_unchanged(model) as guard:
             t0 = time.perf_counter()
             stats = {}
             if self.mom2_adjustment:
@@ -217,22 +217,15 @@ class MEMIT:
             "timings": timings,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()},
         }
-        return WeightDelta.from_model(model, changes, method="memit", request=requests, extra=extra)
+        return WeightDelta.from_model(model, changes, method="memit", request=requests, extra=extra, guard=guard)
 
     def _keys_and_current(self, handle: Any, changes: dict[str, Change], layer: int, value_layer: int,
                           rewrites: Sequence[Rewrite], templates: list[str],
                           plain: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys at `layer` and the value site's output at `value_layer`, read with the `changes` made so far."""
-        model = handle.model
-        partial = WeightDelta.from_model(model, changes, method="memit-partial") if changes else None
-        if partial is not None:
-            partial.apply(model)
-        try:
+        with changes_added(handle.model, changes):
             keys = subject_keys(handle, layer, rewrites, templates, batch_size=self.batch_size, fact_token=self.fact_token)
             current = site_at_subject(handle, value_site("resid_post", value_layer), plain, batch_size=self.batch_size)
-        finally:
-            if partial is not None:
-                partial.revert(model)
         return keys.double(), current.double()
 
     def _change(self, u: torch.Tensor, v: torch.Tensor, info: MLPOut) -> tuple[Change, float, str]:

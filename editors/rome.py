@@ -120,7 +120,7 @@ class ROME:
         model = handle.model
         info, param = mlp_out(handle, layer)
         timings: dict[str, float] = {}
-        with assert_unchanged(model):
+        with assert_unchanged(model) as guard:
             t0 = time.perf_counter()
             if self.mom2_adjustment:
                 stats = given_statistics(statistics, layer) or key_statistics(
@@ -196,4 +196,4 @@ class ROME:
             "config": asdict(self),
         }
         return WeightDelta.from_model(model, {info.name: change}, method="rome", request=request.to_json(),
-                                      extra=extra)
+                                      extra=extra, guard=guard)

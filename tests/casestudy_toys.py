@@ -5,12 +5,15 @@
 the treatment, so models can differ (run it with a `StudyContext` whose `models` hold them).
 `SlowToy` sleeps in each case and logs every case start to $TOY_LOG, so a test can kill
 the process midway and check what was recomputed. With $TOY_GATE set, each case waits until
-that file exists, so a test can hold a run mid-way for as long as it needs.
+that file exists, so a test can hold a run mid-way for as long as it needs. With $TOY_KILL
+naming a case key and $TOY_KILL_MARK a file path, the process running that case kills itself
+(SIGKILL) the first time, leaving the mark, as a crashed worker would.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -56,6 +59,11 @@ class ToyStudy(CaseStudy):
         if log:
             with open(log, "a") as fh:
                 fh.write(f"start s{seed}:{key}\n")
+        mark = os.environ.get("TOY_KILL_MARK")
+        if mark and key == os.environ.get("TOY_KILL") and not os.path.exists(mark):
+            with open(mark, "w") as fh:
+                fh.write(f"killed s{seed}:{key} in {os.getpid()}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
         gate = os.environ.get("TOY_GATE")
         while gate and not os.path.exists(gate):
             time.sleep(0.02)

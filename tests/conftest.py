@@ -40,6 +40,14 @@ WORDS = (
 ).split()
 
 
+@pytest.fixture(autouse=True)
+def _statistics_memory_per_test() -> None:
+    """Each test starts with no statistics kept in memory, so a cache hit is one the test made."""
+    from workbench.statistics import forget_all
+
+    forget_all()
+
+
 def _tokenizer(family: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -269,6 +269,8 @@ class StudyContext:
     models: dict[str, Any] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)
     checked: set[tuple[str, str]] = field(default_factory=set)
+    workers: int = 1  # > 1: cases run as Ray tasks (`workbench.parallel`), each worker loading models by spec
+    threads: int | None = None  # torch threads in each Ray worker (None: torch's default)
 
     def model(self, spec: str) -> Any:
         if spec not in self.models:
@@ -448,19 +450,18 @@ class CaseStudy:
                     index[case_id] = (i, seed, key)
 
         def run_one(case_id: str) -> dict[str, Any]:
-            on_disk = sha256_file(store.root / PREDICTION_FILE)
-            if on_disk != digest:
-                raise WorkbenchError(f"{store.root / PREDICTION_FILE} changed during the run; refusing to continue")
             i, seed, key = index[case_id]
-            torch.manual_seed(case_seed(seed, key))  # any hidden use of the global RNG repeats on resume
-            start = time.perf_counter()
-            result = self.run_case(states[i], seed, key)
-            model = models[i]
-            return {"model": None if model is None else model.spec, "seed": seed, "key": key,
-                    "prediction_sha256": digest, "seconds": round(time.perf_counter() - start, 4), "result": result}
+            return self.case_record(store, states[i], models[i], seed, key, digest)
 
         t0 = time.perf_counter()
-        store.run_cases(list(index), run_one, progress=progress, desc=self.name)
+        todo = store.pending(list(index))
+        if ctx.workers > 1 and todo:
+            from workbench.parallel import run_cases_on_ray
+
+            run_cases_on_ray(self, store, todo, index, digest, device=ctx.device, threads=ctx.threads,
+                             done_before=len(index) - len(todo), progress=progress)
+        else:
+            store.run_cases(list(index), run_one, progress=progress, desc=self.name)
         run_s = time.perf_counter() - t0
         stale = sorted(set(store.case_ids()) - set(index))
         if stale:
@@ -468,6 +469,18 @@ class CaseStudy:
                                  "use a new --out folder")
         results = self.analyze(store, timing={"setup_s": round(setup_s, 3), "cases_s": round(run_s, 3)})
         return results
+
+    def case_record(self, store: RunStore, state: Any, model: SuiteModel | None, seed: int, key: str,
+                    digest: str) -> dict[str, Any]:
+        """Run one case (seeded from its id, so it repeats on resume and in any process) as its stored record."""
+        on_disk = sha256_file(store.root / PREDICTION_FILE)
+        if on_disk != digest:
+            raise WorkbenchError(f"{store.root / PREDICTION_FILE} changed during the run; refusing to continue")
+        torch.manual_seed(case_seed(seed, key))  # any hidden use of the global RNG repeats on resume
+        start = time.perf_counter()
+        result = self.run_case(state, seed, key)
+        return {"model": None if model is None else model.spec, "seed": seed, "key": key,
+                "prediction_sha256": digest, "seconds": round(time.perf_counter() - start, 4), "result": result}
 
     def analyze(self, store: RunStore, *, timing: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Results from the stored files alone: metrics with CIs, verdicts by the stored rules."""

@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,13 +158,18 @@ class WeightDelta:
         method: str,
         request: Any = None,
         extra: Mapping[str, Any] | None = None,
+        guard: UnchangedGuard | None = None,
     ) -> WeightDelta:
-        """A delta fitted on `model` as it is now: its touched parameters and the whole model are fingerprinted."""
+        """A delta fitted on `model` as it is now: its touched parameters and the whole model are fingerprinted.
+
+        `guard`: the `assert_unchanged` block the fit ran in, just ended; its closing check
+        hashed this same model, so those digests are used instead of hashing it again.
+        """
         params = dict(model.named_parameters())
         unknown = sorted(set(changes) - set(params))
         if unknown:
             raise WorkbenchError(f"model has no parameter(s) {unknown}; e.g. {sorted(params)[:5]}")
-        digests = tensor_digests(model)
+        digests = guard.digests if guard is not None and guard.model is model and guard.digests else tensor_digests(model)
         return cls(
             changes,
             method=method,
@@ -245,23 +250,7 @@ class WeightDelta:
             want = self.changes[name].shape
             if tuple(want) != tuple(param.shape):
                 raise FingerprintMismatchError(f"delta for {name!r} has shape {tuple(want)} but the parameter is {tuple(param.shape)}")
-        originals = {name: param.detach().clone() for name, param in params.items()}
-        try:
-            with torch.no_grad():
-                for name, param in params.items():
-                    work = torch.promote_types(param.dtype, torch.float32)
-                    change = self.changes[name]
-                    d = (
-                        change.materialize(device=param.device, dtype=work)
-                        if isinstance(change, LowRank)
-                        else change.to(device=param.device, dtype=work)
-                    )
-                    param.copy_((param.to(work) + d).to(param.dtype))
-        except BaseException:
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(originals[name])
-            raise
+        originals = _add_changes(params, self.changes)
         self._applied[id(model)] = _Applied(weakref.ref(model), originals, parameter_fingerprint(model, params))
 
     def check(self, model: nn.Module) -> None:
@@ -453,26 +442,88 @@ def compose_on(model: nn.Module, first: WeightDelta, second: WeightDelta) -> Wei
     )
 
 
+def _add_changes(params: Mapping[str, nn.Parameter], changes: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Add each change to its parameter in place (in at least float32); returns the exact originals.
+
+    On an error every parameter is restored before it propagates.
+    """
+    originals = {name: param.detach().clone() for name, param in params.items()}
+    try:
+        with torch.no_grad():
+            for name, param in params.items():
+                work = torch.promote_types(param.dtype, torch.float32)
+                change = changes[name]
+                d = (
+                    change.materialize(device=param.device, dtype=work)
+                    if isinstance(change, LowRank)
+                    else change.to(device=param.device, dtype=work)
+                )
+                param.copy_((param.to(work) + d).to(param.dtype))
+    except BaseException:
+        _restore(params, originals)
+        raise
+    return originals
+
+
+def _restore(params: Mapping[str, nn.Parameter], originals: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(originals[name])
+
+
 @contextmanager
-def assert_unchanged(model: nn.Module, names: Any = None) -> Iterator[None]:
+def changes_added(model: nn.Module, changes: Mapping[str, Any]) -> Iterator[None]:
+    """`changes` added to `model` for the block, then the exact original bits restored.
+
+    For an editor's own intermediate states inside its `assert_unchanged` block (MEMIT reads
+    keys through the layers it has already changed): no fingerprints are taken, since the
+    guard around the fit checks the model as a whole.
+    """
+    params = dict(model.named_parameters())
+    unknown = sorted(set(changes) - set(params))
+    if unknown:
+        raise WorkbenchError(f"model has no parameter(s) {unknown}; e.g. {sorted(params)[:5]}")
+    touched = {name: params[name] for name in changes}
+    originals = _add_changes(touched, changes)
+    try:
+        yield
+    finally:
+        _restore(touched, originals)
+
+
+@dataclass
+class UnchangedGuard:
+    """What an `assert_unchanged` block checked: the model and, once it ended, its per-tensor digests."""
+
+    model: nn.Module
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+@contextmanager
+def assert_unchanged(model: nn.Module, names: Any = None) -> Iterator[UnchangedGuard]:
     """Raise `ModelChangedError` if `model`'s parameters (all, or `names`) differ after the block.
 
     Editors wrap `fit` in this: fitting an edit must never leave the model changed. If the
     block raised and also changed the model, the error says so and chains the original.
+    Yields a guard that holds the closing check's digests of the whole model (when `names`
+    is None), which `WeightDelta.from_model(..., guard=)` reuses instead of hashing again.
     """
     names = None if names is None else list(names)
-    before = parameter_fingerprint(model, names)
+    before = tensor_digests(model, names)
+    guard = UnchangedGuard(model)
     try:
-        yield
+        yield guard
     except BaseException as exc:
-        if parameter_fingerprint(model, names) != before:
+        if tensor_digests(model, names) != before:
             raise ModelChangedError("the model's parameters changed inside a block that failed with an error") from exc
         raise
-    if parameter_fingerprint(model, names) != before:
+    if tensor_digests(model, names) != before:
         raise ModelChangedError(
             "the model's parameters changed inside a block that must leave them untouched "
             "(fitting an edit must not modify the model)"
         )
+    if names is None:
+        guard.digests = before
 
 
 fingerprint_guard = assert_unchanged

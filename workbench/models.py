@@ -41,7 +41,8 @@ EDITOR_DEFAULTS_FILE = "editor_defaults.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VALID_SPECS = (
     "valid specs: zoo:NAME (zoo:factgpt, zoo:factgpt-large, zoo:shapesnet, variants such as zoo:factgpt-neox-4l, "
-    "zoo:factgpt-llama-2l-plain, zoo:shapesnet-w24), zoo:NAME@SEED, minilm, "
+    "zoo:factgpt-llama-2l-plain, zoo:shapesnet-w24; random-weight architectures for timing such as "
+    "zoo:gpt2-small-arch), zoo:NAME@SEED, minilm, "
     "a local Hugging Face folder "
     "(config.json + *.safetensors), or a Hugging Face hub name such as gpt2 or EleutherAI/pythia-70m "
     "(needs network or a cached copy)"
@@ -72,8 +73,7 @@ def load(
         from workbench import zoo
 
         name, seed = zoo.parse_spec(spec[4:])
-        _check_zoo_device_map(device_map)
-        return _zoo_dtype(zoo.load(name, seed=seed, device=device, progress=progress), dtype)
+        return _zoo_dtype(zoo.load(name, seed=seed, device=device, progress=progress, device_map=device_map), dtype)
     if spec == "minilm":
         with transformers_progress_bars(progress):
             return _load_folder(minilm_path(), spec=spec, device=device, dtype=dtype, device_map=device_map)

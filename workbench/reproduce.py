@@ -131,15 +131,23 @@ def run_studies(
     progress: bool = True,
     threads: int | None = 1,
     dev_run: str | Path | None = None,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Reproduce each study into `out/<name>` on its role's models in `suite` (default: the dev suite),
     sharing loaded models, then `render(out)` (beside the dev run `dev_run`, when given: see `render`).
+
+    `workers` > 1 runs each study's cases as Ray tasks on a local runtime of that many CPUs, or on
+    the cluster at `ray_address` (`workbench.parallel`); the store and report are the same.
 
     Every model the studies need is loaded and checked (`workbench.suite.check_model`) before any
     study runs. Holds `out`'s lock throughout: another run (or `render`) on the same folder is
     refused at once.
     """
+    from workbench.parallel import check_workers
+
     out = Path(out)
+    check_workers(workers, ray_address)
     if threads is not None and threads < 1:
         raise WorkbenchError(f"threads={threads}: expected at least 1 (or None for torch's default)")
     suite = suite or dev_suite(quick=any(s.quick for s in studies))
@@ -151,22 +159,29 @@ def run_studies(
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "workbench reproduce", _options(studies, suite, device, threads),
                      "wait for it or use another --out"):
-        return _run_studies(studies, out, suite=suite, roles=roles, device=device, progress=progress, threads=threads,
-                            dev_run=dev_run)
+        if workers == 1:
+            return _run_studies(studies, out, suite=suite, roles=roles, device=device, progress=progress,
+                                threads=threads, dev_run=dev_run)
+        from workbench.parallel import ray_runtime
+
+        with ray_runtime(workers, ray_address):
+            return _run_studies(studies, out, suite=suite, roles=roles, device=device, progress=progress,
+                                threads=threads, dev_run=dev_run, workers=workers)
 
 
 def _run_studies(studies: Sequence[CaseStudy], out: Path, *, suite: Suite, roles: Sequence[str], device: str,
-                 progress: bool, threads: int | None, dev_run: str | Path | None) -> dict[str, Any]:
+                 progress: bool, threads: int | None, dev_run: str | Path | None, workers: int = 1) -> dict[str, Any]:
     if threads is not None:
         torch.set_num_threads(int(threads))
-    ctx = StudyContext(device=device, progress=progress, suite=suite)
+    ctx = StudyContext(device=device, progress=progress, suite=suite, workers=workers, threads=threads)
     ctx.prepare(roles)
     for study in studies:
         study.suite = suite
     configs = {s.name: s.config() for s in studies}
     atomic_write_json(out / RUN_FILE, {"studies": [s.name for s in studies], "quick": [s.quick for s in studies],
                                          "seeds": [list(s.seeds) for s in studies], "device": device,
-                                         "threads": threads, "started": time.time(), "suite": suite.to_json(),
+                                         "threads": threads, "workers": workers, "started": time.time(),
+                                         "suite": suite.to_json(),
                                          "code_version": code_version(),
                                          "options_sha256": sha256_json({"suite": suite.options(), "studies": configs}),
                                          "dev_run": None if dev_run is None else str(Path(dev_run).resolve())})

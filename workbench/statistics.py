@@ -6,6 +6,12 @@ activations), merged with Chan et al.'s pairwise update (a centered sum of outer
 stabler than raw sums when the mean is large), and cached on disk under
 `cache_dir()/stats`, keyed by the model fingerprint, site, corpus and sample count. A cache
 file that fails its checksum or does not parse is logged and recomputed, never trusted.
+
+Costs that would otherwise repeat: results are also kept in memory for the rest of the
+process (least recently used first out, within `memory_budget()` bytes), so a run of edits
+at one site reads the disk once; a long collection writes a checkpoint of its running sums
+every `checkpoint_every` batches, and a collection interrupted after a checkpoint resumes
+from it (skipping the batches already counted) to the same bits as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +43,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "workbench.stats"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: text batches sorted by length (same samples, other summation order)
+PARTIAL_FORMAT = "workbench.stats.partial"
 _TOKENIZER_PROBE = "The quick brown fox, 1234 jumps: Zürich!"
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+"""Bytes of statistics kept in memory per process (`WORKBENCH_STATS_MEMORY` overrides; 0 keeps none)."""
+DEFAULT_CHECKPOINT_EVERY = 200
+"""Batches between checkpoints of a collection that is cached (so an interruption loses at most these)."""
 
 
 class StreamingMoments:
@@ -152,6 +165,57 @@ class SiteStatistics:
         return SiteStatistics(self.site, self.mean.to(d), self.second_moment.to(d), self.covariance.to(d), self.count, self.key)
 
 
+# --- in-process memory of finished statistics ------------------------------------------
+
+_memory: OrderedDict[str, SiteStatistics] = OrderedDict()
+_memory_lock = threading.Lock()
+
+
+def memory_budget() -> int:
+    """Bytes of statistics this process keeps in memory (`WORKBENCH_STATS_MEMORY`, else 2 GiB)."""
+    raw = os.environ.get("WORKBENCH_STATS_MEMORY")
+    if raw is None or not raw.strip():
+        return DEFAULT_MEMORY_BUDGET
+    try:
+        value = int(raw)
+    except ValueError:
+        raise WorkbenchError(f"WORKBENCH_STATS_MEMORY={raw!r}: expected a number of bytes (0 keeps none in memory)") from None
+    if value < 0:
+        raise WorkbenchError(f"WORKBENCH_STATS_MEMORY={value}: expected a number of bytes >= 0")
+    return value
+
+
+def _nbytes(stats: SiteStatistics) -> int:
+    return sum(t.numel() * t.element_size() for t in (stats.mean, stats.second_moment, stats.covariance))
+
+
+def remember(stats: SiteStatistics) -> None:
+    """Keep `stats` (which has a cache key) in memory, dropping the least recently used beyond the budget."""
+    budget = memory_budget()
+    if stats.key is None or _nbytes(stats) > budget:
+        return
+    with _memory_lock:
+        _memory[stats.key] = stats
+        _memory.move_to_end(stats.key)
+        while sum(_nbytes(v) for v in _memory.values()) > budget:
+            _memory.popitem(last=False)
+
+
+def recall(key: str) -> SiteStatistics | None:
+    """Statistics kept in memory under `key`, or None. Treat the tensors as read-only: they are shared."""
+    with _memory_lock:
+        stats = _memory.get(key)
+        if stats is not None:
+            _memory.move_to_end(key)
+        return stats
+
+
+def forget_all() -> None:
+    """Empty the in-process memory (the disk cache stays)."""
+    with _memory_lock:
+        _memory.clear()
+
+
 # --- collecting over a model -----------------------------------------------------------
 
 
@@ -175,24 +239,57 @@ def _max_length(model: nn.Module, tokenizer: Any) -> int:
     return min(valid) if valid else 512
 
 
-def _tokenize(tokenizer: Any, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded batch with an attention mask (works for tokenizers without a pad token)."""
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
-    ids: list[list[int]] = enc["input_ids"]
+SORT_WINDOW = 16
+"""Text batches are formed `batch_size * SORT_WINDOW` texts at a time, sorted by length (less padding)."""
+
+
+def _padded(enc: Mapping[str, list[list[int]]], rows: Sequence[int], takes: Sequence[int], pad_id: int,
+            device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of the encoded `rows`, with a `sample_mask` of each row's first `takes` tokens."""
+    ids = [enc["input_ids"][r] for r in rows]
     width = max((len(row) for row in ids), default=0)
+    out: dict[str, torch.Tensor] = {}
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        if key in enc:
+            fill = pad_id if key == "input_ids" else 0
+            out[key] = torch.tensor([list(enc[key][r]) + [fill] * (width - len(enc[key][r])) for r in rows],
+                                    dtype=torch.long, device=device)
+    if "attention_mask" not in out:
+        out["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], dtype=torch.long,
+                                             device=device)
+    out["sample_mask"] = torch.tensor([[1] * t + [0] * (width - t) for t in takes], dtype=torch.long, device=device)
+    return out
+
+
+def _sorted_text_batches(items: Iterator[str], tokenizer: Any, batch_size: int, max_length: int,
+                         device: torch.device, n_samples: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of `batch_size` texts, sorted by length within windows of the corpus.
+
+    The samples are the corpus's first `n_samples` tokens in corpus order (all when None), as
+    if read text by text: a text cut by the count is still run whole (a bidirectional model's
+    activations depend on the rest of it) and only its first tokens are counted. Sorting only
+    changes which texts share a batch, so padding, the cost that grows with length spread, shrinks.
+    """
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = pad_id if isinstance(pad_id, int) else 0
-    out: dict[str, torch.Tensor] = {}
-    for key, rows in enc.items():
-        if key not in ("input_ids", "attention_mask", "token_type_ids"):
-            continue
-        fill = pad_id if key == "input_ids" else 0
-        out[key] = torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
-    if "attention_mask" not in out:
-        out["attention_mask"] = torch.tensor(
-            [[1] * len(r) + [0] * (width - len(r)) for r in ids], dtype=torch.long, device=device
-        )
-    return out
+    remaining = n_samples
+    for window in _chunks(items, batch_size * SORT_WINDOW):
+        enc = tokenizer(window, truncation=True, max_length=max_length)
+        lengths = [len(row) for row in enc["input_ids"]]
+        takes = []
+        for n in lengths:
+            take = n if remaining is None else min(n, remaining)
+            if take == 0 and remaining == 0:
+                break
+            takes.append(take)
+            if remaining is not None:
+                remaining -= take
+        order = sorted(range(len(takes)), key=lambda i: lengths[i])
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            yield _padded(enc, rows, [takes[r] for r in rows], pad_id, device)
+        if remaining == 0:
+            return
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -272,8 +369,9 @@ def collect_statistics(
     max_length: int | None = None,
     feature_dim: int = -1,
     progress: bool = True,
+    checkpoint_every: int | None = DEFAULT_CHECKPOINT_EVERY,
 ) -> SiteStatistics:
-    """Mean, second moment and covariance of `site` over `data`, cached on disk.
+    """Mean, second moment and covariance of `site` over `data`, cached in memory and on disk.
 
     `data` is texts (tokenized with the handle's tokenizer, `batch_size` per forward pass,
     padding skipped, each token one sample) or ready batches: tensors fed as `model(x)` or
@@ -285,7 +383,9 @@ def collect_statistics(
     sums live (default: the model's device); the model is not moved. `cache`: True uses
     `cache_dir()` ($WORKBENCH_CACHE), a path uses that folder, False disables. The corpus is
     identified by `corpus_id`, or by a content hash when `data` is a list; a one-shot
-    iterator without `corpus_id` is not cached.
+    iterator without `corpus_id` is not cached. A cached collection checkpoints its running
+    sums every `checkpoint_every` batches (None: never) and resumes from the last checkpoint
+    when the same key is asked for again after an interruption.
     """
     model = source if isinstance(source, nn.Module) else source.model
     tokenizer = None if isinstance(source, nn.Module) else getattr(source, "tokenizer", None)
@@ -295,6 +395,8 @@ def collect_statistics(
     acc_device = model_device if device is None else resolve_device(device)
     if n_samples is not None and n_samples <= 0:
         raise WorkbenchError(f"n_samples must be positive (or None for the whole corpus), got {n_samples}")
+    if checkpoint_every is not None and checkpoint_every <= 0:
+        raise WorkbenchError(f"checkpoint_every must be a positive number of batches (or None), got {checkpoint_every}")
 
     iterator = iter(data)
     first = next(iterator, None)
@@ -324,13 +426,27 @@ def collect_statistics(
             max_length=max_length if is_text else None,
             feature_dim=feature_dim,
         )
+        kept = recall(key)
+        if kept is not None and kept.site == resolved.name:
+            log.info("statistics for %s found in memory (%d samples)", resolved.name, kept.count)
+            return kept.to(acc_device)
         path = root / f"{key}.safetensors"
         cached = _load_cached(path, key, acc_device)
         if cached is not None:
             log.info("statistics for %s loaded from cache %s (%d samples)", resolved.name, path, cached.count)
-            return SiteStatistics.from_moments(resolved.name, cached, key)
+            stats = SiteStatistics.from_moments(resolved.name, cached, key)
+            remember(stats)
+            return stats
 
     moments: StreamingMoments | None = None
+    done = 0  # batches counted so far (resumed from a checkpoint, then this run's)
+    partial = None if path is None else path.with_name(f"{key}.partial.safetensors")
+    if partial is not None:
+        resumed = _load_partial(partial, key, acc_device)
+        if resumed is not None:
+            moments, done = resumed
+            log.info("statistics for %s resume from %s: %d batches, %d samples", resolved.name, partial, done,
+                     moments.count)
     was_training = model.training
     model.eval()
     bar = progress_bar(
@@ -339,15 +455,16 @@ def collect_statistics(
         unit="tok" if is_text else "sample",
         enabled=progress,
         leave=False,
+        initial=0 if moments is None else moments.count,
     )
     try:
         with torch.no_grad():
             batches: Iterator[Any] = (
-                (_tokenize(tokenizer, list(chunk), max_length or 0, model_device) for chunk in _chunks(items, batch_size))
+                _sorted_text_batches(items, tokenizer, batch_size, max_length or 0, model_device, n_samples)
                 if is_text
                 else (_to_device(b, model_device) for b in items)
             )
-            for batch in batches:
+            for batch in itertools.islice(batches, done, None):  # a resumed run skips what its checkpoint holds
                 sample_mask = None
                 if isinstance(batch, Mapping) and "sample_mask" in batch:
                     batch = dict(batch)
@@ -371,8 +488,11 @@ def collect_statistics(
                 if n_samples is not None:
                     rows = rows[: n_samples - moments.count]
                 bar.update(moments.update(rows))
+                done += 1
                 if n_samples is not None and moments.count >= n_samples:
                     break
+                if partial is not None and checkpoint_every is not None and done % checkpoint_every == 0:
+                    _save_partial(partial, key, moments, done)
     finally:
         bar.close()
         model.train(was_training)
@@ -387,7 +507,33 @@ def collect_statistics(
             {k: v.cpu() for k, v in moments.state().items()},
             {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "site": resolved.name, "count": moments.count},
         )
-    return SiteStatistics.from_moments(resolved.name, moments, key)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+    stats = SiteStatistics.from_moments(resolved.name, moments, key)
+    remember(stats)
+    return stats
+
+
+def _save_partial(path: Path, key: str | None, moments: StreamingMoments, batches: int) -> None:
+    save_safetensors_checked(path, {k: v.cpu() for k, v in moments.state().items()},
+                             {"format": PARTIAL_FORMAT, "version": CACHE_VERSION, "key": key, "batches": batches})
+
+
+def _load_partial(path: Path, key: str, device: torch.device) -> tuple[StreamingMoments, int] | None:
+    """A checkpoint of an interrupted collection of `key`: (running sums, batches counted), or None."""
+    if not path.exists():
+        return None
+    try:
+        tensors, meta = load_safetensors_checked(path, what="statistics checkpoint")
+        if not isinstance(meta, dict) or meta.get("key") != key or meta.get("format") != PARTIAL_FORMAT:
+            raise CorruptFileError(f"statistics checkpoint {path} is not a checkpoint of key {key!r}")
+        batches = meta.get("batches")
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches <= 0:
+            raise CorruptFileError(f"statistics checkpoint {path} records {batches!r} batches")
+        return StreamingMoments.from_state(tensors, device=device), batches
+    except (CorruptFileError, UnsafeFileError, WorkbenchError, KeyError, ValueError) as exc:
+        log.warning("ignoring statistics checkpoint %s and starting over: %s", path, exc)
+        return None
 
 
 def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:

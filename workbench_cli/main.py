@@ -63,8 +63,11 @@ def _zoo_list(args: argparse.Namespace) -> None:
     from workbench import zoo
 
     rows = zoo.listing(args.cache)
-    _emit(args, rows, lambda rs: "\n".join(f"{r['spec']:<28} {'cached' if r['cached'] else 'not trained yet'}  {r['path']}"
-                                            for r in rs))
+    def line(r: dict) -> str:
+        state = r.get("note") if r["cached"] is None else ("cached" if r["cached"] else "not trained yet")
+        return f"{r['spec']:<28} {state}  {r['path'] or ''}".rstrip()
+
+    _emit(args, rows, lambda rs: "\n".join(line(r) for r in rs))
 
 
 def _zoo_train(args: argparse.Namespace) -> None:

@@ -5,9 +5,11 @@
     workbench reproduce --suite heldout --suite-seed 7 --quick --dev-run runs/today --out runs/heldout-7
                                                           # on models nobody tuned on, beside the dev run
     workbench reproduce 5 --model shapesnet=./my-shapesnet --out runs/mine            # on your own model
+    workbench reproduce --quick --workers 2 --out runs/today  # cases as Ray tasks (--ray-address joins a cluster)
     workbench report runs/today                           # re-render report.html from stored results
     workbench tune rome --trials 30 --out runs/tune-rome  # optuna, SQLite in the run folder
     workbench tune rome --storage postgresql://user@host/db --study-name shared   # several workers
+    workbench tune rome --storage postgresql://user@host/db --workers 4            # ... as Ray tasks
     workbench tune ablate --set trojan=style-star --constraint 'clean_drop<=0.5' --fix value=mean
     workbench tune copy_paste --range featvis_steps=16:128   # a study resolves to its tunable action
 """
@@ -25,6 +27,7 @@ from workbench_cli.checks import creatable, finite_float, int_in, positive_int, 
 
 MAX_SEEDS = 1000
 MAX_WORKER = 100_000  # the sampler's seed is seed + 1000 x worker
+MAX_WORKERS = 1024  # workbench.parallel.MAX_WORKERS
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -45,8 +48,29 @@ def _reproduce(args: argparse.Namespace) -> None:
         raise WorkbenchError(f"--model {unused[0]}=...: none of the studies asked for runs on role {unused[0]!r}; "
                              f"they use {', '.join(roles) or 'no model'}")
     result = run_studies(studies, out, suite=suite, device=args.device, progress=not args.json, threads=args.threads,
-                         dev_run=args.dev_run)
+                         dev_run=args.dev_run, workers=args.workers, ray_address=args.ray_address)
     args.emit(args, result, summary_text)
+
+
+def _tune_on_ray(tunable: Any, args: argparse.Namespace, common: dict[str, Any],
+                 announce: Callable[[str], None]) -> dict[str, Any]:
+    """`--workers N`: N optuna workers as Ray tasks on one server-backed study, then one summary here."""
+    from workbench.parallel import check_workers, map_on_ray, ray_runtime
+    from workbench_protocols.tuning import tune
+
+    check_workers(args.workers, args.ray_address)
+    if args.storage is None or args.storage.startswith("sqlite"):
+        raise WorkbenchError(f"--workers {args.workers} share one optuna study: give a database server with --storage "
+                             "postgresql://user@host/db (SQLite does not take concurrent writers safely)")
+    calls = [{"tunable": tunable, "n_trials": args.trials, "worker": args.worker + k, "timeout": args.timeout,
+              "progress": False, "confirm": False, **common} for k in range(args.workers)]
+    with ray_runtime(args.workers, args.ray_address):
+        searched = map_on_ray(tune, calls, desc="tune workers", progress=not args.json)
+    result = tune(tunable, n_trials=0, worker=args.worker, progress=not args.json, announce=announce,
+                  confirm=not args.no_confirm, **common)
+    result["ray_workers"] = [{"worker": r["worker"], "trials": r["worker_trials"], "seconds": r["worker_seconds"]}
+                             for r in searched]
+    return result
 
 
 def model_options(items: list[str] | None) -> dict[str, list[str]]:
@@ -159,12 +183,14 @@ def _tune(args: argparse.Namespace) -> None:
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
 
-    result = tune(tunable, n_trials=args.trials, n_cases=args.cases, storage=args.storage,
-                  study_name=args.study_name, out=out, seed=args.seed,
-                  worker=args.worker, max_ns_loss=args.max_ns_loss, settings=_pairs(args.set, "--set"),
-                  constraints=args.constraint or (), fixed=_pairs(args.fix, "--fix"), ranges=ranges,
-                  device=args.device, timeout=args.timeout, progress=not args.json, announce=announce,
-                  confirm=not args.no_confirm)
+    common = dict(n_cases=args.cases, storage=args.storage, study_name=args.study_name, out=out, seed=args.seed,
+                  max_ns_loss=args.max_ns_loss, settings=_pairs(args.set, "--set"), constraints=args.constraint or (),
+                  fixed=_pairs(args.fix, "--fix"), ranges=ranges, device=args.device)
+    if args.workers == 1:
+        result = tune(tunable, n_trials=args.trials, worker=args.worker, timeout=args.timeout, progress=not args.json,
+                      announce=announce, confirm=not args.no_confirm, **common)
+    else:
+        result = _tune_on_ray(tunable, args, common, announce)
 
     def text(r: dict[str, Any]) -> str:
         lines = [(f"study {r['study_name']} in {r['storage_display']}: {r['n_trials_total']} trials in all "
@@ -209,6 +235,10 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--dev-run", default=None, metavar="DIR",
                    help="a finished dev-suite run of the same studies and mode: results and report set this run "
                         "beside it (held-out leaderboard first)")
+    p.add_argument("--workers", type=int_in(1, MAX_WORKERS, "a number of workers"), default=1,
+                   help="run cases as Ray tasks on this many workers (default 1: this process; needs ray)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join the Ray cluster at ADDR (e.g. ray://head:10001 or auto) instead of a local runtime")
     common(p)
     p.set_defaults(func=_reproduce, emit=emit)
 
@@ -248,5 +278,9 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--no-confirm", action="store_true",
                    help="skip re-evaluating the best trial on fresh data (seed + 5000) after the search")
     p.add_argument("--threads", type=threads, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--workers", type=int_in(1, MAX_WORKERS, "a number of workers"), default=1,
+                   help="run this many optuna workers as Ray tasks (worker indices from --worker on) on the one "
+                        "study in --storage (a PostgreSQL URL); then summarize and confirm here")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="join the Ray cluster at ADDR")
     common(p)
     p.set_defaults(func=_tune, emit=emit)

@@ -404,6 +404,8 @@ def tune(
 ) -> dict[str, Any]:
     """Run `n_trials` trials of this worker on a (possibly shared) optuna study; return a summary.
 
+    `n_trials=0` runs none: it summarizes (and confirms) the study as the workers left it.
+
     `settings` override the tunable's evaluation settings (`n_cases` is the knowledge editors'
     "cases"); `constraints` ("METRIC<=X") replace or add to the stated objective's (`max_ns_loss`
     is "NS_loss<=X"); `fixed` pins options and `ranges` narrows them, both inside the declared
@@ -416,8 +418,8 @@ def tune(
 
     from workbench.models import load
 
-    if n_trials < 1:
-        raise WorkbenchError(f"n_trials={n_trials}: expected at least 1")
+    if n_trials < 0:
+        raise WorkbenchError(f"n_trials={n_trials}: expected a number of trials >= 0 (0 summarizes the study)")
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         raise WorkbenchError(f"timeout={timeout}: expected a positive number of seconds, or None")
     if storage is not None:
@@ -503,7 +505,8 @@ def tune(
         return value
 
     t0 = time.perf_counter()
-    study.optimize(run, n_trials=n_trials, timeout=timeout, show_progress_bar=False, catch=(WorkbenchError,))
+    if n_trials:
+        study.optimize(run, n_trials=n_trials, timeout=timeout, show_progress_bar=False, catch=(WorkbenchError,))
     seconds = time.perf_counter() - t0
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -71,6 +71,64 @@ def test_rome_tiny(load_tiny, family: str) -> None:
     assert model_fingerprint(h.model) == before_fp
 
 
+class _NoReplay:
+    """BlocksReplayed that never replays: every block computes on every step."""
+
+    def __init__(self, *_args) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        pass
+
+    def recorded(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blocks_below_the_edit_replay_to_the_same_bits(load_tiny, family: str, monkeypatch) -> None:
+    import editors.mlp_update as mlp_update
+
+    h = load_tiny(family)
+    rome = ROME(**{**TINY, "layer": 1, "v_steps": 6})
+    blocks = h.model.get_submodule(h.arch.site_map.module_path(h.model, h.arch.site_map.layers, None))
+    calls = {0: 0, 1: 0}
+    for i in calls:
+        blocks[i].register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+    replayed = rome.fit(h, rewrite(), texts=corpus())
+    block0, block1 = calls[0], calls[1]
+    assert replayed.extra["v_steps_taken"] == 6 and block1 - block0 >= 6  # block 0 skipped on most steps
+    originals = list(blocks)
+    assert all(a is b for a, b in zip(blocks, originals))  # the real blocks are back
+    monkeypatch.setattr(mlp_update, "BlocksReplayed", _NoReplay)
+    computed = rome.fit(h, rewrite(), texts=corpus())
+    name = replayed.names[0]
+    assert torch.equal(replayed.changes[name].u, computed.changes[name].u)
+    assert torch.equal(replayed.changes[name].v, computed.changes[name].v)
+
+
+def test_blocks_are_restored_when_a_step_fails(load_tiny, monkeypatch) -> None:
+    import editors.mlp_update as mlp_update
+
+    h = load_tiny("gpt2")
+    blocks = list(h.model.transformer.h)
+    steps = {"n": 0}
+    real = mlp_update._logits_at
+
+    def failing(*args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == 3:
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlp_update, "_logits_at", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        ROME(**{**TINY, "layer": 1}).fit(h, rewrite(), texts=corpus())
+    assert all(a is b for a, b in zip(h.model.transformer.h, blocks))
+
+
 def test_rank_one_maps_key_to_value(load_tiny) -> None:
     """The update adds exactly delta_v to the MLP output for the averaged key k*."""
     from editors.mlp_update import context_templates, subject_keys

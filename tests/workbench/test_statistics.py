@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from workbench.errors import WorkbenchError
 from workbench.handle import Architecture, ModelHandle
-from workbench.statistics import SiteStatistics, StreamingMoments, collect_statistics
+from workbench.statistics import SiteStatistics, StreamingMoments, collect_statistics, forget_all, recall
 
 WORDS = [f"w{i}" for i in range(48)]
 
@@ -250,11 +250,13 @@ def test_corrupted_cache_is_recomputed(tmp_path: Path, corrupt, caplog: pytest.L
     good = collect_statistics(handle, "blocks.0.mlp.hook_post", corpus, batch_size=8, cache=tmp_path, progress=False)
     path = tmp_path / "stats" / f"{good.key}.safetensors"
     corrupt(path)
+    forget_all()  # the file on disk is under test, not this process's memory of it
     with caplog.at_level(logging.WARNING, logger="workbench.statistics"):
         again = collect_statistics(handle, "blocks.0.mlp.hook_post", corpus, batch_size=8, cache=tmp_path, progress=False)
     assert counter.calls == 2  # recomputed, not trusted
     assert "recomputing" in caplog.text and str(path) in caplog.text
     assert torch.equal(again.covariance, good.covariance)
+    forget_all()
     collect_statistics(handle, "blocks.0.mlp.hook_post", corpus, batch_size=8, cache=tmp_path, progress=False)
     assert counter.calls == 2  # the rewritten file is valid again
 
@@ -343,3 +345,128 @@ def test_cuda_model_statistics_match_cpu() -> None:
     gpu = collect_statistics(handle, "blocks.0.mlp.hook_post", corpus, cache=False, progress=False)
     assert gpu.mean.device.type == "cuda" and gpu.count == cpu.count
     torch.testing.assert_close(gpu.covariance.cpu(), cpu.covariance, rtol=1e-4, atol=1e-5)
+
+
+# --- costs that do not repeat: memory, checkpoints, lazy corpora ----------------------------
+
+
+def test_memory_hit_reads_no_disk_and_runs_no_forward(tmp_path: Path) -> None:
+    handle = tiny_handle()
+    counter = ForwardCounter(handle.model)
+    first = collect_statistics(handle, "blocks.0.mlp.hook_post", texts(12), batch_size=4, cache=tmp_path, progress=False)
+    assert recall(first.key) is first
+    (tmp_path / "stats" / f"{first.key}.safetensors").unlink()  # a disk read would now recompute
+    second = collect_statistics(handle, "blocks.0.mlp.hook_post", texts(12), batch_size=4, cache=tmp_path, progress=False)
+    assert counter.calls == 3 and second.count == first.count
+    assert torch.equal(second.second_moment, first.second_moment)
+
+
+def test_memory_budget_drops_the_least_recently_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    handle = tiny_handle()
+    a = collect_statistics(handle, "blocks.0.hook_resid_post", texts(4), cache=tmp_path, progress=False)
+    one = sum(t.numel() * t.element_size() for t in (a.mean, a.second_moment, a.covariance))
+    monkeypatch.setenv("WORKBENCH_STATS_MEMORY", str(one * 2))
+    b = collect_statistics(handle, "blocks.1.hook_resid_post", texts(4), cache=tmp_path, progress=False)
+    assert recall(a.key) is not None  # two fit; recalling a leaves b the least recently used
+    c = collect_statistics(handle, "blocks.0.hook_resid_pre", texts(4), cache=tmp_path, progress=False)
+    assert recall(b.key) is None and recall(a.key) is not None and recall(c.key) is not None
+    monkeypatch.setenv("WORKBENCH_STATS_MEMORY", "0")
+    forget_all()
+    d = collect_statistics(handle, "blocks.1.hook_resid_pre", texts(4), cache=tmp_path, progress=False)
+    assert recall(d.key) is None
+    monkeypatch.setenv("WORKBENCH_STATS_MEMORY", "lots")
+    with pytest.raises(WorkbenchError, match="WORKBENCH_STATS_MEMORY"):
+        collect_statistics(handle, "blocks.0.mlp.hook_post", texts(4), cache=tmp_path, progress=False)
+
+
+def test_cache_hit_draws_one_text_of_a_lazy_corpus(tmp_path: Path) -> None:
+    handle = tiny_handle()
+    drawn = []
+
+    def corpus():
+        for t in texts(16):
+            drawn.append(t)
+            yield t
+
+    collect_statistics(handle, "blocks.0.mlp.hook_post", corpus(), corpus_id="lazy", cache=tmp_path, progress=False)
+    assert len(drawn) == 16
+    drawn.clear()
+    forget_all()  # from disk this time
+    collect_statistics(handle, "blocks.0.mlp.hook_post", corpus(), corpus_id="lazy", cache=tmp_path, progress=False)
+    assert len(drawn) == 1
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Killer:
+    """Raises `Interrupted` at the start of forward pass number `at` (1-based), as a kill would stop a run."""
+
+    def __init__(self, model: nn.Module, at: int) -> None:
+        self.calls, self.at = 0, at
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_: object) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            raise Interrupted
+
+
+def test_interrupted_collection_resumes_to_the_same_bits(tmp_path: Path) -> None:
+    handle = tiny_handle()
+    corpus = texts(40)
+    site = "blocks.1.mlp.hook_post"
+    whole = collect_statistics(handle, site, corpus, batch_size=4, cache=False, progress=False)
+    killer = Killer(handle.model, at=7)  # killed in batch 7, after checkpoints at batches 3 and 6
+    with pytest.raises(Interrupted):
+        collect_statistics(handle, site, iter(corpus), corpus_id="forty", batch_size=4, cache=tmp_path,
+                           checkpoint_every=3, progress=False)
+    killer.handle.remove()
+    partial = list((tmp_path / "stats").glob("*.partial.safetensors"))
+    assert len(partial) == 1
+    counter = ForwardCounter(handle.model)
+    resumed = collect_statistics(handle, site, iter(corpus), corpus_id="forty", batch_size=4, cache=tmp_path,
+                                 checkpoint_every=3, progress=False)
+    assert counter.calls == 10 - 6  # only the batches after the last checkpoint
+    assert resumed.count == whole.count
+    for field in ("mean", "second_moment", "covariance"):
+        assert torch.equal(getattr(resumed, field), getattr(whole, field))
+    assert not partial[0].exists()  # the finished file replaces the checkpoint
+
+
+def test_damaged_checkpoint_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    handle = tiny_handle()
+    corpus = texts(20)
+    killer = Killer(handle.model, at=3)
+    with pytest.raises(Interrupted):
+        collect_statistics(handle, "blocks.0.mlp.hook_post", iter(corpus), corpus_id="twenty",
+                           batch_size=4, cache=tmp_path, checkpoint_every=1, progress=False)
+    killer.handle.remove()
+    (partial,) = (tmp_path / "stats").glob("*.partial.safetensors")
+    _corrupt_flip(partial)
+    counter = ForwardCounter(handle.model)
+    with caplog.at_level(logging.WARNING, logger="workbench.statistics"):
+        stats = collect_statistics(handle, "blocks.0.mlp.hook_post", iter(corpus), corpus_id="twenty", batch_size=4,
+                                   cache=tmp_path, checkpoint_every=1, progress=False)
+    assert "starting over" in caplog.text and counter.calls == 5
+    whole = collect_statistics(handle, "blocks.0.mlp.hook_post", corpus, batch_size=4, cache=False, progress=False)
+    assert torch.equal(stats.covariance, whole.covariance)
+    with pytest.raises(WorkbenchError, match="checkpoint_every"):
+        collect_statistics(handle, "blocks.0.mlp.hook_post", corpus, cache=tmp_path, checkpoint_every=0, progress=False)
+
+
+def test_text_batches_are_sorted_by_length_and_count_the_first_tokens_in_corpus_order() -> None:
+    from workbench.statistics import _sorted_text_batches
+
+    tok = tiny_tokenizer()
+    corpus = texts(40, seed=3)
+    lengths = [len(tok(t)["input_ids"]) for t in corpus]
+    batches = list(_sorted_text_batches(iter(corpus), tok, 4, 32, torch.device("cpu"), None))
+    padded = sum(int(b["input_ids"].numel()) for b in batches)
+    unsorted = sum(4 * max(lengths[i:i + 4]) for i in range(0, 40, 4))
+    assert sum(int(b["sample_mask"].sum()) for b in batches) == sum(lengths)
+    assert padded < unsorted  # sorting within the window cut the padding
+    cut = list(_sorted_text_batches(iter(corpus), tok, 4, 32, torch.device("cpu"), lengths[0] + 2))
+    counted = sorted(int(row.sum()) for b in cut for row in b["sample_mask"] if row.sum())
+    assert counted == sorted([lengths[0], 2])  # the first text whole, then two tokens of the second

@@ -113,7 +113,8 @@ def test_zoo_list_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     code, out, _ = run_cli(capsys, "zoo", "list", "--json", "--cache", str(tmp_path))
     assert code == 0
     rows = json.loads(out)
-    assert [r["name"] for r in rows] == ["factgpt", "factgpt-large", "shapesnet"]
+    assert [r["name"] for r in rows] == ["factgpt", "factgpt-large", "shapesnet", "gpt2-medium-arch",
+                                         "gpt2-small-arch", "llama-arch", "pythia-160m-arch"]
     assert not any(r["cached"] for r in rows)  # an empty cache trains nothing by listing
 
 

@@ -273,6 +273,33 @@ def test_two_workers_share_one_study_and_record_every_trial_once(postgres_url: s
     assert outputs[1]["n_trials_total"] >= trials_each
 
 
+@pytest.mark.slow
+def test_ray_workers_share_one_postgres_study(postgres_url: str, tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="tune --workers needs Ray (pip install 'interp-workbench[ray]')")
+    import optuna
+
+    cmd = [sys.executable, "-m", "workbench_cli.main", "tune", "rome", "--trials", "2", "--cases", "2", "--storage",
+           postgres_url, "--study-name", "ray-rome", "--workers", "2", "--out", str(tmp_path / "ray"), "--json",
+           "--device", "cpu", "--no-confirm"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    per_worker = [set(w["trials"]) for w in result["ray_workers"]]
+    assert [w["worker"]["worker"] for w in result["ray_workers"]] == [0, 1]
+    assert all(len(m) == 2 for m in per_worker) and not per_worker[0] & per_worker[1]
+    assert len({w["worker"]["pid"] for w in result["ray_workers"]}) == 2  # two processes
+    study = optuna.load_study(study_name="ray-rome", storage=postgres_url)
+    assert sorted(t.number for t in study.get_trials()) == sorted(per_worker[0] | per_worker[1])
+    assert result["n_trials_total"] == 4 and result["worker_trials"] == []  # the summary ran no trial
+
+
+def test_ray_workers_need_a_database_server(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "workbench_cli.main", "tune", "rome", "--workers", "2", "--out", str(tmp_path / "t")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "postgresql://" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists()
+
+
 def test_ablate_caps_n_units_at_half_the_site_so_the_random_control_exists(tmp_path: Path) -> None:
     # stem.relu has 16 units: more than 8 selected would leave too few for a disjoint random control
     settings, fixed, _ = TINY["ablate"]

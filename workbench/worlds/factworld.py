@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -403,18 +403,22 @@ class FactWorld:
 
     def corpus(self, n: int, *, seed: int, fact_fraction: float = 0.5) -> list[str]:
         """`n` texts for corpus statistics: filler paragraphs mixed with fact statements."""
+        return list(self.iter_corpus(n, seed=seed, fact_fraction=fact_fraction))
+
+    def iter_corpus(self, n: int, *, seed: int, fact_fraction: float = 0.5) -> Iterator[str]:
+        """`corpus` made lazily, text by text (a statistics cache hit then draws one text, not `n`)."""
         if not 0.0 <= fact_fraction <= 1.0:
             raise WorkbenchError(f"fact_fraction={fact_fraction}; expected a share in [0, 1]")
-        rng = random.Random(seed)
-        out: list[str] = []
+        return self._texts(n, random.Random(seed), fact_fraction)
+
+    def _texts(self, n: int, rng: random.Random, fact_fraction: float) -> Iterator[str]:
         for _ in range(n):
             if rng.random() < fact_fraction:
                 fact = rng.choice(self.facts)
                 template = rng.choice(self.relation(fact.relation_id).templates)
-                out.append(f"{template.format(fact.subject)} {fact.object}.")
+                yield f"{template.format(fact.subject)} {fact.object}."
             else:
-                out.append(" ".join(filler_sentence(rng) for _ in range(rng.randint(1, 3))))
-        return out
+                yield " ".join(filler_sentence(rng) for _ in range(rng.randint(1, 3)))
 
     def training_texts(self) -> list[str]:
         """All text the world contains (for tokenizer training): statements, prompts, filler."""

@@ -41,6 +41,7 @@ ZOO_MODULES: dict[str, str] = {
 }
 # Recipes are imported by name (they import the core loader, which imports this registry).
 VARIANTS_MODULE = "workbench.zoo.variants"
+ARCHITECTURES_MODULE = "workbench.zoo.architectures"  # real sizes, random weights: built on load, never trained
 MANIFEST = "zoo_manifest.json"
 INFO = "zoo_info.json"
 WORLD = "world.json"
@@ -53,15 +54,27 @@ def names() -> list[str]:
     return sorted(ZOO_MODULES)
 
 
+def architecture_names() -> list[str]:
+    """Real-size architectures with random weights (`workbench.zoo.architectures`), for timing and memory."""
+    return importlib.import_module(ARCHITECTURES_MODULE).names()
+
+
+def is_architecture(name: str) -> bool:
+    return name in architecture_names()
+
+
 def _module(name: str) -> Any:
     """The recipe of a zoo model: its module, or for a variant name the variant (same interface)."""
     if name in ZOO_MODULES:
         return importlib.import_module(ZOO_MODULES[name])
+    if is_architecture(name):
+        return importlib.import_module(ARCHITECTURES_MODULE)
     variants = importlib.import_module(VARIANTS_MODULE)
     if variants.is_variant_name(name):
         return variants.parse(name)
     raise UnknownModelError(f"unknown zoo model {name!r}; the zoo has: {', '.join(names())}, "
-                            f"and variants {' or '.join(variants.FORMS)}")
+                            f"and variants {' or '.join(variants.FORMS)}; for timing only (random weights): "
+                            f"{', '.join(architecture_names())}")
 
 
 def is_name(name: str) -> bool:
@@ -144,6 +157,9 @@ def ensure_trained(
     A recipe whose trained model fails its checks raises (`variants.ZooCheckError`) and leaves the
     cache as it was.
     """
+    if is_architecture(name):
+        raise WorkbenchError(f"{name} has random weights and is built on load, never trained; load it with "
+                             f"workbench.load('zoo:{name}')")
     mod = _module(name)
     seed = mod.DEFAULT_SEED if seed is None else seed
     path = entry_dir(name, seed=seed, cache=cache)
@@ -171,13 +187,25 @@ def ensure_trained(
 
 def info(name: str, **kwargs: Any) -> dict[str, Any]:
     """The training record of a zoo model (accuracy, timing, sizes, trojans...)."""
+    if is_architecture(name):
+        return _module(name).describe(name, seed=kwargs.get("seed"))
     path = ensure_trained(name, **kwargs)
     return json.loads((path / INFO).read_text())
 
 
 def load(name: str, *, device: str | torch.device = "cpu", seed: int | None = None,
-         cache: str | os.PathLike[str] | None = None, progress: bool = True) -> ModelHandle:
-    """Load a zoo model as a ModelHandle, training it first if the cache lacks it."""
+         cache: str | os.PathLike[str] | None = None, progress: bool = True,
+         device_map: str | None = None) -> ModelHandle:
+    """Load a zoo model as a ModelHandle, training it first if the cache lacks it.
+
+    `device_map="auto"` (accelerate) applies to the architecture models only: the trained zoo
+    models fit on one device.
+    """
+    if is_architecture(name):
+        return _module(name).load(name, seed=seed, device=device, device_map=device_map)
+    if device_map is not None:
+        raise WorkbenchError("device_map applies to Hugging Face models and the architecture models "
+                             f"({', '.join(architecture_names())}); trained zoo models fit on one device (use --device)")
     mod = _module(name)
     path = ensure_trained(name, seed=seed, cache=cache, device=device, progress=progress)
     handle: ModelHandle = mod.load(path, device=resolve_device(device))
@@ -192,6 +220,9 @@ def listing(cache: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]
     for name in names():
         path = entry_dir(name, cache=cache)
         rows.append({"name": name, "spec": spec_of(name), "cached": (path / MANIFEST).is_file(), "path": str(path)})
+    for name in architecture_names():
+        rows.append({"name": name, "spec": spec_of(name), "cached": None, "path": None,
+                     "note": "random weights, built on load: timing and memory only"})
     variants = importlib.import_module(VARIANTS_MODULE)
     folders = cache_dir(cache) / "zoo"
     for folder in sorted(folders.iterdir()) if folders.is_dir() else ():
@@ -306,5 +337,5 @@ def describe(target: str, *, seed: int | None = None, cache: str | os.PathLike[s
         raise WorkbenchError(f"{target} names seed {at_seed} but --seed is {seed}; give one")
     seed = at_seed if at_seed is not None else seed
     result = info(name, seed=seed, cache=cache, device=device)
-    result["path"] = str(entry_dir(name, seed=seed, cache=cache))
+    result["path"] = None if is_architecture(name) else str(entry_dir(name, seed=seed, cache=cache))
     return result

@@ -275,7 +275,8 @@ def test_listing_shows_named_models_and_trained_variants(tiny_zoo: Path) -> None
     zoo.ensure_trained("factgpt-gpt2-1l-plain", seed=5, progress=False)
     (tiny_zoo / "zoo" / "factgpt-gpt2-1l-v7-seed1").mkdir()  # another recipe version: not listed
     rows = zoo.listing()
-    assert [r["name"] for r in rows] == [*zoo.names(), "factgpt-gpt2-1l-plain"]
+    assert [r["name"] for r in rows] == [*zoo.names(), *zoo.architecture_names(), "factgpt-gpt2-1l-plain"]
     assert rows[-1]["spec"] == "zoo:factgpt-gpt2-1l-plain@5" and rows[-1]["cached"]
     assert rows[-1]["path"] == str(zoo.entry_dir("factgpt-gpt2-1l-plain", seed=5))
     assert not any(r["cached"] for r in rows[:-1])
+    assert all(r["cached"] is None for r in rows if r["name"] in zoo.architecture_names())  # built on load
