@@ -153,6 +153,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "workbench_cli.attack",
     "workbench_cli.featvis",
     "workbench_cli.sae",
+    "workbench_cli.circuit",
 )
 
 
