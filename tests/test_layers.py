@@ -45,7 +45,8 @@ def test_the_tree_keeps_its_layers(has_linter) -> None:
 
 
 def test_a_core_module_importing_a_method_breaks_the_contract(has_linter, tmp_path) -> None:
-    packages = ["workbench", "editors", "adversaries", "workbench_protocols", "case_studies", "workbench_cli"]
+    packages = ["workbench", "editors", "adversaries", "workbench_protocols", "case_studies", "workbench_cli",
+                "workbench_app"]
     for name in packages:
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("")
