@@ -63,6 +63,7 @@ def ray_runtime(workers: int, address: str | None = None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report over the network
     env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1",
            "WORKBENCH_CACHE": os.environ.get("WORKBENCH_CACHE", "")}
     env = {k: v for k, v in env.items() if v}

@@ -214,14 +214,18 @@ def create_app(config: AppConfig) -> FastAPI:
         jobs().check_free(key, model.spec)
         return JSONText(await asyncio.to_thread(editing.answers, model, body))
 
-    @app.post("/api/models/{key}/trace", status_code=202)
-    async def trace(key: str, request: Request) -> JSONResponse:
+    async def model_job(key: str, request: Request, kind: str, parse: Any, run: Any) -> JSONResponse:
+        """Start a `kind` job on an open model (202): the body parsed into its options, refused while the model is busy."""
         body = await _body(request)
         model = await asyncio.to_thread(workspace.get, key)
         jobs().check_free(key, model.spec)
-        options = await asyncio.to_thread(editing.trace_request, model, body)
-        job = jobs().submit(key, model.spec, "trace", options, lambda ctx: editing.run_trace(model, options, ctx))
+        options = await asyncio.to_thread(parse, model, body)
+        job = jobs().submit(key, model.spec, kind, options, lambda ctx: run(model, options, ctx))
         return JSONText({"job": job.to_json()}, status_code=202)
+
+    @app.post("/api/models/{key}/trace", status_code=202)
+    async def trace(key: str, request: Request) -> JSONResponse:
+        return await model_job(key, request, "trace", editing.trace_request, editing.run_trace)
 
     @app.post("/api/models/{key}/edits", status_code=202)
     async def edit(key: str, request: Request) -> JSONResponse:
@@ -283,12 +287,7 @@ def create_app(config: AppConfig) -> FastAPI:
 
     @app.post("/api/models/{key}/units", status_code=202)
     async def units_job(key: str, request: Request) -> JSONResponse:
-        body = await _body(request)
-        model = await asyncio.to_thread(workspace.get, key)
-        jobs().check_free(key, model.spec)
-        options = await asyncio.to_thread(units.units_request, model, body)
-        job = jobs().submit(key, model.spec, "units", options, lambda ctx: units.run_units(model, options, ctx))
-        return JSONText({"job": job.to_json()}, status_code=202)
+        return await model_job(key, request, "units", units.units_request, units.run_units)
 
     @app.post("/api/models/{key}/units/{job_id}/apply")
     async def units_apply(key: str, job_id: str) -> JSONResponse:
