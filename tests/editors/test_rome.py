@@ -242,3 +242,34 @@ def test_rome_factgpt_quality() -> None:
 
 
 FACTGPT_ROME = dict(layer=0, fact_token="subject_last", n_prefixes=0)
+
+
+def test_second_moment_factor_is_reused_only_for_the_same_unchanged_tensor() -> None:
+    from editors import mlp_update
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    c = x.T @ x / 200
+    rhs = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    calls = []
+    real = torch.linalg.cholesky_ex
+
+    def counting(a, *args, **kwargs):
+        calls.append(a.shape)
+        return real(a, *args, **kwargs)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(torch.linalg, "cholesky_ex", counting):
+        first = mlp_update.solve_second_moment(c, rhs)
+        again = mlp_update.solve_second_moment(c, rhs)
+        assert len(calls) == 1 and torch.equal(first, again)
+        c.mul_(2.0)  # changed in place: the kept factor no longer applies
+        halved = mlp_update.solve_second_moment(c, rhs)
+        assert len(calls) == 2
+        torch.testing.assert_close(halved, first / 2)
+        other = c.clone()
+        mlp_update.solve_second_moment(other, rhs)
+        assert len(calls) == 3
+    direct = torch.linalg.solve(c + 1e-6 * torch.diagonal(c).mean() * torch.eye(16, dtype=c.dtype), rhs)
+    torch.testing.assert_close(halved, direct)
