@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40, help="rewrites (seed-0 CounterFact records of the model's world)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stat-tokens", type=int, default=20_000,
+                    help="key-statistics tokens for a model without shipped ROME options")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,7 +115,12 @@ def main() -> None:
     from workbench_protocols.editing import editor_at
 
     handle = load(args.model, device="cpu", progress=False)
-    ours = editor_at("rome", handle, None)
+    shipped = (handle.info.get("editor_defaults") or {}).get("rome")
+    # A model without measured options (an architecture model) edits a third of the way up, as
+    # ROME does GPT-2 XL (17 of 48), with the world's prefixes, on fewer statistics tokens.
+    ours = editor_at("rome", handle, None) if shipped else editor_at(
+        "rome", handle, None, layer=handle.arch.n_layers // 3, n_prefixes=4, prefix_source="world",
+        mom2_n_samples=args.stat_tokens, mom2_corpus="world")
     layer = ours.resolved_layer(handle)
     rome = import_original(args.rome_dir)
     from rome.rome_hparams import ROMEHyperParams

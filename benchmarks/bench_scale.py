@@ -18,6 +18,9 @@ architecture models have random weights (timing and memory only). Stages:
 - `resume`: a statistics collection killed (SIGKILL) once its first checkpoint exists, then run
   again: how many batches the second run computed and its time, beside an uninterrupted run.
 - `trace`: one causal trace (hidden, MLP and attention, 10 noise samples) of a world fact.
+- `kn`: knowledge-neuron attribution (integrated gradients, 20 steps) of one fact, every layer.
+- `trigger`: a 3-token text-trigger search (GCG, 10 steps) on 4 prompts, the input optimization
+  that feature visualization does for images.
 - `rome`: ROME edits at the layer (statistics given, so only the edit is timed): median seconds.
 - `memit`: MEMIT at each of `--memit-sizes` edits at once (statistics given): seconds, per edit.
 
@@ -43,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STAGES = ("statistics", "statistics-peer", "resume", "trace", "rome", "memit")
+STAGES = ("statistics", "statistics-peer", "resume", "trace", "kn", "trigger", "rome", "memit")
 
 
 def _max_rss_mb() -> float:
@@ -207,6 +210,27 @@ def stage_trace(handle: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t, "tokens": len(result.tokens) if hasattr(result, "tokens") else None}
 
 
+def stage_kn(handle: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Knowledge-neuron attribution (integrated gradients, 20 steps) of one fact over every layer's MLP."""
+    from workbench.knowledge_neurons import attribute_neurons
+
+    rw = _rewrites(handle, 1)[0]
+    t = time.perf_counter()
+    attribute_neurons(handle, rw.prompt, rw.target_true, steps=20)
+    return {"seconds": time.perf_counter() - t, "layers": handle.arch.n_layers, "neurons_per_layer": handle.arch.d_mlp}
+
+
+def stage_trigger(handle: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """A 3-token trigger search (GCG, 10 steps) toward an object on 4 of the world's prompts: the
+    optimization over inputs that feature visualization does for images."""
+    from adversaries.text_triggers import TextTrigger
+
+    rewrites = _rewrites(handle, 4)
+    t = time.perf_counter()
+    TextTrigger(steps=10, n_controls=2).generate(handle, [rw.prompt for rw in rewrites], rewrites[0].target_new)
+    return {"seconds": time.perf_counter() - t, "steps": 10}
+
+
 def stage_rome(handle: Any, args: argparse.Namespace) -> dict[str, Any]:
     from workbench_protocols.editing import editor_at
 
@@ -251,14 +275,17 @@ def run_stage(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    handle = load(args.model_spec, device="cpu", progress=False)
+    handle = load(args.model_spec, device=args.device, progress=False,
+                  **({"device_map": "auto"} if args.device_map_auto else {}))
     load_s = time.perf_counter() - t
     fn = {"statistics": stage_statistics, "statistics-peer": stage_statistics_peer, "resume": stage_resume,
-          "trace": stage_trace, "rome": stage_rome, "memit": stage_memit}[args.stage]
+          "trace": stage_trace, "kn": stage_kn, "trigger": stage_trigger, "rome": stage_rome,
+          "memit": stage_memit}[args.stage]
     result = fn(handle, args)
     params = sum(p.numel() for p in handle.model.parameters())
-    print(json.dumps({"model": args.model_spec, "stage": args.stage, "parameters": params, "load_s": load_s,
-                      "max_rss_mb": _max_rss_mb(), **result}))
+    gpu = {"cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}
+    print(json.dumps({"model": args.model_spec, "stage": args.stage, "device": str(handle.device), "parameters": params,
+                      "load_s": load_s, "max_rss_mb": _max_rss_mb(), **gpu, **result}))
 
 
 def main() -> None:
@@ -270,6 +297,8 @@ def main() -> None:
     ap.add_argument("--rome-edits", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    ap.add_argument("--device-map-auto", action="store_true", help="spread an architecture model with accelerate")
     ap.add_argument("--rome-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
@@ -296,7 +325,8 @@ def main() -> None:
         for stage in stages:
             cmd = [sys.executable, __file__, "--stage", stage, "--model-spec", model,
                    "--memit-sizes", ",".join(map(str, args.memit_sizes)), "--stat-tokens", str(args.stat_tokens),
-                   "--rome-edits", str(args.rome_edits), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                   "--rome-edits", str(args.rome_edits), "--repeats", str(args.repeats), "--threads", str(args.threads),
+                   "--device", args.device, *(["--device-map-auto"] if args.device_map_auto else [])]
             if args.rome_dir is not None:
                 cmd += ["--rome-dir", str(args.rome_dir)]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
