@@ -8,6 +8,7 @@ Importing the package registers every editor in `editors.registry` (name -> clas
 command line, the protocols and the case studies find a method by name in one table.
 """
 
+from editors.circuit_ablation import CircuitAblation
 from editors.concept_erasure import ConceptErasure
 from editors.finetune import FineTune, FineTuneL
 from editors.knowledge_neuron_edit import KnowledgeNeuronEdit
@@ -19,5 +20,5 @@ from editors.rule_rewrite import RuleRewrite
 from editors.steering import Steering
 from editors.unit_ablation import UnitAblation
 
-__all__ = ["MEMIT", "ROME", "ConceptErasure", "Editor", "FineTune", "FineTuneL", "KnowledgeNeuronEdit", "LatentAblation", "LatentSteering", "RuleRewrite",
+__all__ = ["MEMIT", "ROME", "CircuitAblation", "ConceptErasure", "Editor", "FineTune", "FineTuneL", "KnowledgeNeuronEdit", "LatentAblation", "LatentSteering", "RuleRewrite",
            "Steering", "UnitAblation", "available", "get", "register"]

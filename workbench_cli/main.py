@@ -154,6 +154,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "workbench_cli.featvis",
     "workbench_cli.sae",
     "workbench_cli.circuit",
+    "workbench_cli.circuit_edit",
     "workbench_cli.serve",
 )
 
