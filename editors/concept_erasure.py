@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from editors.folding import NotFoldableError, canonical_kind, is_conv1d_hf
+from editors.folding import NotFoldableError, canonical_kind, following_batchnorm, is_conv1d_hf
 from editors.registry import register
 from workbench.delta import LowRank, WeightDelta, assert_unchanged
 from workbench.errors import WorkbenchError
@@ -283,10 +283,17 @@ def eraser_delta(handle: ModelHandle, site: str | Site, eraser: Any, *, method: 
         changes[f"{path}.weight"] = LowRank(v.to(dtype), u.to(dtype)) if conv1d else LowRank(u.to(dtype), v.to(dtype))
         db = wl @ (right @ bias_b) if bias_b is not None else torch.zeros(w_oi.shape[0], dtype=torch.float64)
     if bool((db.abs() > 0).any()):
-        if not has_bias:
-            raise _not_foldable(resolved, f"{path} has no bias to carry the eraser's constant term (LEACE keeps the mean); "
-                                          "fit with affine=False to fold only the projection, or use the run-time hook")
-        changes[f"{path}.bias"] = db.to(dtype)
+        norm = None if has_bias or side != "write" else following_batchnorm(handle.model, path)
+        if norm is not None:  # a bias-free conv read only by a BatchNorm: the constant moves into its beta
+            bn_path, bn = norm
+            gain = bn.weight.detach().double().cpu() / torch.sqrt(bn.running_var.detach().double().cpu() + bn.eps)
+            changes[f"{bn_path}.bias"] = (gain * db).to(bn.bias.dtype)
+        elif not has_bias:
+            raise _not_foldable(resolved, f"{path} has no bias to carry the eraser's constant term (LEACE keeps the mean), "
+                                          "nor a BatchNorm alone after it; fit with affine=False to fold only the "
+                                          "projection, or use the run-time hook")
+        else:
+            changes[f"{path}.bias"] = db.to(dtype)
     meta = {"site": resolved.name, "side": side, "module": path, "rank": int(u.shape[1]), **(extra or {})}
     return WeightDelta.from_model(handle.model, changes, method=method, request=request, extra=meta)
 

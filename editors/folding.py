@@ -171,6 +171,27 @@ def _trace(model: nn.Module) -> Any:
             "Linear/Conv input (NAME:input), or use the run-time hook") from None
 
 
+def following_batchnorm(model: nn.Module, path: str) -> tuple[str, nn.Module] | None:
+    """The BatchNorm (eval mode, affine, running statistics) that alone reads module `path`'s output, or None.
+
+    A per-channel constant added to a bias-free convolution's output is the same as a change of
+    that BatchNorm's beta (gamma / sqrt(running_var + eps) times the constant), so it folds there.
+    """
+    try:
+        gm = _trace(model)
+    except NotFoldableError:
+        return None
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == path), None)
+    users = list(node.users) if node is not None else []
+    if len(users) != 1:
+        return None
+    bn = _module(gm, model, users[0])
+    if (not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) or bn.training or not bn.affine
+            or bn.running_var is None):
+        return None
+    return str(users[0].target), bn
+
+
 def _site_node(gm: Any, site: Site) -> Any:
     nodes = list(gm.graph.nodes)
     for n in nodes:

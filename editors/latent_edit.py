@@ -12,6 +12,11 @@ What it removes is the whole direction, including whatever other latents or feat
 it, not only the chosen latent's own contribution (zeroing a latent inside the SAE would need the
 reconstruction spliced into the model and would add its error); the controls in
 `workbench sae ablate` are random latents of the same count.
+
+`value="mean"` replaces the component along those directions by its mean on clean inputs instead
+(`x -> x - Q Q^T (x - mu)`, `mu` given with the request): what the directions carry on average
+stays, only its variation goes. The constant `Q Q^T mu` folds into the writer's bias, or, for a
+bias-free convolution read only by a BatchNorm, into that BatchNorm's beta.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -59,14 +64,21 @@ def check_latents(dictionary: SparseDictionary, latents: Sequence[int]) -> tuple
     return chosen
 
 
-def latent_projection(dictionary: SparseDictionary, latents: Sequence[int]) -> Projection:
-    """The orthogonal projection off the span of the latents' decoder directions (float64)."""
+def latent_projection(dictionary: SparseDictionary, latents: Sequence[int],
+                      mean: torch.Tensor | None = None) -> Projection:
+    """The orthogonal projection off the span of the latents' decoder directions (float64); with `mean`,
+    the component along them is set to the mean's instead of zero."""
     chosen = check_latents(dictionary, latents)
     directions = dictionary.decoder_directions()[list(chosen)].detach().double().cpu()  # (r, d)
     q, r = torch.linalg.qr(directions.T)
     keep = r.diagonal().abs() > 1e-8 * max(1.0, float(r.diagonal().abs().max()))  # drop directions already spanned
     q = q[:, keep]
-    return Projection(q, q.T.contiguous())
+    if mean is not None:
+        mean = mean.detach().double().cpu().reshape(-1)
+        if mean.shape[0] != q.shape[0] or not bool(torch.isfinite(mean).all()):
+            raise WorkbenchError(f"the clean mean has {mean.shape[0]} finite values expected {q.shape[0]} (one per "
+                                 "feature of the site)")
+    return Projection(q, q.T.contiguous(), mean)
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ class LatentRequest:
 
     dictionary: SparseDictionary
     latents: tuple[int, ...] = field(default_factory=tuple)
+    mean: torch.Tensor | None = None  # the site's clean mean per feature (value="mean")
 
 
 @register("sae-ablate")
@@ -86,11 +99,19 @@ class LatentAblation:
     (see the module docstring); both are checked before anything is computed.
     """
 
+    value: Literal["zero", "mean"] = "zero"
+
     name: ClassVar[str] = "sae-ablate"
 
     def fit(self, handle: ModelHandle, request: LatentRequest) -> WeightDelta:
         if not isinstance(request, LatentRequest):
             raise WorkbenchError("sae-ablate needs a LatentRequest(dictionary, latents) request")
+        if self.value not in ("zero", "mean"):
+            raise WorkbenchError(f"value={self.value!r}: expected 'zero' (remove the directions) or 'mean' (keep their "
+                                 "clean mean)")
+        if (self.value == "mean") != (request.mean is not None):
+            raise WorkbenchError("value='mean' needs the site's clean mean in the request (LatentRequest(mean=...)), "
+                                 "and only it takes one")
         d = request.dictionary
         if d.kind == "transcoder":
             raise WorkbenchError("a transcoder's decoder writes another site than it reads; ablate latents of an SAE")
@@ -98,9 +119,9 @@ class LatentAblation:
         site = d.config.hook_name
         fold_target(handle, site)  # a clear refusal before any work
         with assert_unchanged(handle.model):
-            projection = latent_projection(d, request.latents)
+            projection = latent_projection(d, request.latents, request.mean)
             return eraser_delta(handle, site, projection, method="sae-ablate",
-                                request={"latents": list(check_latents(d, request.latents))},
+                                request={"latents": list(check_latents(d, request.latents)), "value": self.value},
                                 extra={"dictionary": d.config.metadata.get("cache_key"), "kind": d.kind,
                                        "width": d.d_sae})
 
@@ -132,9 +153,10 @@ class LatentSteering:
 
 
 @contextmanager
-def projection_hook(handle: ModelHandle, dictionary: SparseDictionary, latents: Sequence[int]) -> Iterator[None]:
-    """The same projection applied to the site at run time (any site, exact)."""
-    with erasure_hook(handle, dictionary.config.hook_name, latent_projection(dictionary, latents)):
+def projection_hook(handle: ModelHandle, dictionary: SparseDictionary, latents: Sequence[int],
+                    mean: torch.Tensor | None = None) -> Iterator[None]:
+    """The same projection (to the clean `mean` along the directions, when given) applied to the site at run time."""
+    with erasure_hook(handle, dictionary.config.hook_name, latent_projection(dictionary, latents, mean)):
         yield
 
 

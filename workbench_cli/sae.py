@@ -175,11 +175,13 @@ def _ablate(args: argparse.Namespace) -> None:
     out = new_file(args.out or "sae-ablate.delta.safetensors", "--out")
     handle = _load(args)
     d = _dictionary(args, handle)
-    delta = LatentAblation().fit(handle, LatentRequest(d, latents))
+    mean = _clean_mean(handle, d.config.hook_name, args) if args.value == "mean" else None
+    delta = LatentAblation(value=args.value).fit(handle, LatentRequest(d, latents, mean=mean))
     result: dict[str, Any] = {"model": args.model, "sae": args.sae, "site": d.config.hook_name, "latents": list(latents),
-                              "rank": delta.extra.get("rank"), "module": delta.extra.get("module")}
+                              "value": args.value, "rank": delta.extra.get("rank"), "module": delta.extra.get("module"),
+                              "changed": delta.names}
     if args.trojan:
-        result.update(_trojan_effect(handle, d, latents, delta, args))
+        result.update(_trojan_effect(handle, d, latents, delta, args, mean))
     result["delta_path"] = str(delta.save(out))
     args.emit(args, result, _ablate_text)
 
@@ -199,7 +201,21 @@ def _steer(args: argparse.Namespace) -> None:
                                        f"(site {r['site']}, norm {r['norm']:.4g})\n  delta: {r['delta_path']}"))
 
 
-def _trojan_effect(handle: Any, d: Any, latents: tuple[int, ...], delta: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _clean_mean(handle: Any, site: str, args: argparse.Namespace) -> Any:
+    """The site's mean per feature on clean inputs (ShapesWorld's clean scenes, else the model's corpus), seed + 2000."""
+    from workbench.dictionaries.activations import default_source, is_shapes_model, stream_rows, world_source
+
+    seed = args.seed + 2000
+    source = world_source(handle, seed=seed, triggered=False) if is_shapes_model(handle) else default_source(handle, seed=seed)
+    total, count = None, 0
+    for _index, rows in stream_rows(handle, [site], source, stop=args.mean_chunks):
+        part = rows[0].double().sum(dim=0)
+        total, count = (part if total is None else total + part), count + rows[0].shape[0]
+    return total / count
+
+
+def _trojan_effect(handle: Any, d: Any, latents: tuple[int, ...], delta: Any, args: argparse.Namespace,
+                   mean: Any = None) -> dict[str, Any]:
     """Attack success and clean accuracy on the trojan-surgery protocol's evaluation scenes (seed + 1000), before
     and after, and after as many random latents (the control), in `args.draws` seeded draws."""
     from editors.latent_edit import projection_hook, random_latents
@@ -215,7 +231,7 @@ def _trojan_effect(handle: Any, d: Any, latents: tuple[int, ...], delta: Any, ar
     controls = []
     for draw in range(args.draws):
         chosen = random_latents(d, len(latents), exclude=latents, seed=args.seed * 1000 + draw)
-        with projection_hook(handle, d, chosen):
+        with projection_hook(handle, d, chosen, mean):
             controls.append({"latents": chosen, "asr_after": asr(case.x_ev_trig),
                              "clean_after": acc(case.x_clean, case.y_clean)})
     out["random"] = controls
@@ -226,7 +242,9 @@ def _trojan_effect(handle: Any, d: Any, latents: tuple[int, ...], delta: Any, ar
 
 
 def _ablate_text(r: dict[str, Any]) -> str:
-    lines = [f"projected latents {r['latents']} (rank {r['rank']}) out of {r['site']}, folded into {r['module']}"]
+    to = "their clean mean" if r["value"] == "mean" else "zero"
+    lines = [f"set latents {r['latents']}' directions (rank {r['rank']}) at {r['site']} to {to}, folded into "
+             f"{', '.join(r['changed'])}"]
     if "asr_before" in r:
         lines.append(f"  trojan {r['trojan']}: attack success {r['asr_before']:.3f} -> {r['asr_after']:.3f} "
                      f"(random latents: {r['random_asr_after']:.3f})")
@@ -286,6 +304,11 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], emi
     p.add_argument("--n-eval", type=positive_int, default=500, help="--trojan: triggered evaluation scenes")
     p.add_argument("--n-clean", type=positive_int, default=1000, help="--trojan: clean evaluation scenes")
     p.add_argument("--draws", type=positive_int, default=3, help="--trojan: random-latent control draws")
+    p.add_argument("--value", choices=("zero", "mean"), default="zero",
+                   help="zero: remove the directions; mean: keep their clean mean (folded into a bias, or the "
+                        "BatchNorm after a bias-free conv)")
+    p.add_argument("--mean-chunks", type=positive_int, default=4,
+                   help="--value mean: chunks of clean inputs the mean is taken over (ShapesWorld: 128 scenes each)")
 
     p = base("steer", "add a strength x latents' decoder directions to the bias that writes their site", _steer)
     p.add_argument("--sae", required=True, help="a dictionary folder trained on this model")

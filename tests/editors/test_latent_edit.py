@@ -124,3 +124,38 @@ def test_steering_hook_adds_along_a_conv_maps_channels(cnn_handle) -> None:
         cnn_handle.model(x)
     diff = steered["features.3"] - plain["features.3"]
     assert torch.allclose(diff, vector.view(1, -1, 1, 1).expand_as(diff))
+
+
+def test_mean_value_keeps_the_clean_mean_and_folds_into_the_batchnorm_after_a_bias_free_conv(resnet_handle) -> None:
+    h = resnet_handle
+    site = "layer2.conv1"  # a bias-free Conv2d read only by its BatchNorm
+    conv = h.model.get_submodule(site)
+    assert conv.bias is None
+    d = _dictionary(h, site, conv.out_channels)
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(8, 3, 16, 16, generator=g)
+    with capture(h, [site]) as acts:
+        h.model(clean)
+    mean = acts[site].double().mean(dim=(0, 2, 3))
+    latents = (3, 7)
+    before = _state(h.model)
+    delta = LatentAblation(value="mean").fit(h, LatentRequest(d, latents, mean=mean))
+    assert sorted(delta.names) == sorted([f"{site}.weight", "layer2.bn1.bias"])  # the constant went into beta
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with projection_hook(h, d, latents, mean), torch.no_grad():
+        want = h.model(x)
+    with delta.applied(h.model), torch.no_grad():
+        got = h.model(x)
+    assert LatentAblation().fit(h, LatentRequest(d, latents)).names == [f"{site}.weight"]  # zero: no constant
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    with projection_hook(h, d, latents, mean), capture(h, [site]) as kept:
+        h.model(clean)
+    q = latent_projection(d, latents).proj_left
+    along = kept[site].double().movedim(1, -1) @ q
+    torch.testing.assert_close(along.mean(dim=(0, 1, 2)), mean @ q)  # the clean mean along the directions stays
+    assert along.std(dim=(0, 1, 2)).max() < 1e-5  # ... and nothing else along them
+    assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
+    with pytest.raises(WorkbenchError, match="clean mean"):
+        LatentAblation(value="mean").fit(h, LatentRequest(d, latents))
+    with pytest.raises(WorkbenchError, match="values expected"):
+        LatentAblation(value="mean").fit(h, LatentRequest(d, latents, mean=mean[:-1]))

@@ -132,6 +132,15 @@ def test_ablate_measures_a_trojan_beside_random_latents(tmp_path: Path, capsys: 
     assert r["asr_before"] > 0.8 and 0 <= r["asr_after"] <= 1 and len(r["random"]) == 2
     assert all(not set(c["latents"]) & {3, 5} and len(c["latents"]) == 2 for c in r["random"])
     assert r["random_asr_after"] == pytest.approx(sum(c["asr_after"] for c in r["random"]) / 2)
+    assert r["value"] == "zero" and r["changed"] == ["layer3.conv1.weight"]
+    code, stdout, err = _run(capsys, ["sae", "ablate", "zoo:shapesnet", "--sae", str(sae), "--latent", "3,5",
+                                      "--value", "mean", "--mean-chunks", "1", "--trojan", "patch-universal",
+                                      "--n-eval", "64", "--n-clean", "128", "--draws", "1",
+                                      "--out", str(tmp_path / "m.safetensors"), "--device", "cpu", "--json"])
+    assert code == 0, err
+    m = json.loads(stdout)
+    assert m["value"] == "mean" and sorted(m["changed"]) == ["layer3.bn1.bias", "layer3.conv1.weight"]
+    assert m["asr_before"] == r["asr_before"] and 0 <= m["asr_after"] <= 1
 
 
 def test_steer_writes_a_bias_delta_and_refuses_a_bias_free_writer(tiny_model_dirs: dict[str, Path], corpus: Path,
