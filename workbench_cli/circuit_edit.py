@@ -134,24 +134,16 @@ def _trojan_effect(handle: Any, case: Any, request: Any, graph: Any, delta: Any,
     from dataclasses import replace
 
     from editors.circuit_ablation import ablation_hook, random_nodes, resolve_ablation
+    from workbench_protocols.surgery import edit_beside_controls
 
-    asr, acc = case.attack_success, case.accuracy
-    out: dict[str, Any] = {"trojan": args.trojan, "asr_before": asr(case.x_ev_trig),
-                           "clean_before": acc(case.x_clean, case.y_clean)}
-    with delta.applied(handle.model):
-        out["asr_after"], out["clean_after"] = asr(case.x_ev_trig), acc(case.x_clean, case.y_clean)
     chosen = delta.extra["nodes"]
     controls = []
     for draw in range(args.draws):
         picked = random_nodes(graph, len(chosen), exclude=chosen, seed=args.seed * 1000 + draw, like=chosen)
         ablation = resolve_ablation(handle, replace(request, nodes=tuple(picked), top=None, complement=False),
                                     args.value, graph)
-        with ablation_hook(handle, ablation):
-            controls.append({"nodes": picked, "asr_after": asr(case.x_ev_trig),
-                             "clean_after": acc(case.x_clean, case.y_clean)})
-    out["random"] = controls
-    out["random_asr_after"] = sum(c["asr_after"] for c in controls) / len(controls)
-    out["random_clean_after"] = sum(c["clean_after"] for c in controls) / len(controls)
+        controls.append(("nodes", picked, ablation_hook(handle, ablation)))
+    out: dict[str, Any] = {"trojan": args.trojan, **edit_beside_controls(case, delta, controls)}
     out.update({"n_eval": args.n_eval, "n_clean": args.n_clean, "seed": args.seed})
     return out
 

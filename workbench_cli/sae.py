@@ -219,24 +219,15 @@ def _trojan_effect(handle: Any, d: Any, latents: tuple[int, ...], delta: Any, ar
     """Attack success and clean accuracy on the trojan-surgery protocol's evaluation scenes (seed + 1000), before
     and after, and after as many random latents (the control), in `args.draws` seeded draws."""
     from editors.latent_edit import projection_hook, random_latents
-    from workbench_protocols.surgery import EvaluationConfig, SelectionConfig, SurgeryConfig, prepare_case
+    from workbench_protocols.surgery import (EvaluationConfig, SelectionConfig, SurgeryConfig, edit_beside_controls,
+                                             prepare_case)
 
     config = SurgeryConfig(selection=SelectionConfig(n_select=1, n_ref=1),
                            evaluation=EvaluationConfig(n_eval=args.n_eval, n_clean=args.n_clean), seed=args.seed)
     case = prepare_case(handle, args.trojan, config)
-    asr, acc = case.attack_success, case.accuracy
-    out = {"trojan": args.trojan, "asr_before": asr(case.x_ev_trig), "clean_before": acc(case.x_clean, case.y_clean)}
-    with delta.applied(handle.model):
-        out["asr_after"], out["clean_after"] = asr(case.x_ev_trig), acc(case.x_clean, case.y_clean)
-    controls = []
-    for draw in range(args.draws):
-        chosen = random_latents(d, len(latents), exclude=latents, seed=args.seed * 1000 + draw)
-        with projection_hook(handle, d, chosen, mean):
-            controls.append({"latents": chosen, "asr_after": asr(case.x_ev_trig),
-                             "clean_after": acc(case.x_clean, case.y_clean)})
-    out["random"] = controls
-    out["random_asr_after"] = sum(c["asr_after"] for c in controls) / len(controls)
-    out["random_clean_after"] = sum(c["clean_after"] for c in controls) / len(controls)
+    draws = [random_latents(d, len(latents), exclude=latents, seed=args.seed * 1000 + draw) for draw in range(args.draws)]
+    out = {"trojan": args.trojan, **edit_beside_controls(
+        case, delta, [("latents", chosen, projection_hook(handle, d, chosen, mean)) for chosen in draws])}
     out.update({"n_eval": args.n_eval, "n_clean": args.n_clean, "seed": args.seed})
     return out
 

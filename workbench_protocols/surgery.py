@@ -384,6 +384,24 @@ def measure(case: SurgeryCase, selection: SurgerySelection, delta: WeightDelta,
     return result
 
 
+def edit_beside_controls(case: SurgeryCase, delta: WeightDelta, controls: Sequence[tuple[str, Any, Any]]) -> dict[str, Any]:
+    """Attack success and clean accuracy on the case's evaluation scenes before and after `delta`, and under each
+    control: (key, what was chosen, a context manager that applies it at run time), with the controls' means."""
+    asr, acc = case.attack_success, case.accuracy
+    out: dict[str, Any] = {"asr_before": asr(case.x_ev_trig), "clean_before": acc(case.x_clean, case.y_clean)}
+    with delta.applied(case.handle.model):
+        out["asr_after"], out["clean_after"] = asr(case.x_ev_trig), acc(case.x_clean, case.y_clean)
+    rows = []
+    for key, chosen, applied in controls:
+        with applied:
+            rows.append({key: chosen, "asr_after": asr(case.x_ev_trig), "clean_after": acc(case.x_clean, case.y_clean)})
+    out["random"] = rows
+    if rows:
+        out["random_asr_after"] = sum(r["asr_after"] for r in rows) / len(rows)
+        out["random_clean_after"] = sum(r["clean_after"] for r in rows) / len(rows)
+    return out
+
+
 def trojan_surgery(handle: ModelHandle, trojan: str, *, config: SurgeryConfig | None = None, return_delta: bool = False,
                    progress: bool = True) -> dict[str, Any]:
     """Remove the units that carry a ShapesNet trojan; measure attack success and clean accuracy.
