@@ -155,6 +155,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "workbench_cli.sae",
     "workbench_cli.circuit",
     "workbench_cli.circuit_edit",
+    "workbench_cli.das",
     "workbench_cli.serve",
 )
 
