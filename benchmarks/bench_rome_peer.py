@@ -1,7 +1,7 @@
 """ROME per-edit time and quality beside the original ROME code, interleaved, on one model.
 
-    git clone https://github.com/kmeng01/rome /tmp/rome   # the original code (tested: commit 0874014)
-    .venv/bin/python -u benchmarks/bench_rome_peer.py --rome-dir /tmp/rome --n 40 --threads 1
+    git clone https://github.com/kmeng01/rome ROME_DIR   # the original code (tested: commit 0874014)
+    .venv/bin/python -u benchmarks/bench_rome_peer.py --rome-dir ROME_DIR --n 40 --threads 1
 
 Both editors edit the same layer of the same model with the same key statistics (the
 workbench's, whose inverse is handed to the original's `get_inv_cov`, as its in-memory cache

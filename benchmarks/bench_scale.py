@@ -4,7 +4,7 @@
         --stages statistics,trace,rome,memit --memit-sizes 100 --threads 1 --out benchmarks/out/scale.json
     .venv/bin/python -u benchmarks/bench_scale.py --models zoo:gpt2-small-arch --stages memit --memit-sizes 10,100,1000
     .venv/bin/python -u benchmarks/bench_scale.py --models zoo:gpt2-small-arch --stages statistics-peer,resume \
-        --rome-dir /tmp/rome
+        --rome-dir ROME_DIR
 
 Each (model, stage) runs in a fresh process, so its peak memory (max RSS) is its own; the
 architecture models have random weights (timing and memory only). Stages:

@@ -470,6 +470,14 @@ class CaseStudy:
         results = self.analyze(store, timing={"setup_s": round(setup_s, 3), "cases_s": round(run_s, 3)})
         return results
 
+    def fresh_state(self, index: int, device: str) -> tuple[SuiteModel | None, Any]:
+        """(model, setup state) of this study's model `index` in a new context: what a worker process builds."""
+        ctx = StudyContext(device=device, progress=False, suite=self.suite)
+        model = self.suite_models()[index]
+        if model is not None:
+            ctx.checked_model(model)
+        return model, self.setup(ctx, model)
+
     def case_record(self, store: RunStore, state: Any, model: SuiteModel | None, seed: int, key: str,
                     digest: str) -> dict[str, Any]:
         """Run one case (seeded from its id, so it repeats on resume and in any process) as its stored record."""

@@ -20,13 +20,10 @@ import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from workbench.errors import WorkbenchError
 from workbench.progress import progress_bar
-
-if TYPE_CHECKING:
-    from workbench.casestudy import CaseStudy
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +82,17 @@ def ray_runtime(workers: int, address: str | None = None) -> Iterator[Any]:
 
 # --- worker side ---------------------------------------------------------------------------------
 
-_worker_states: dict[tuple[str, int], tuple[Any, list[Any], Any]] = {}
+_worker_states: dict[tuple[str, int], tuple[Any, Any]] = {}
 
 
-def _state_for(study: CaseStudy, key: str, index: int, device: str) -> tuple[Any, Any]:
-    """(model spec or None, setup state) of `study`'s model `index` in this worker, built once per worker."""
-    from workbench.casestudy import StudyContext
-
+def _state_for(study: Any, key: str, index: int, device: str) -> tuple[Any, Any]:
+    """(suite model or None, setup state) of `study`'s model `index` in this worker, built once per worker."""
     if (key, index) not in _worker_states:
-        ctx = StudyContext(device=device, progress=False, suite=study.suite)
-        model = study.suite_models()[index]
-        if model is not None:
-            ctx.checked_model(model)
-        _worker_states[(key, index)] = (ctx, [model], study.setup(ctx, model))
-    _ctx, (model,), state = _worker_states[(key, index)]
-    return model, state
+        _worker_states[(key, index)] = study.fresh_state(index, device)
+    return _worker_states[(key, index)]
 
 
-def _run_case(study: CaseStudy, key: str, root: str, case_id: str, index: int, seed: int, case_key: str,
+def _run_case(study: Any, key: str, root: str, case_id: str, index: int, seed: int, case_key: str,
               digest: str, device: str, threads: int | None) -> str:
     """One case in a Ray worker: run it and write its record into the store at `root`."""
     import torch
@@ -119,7 +109,7 @@ def _run_case(study: CaseStudy, key: str, root: str, case_id: str, index: int, s
 
 # --- driver side ---------------------------------------------------------------------------------
 
-def run_cases_on_ray(study: CaseStudy, store: Any, todo: Sequence[str], index: Mapping[str, tuple[int, int, str]],
+def run_cases_on_ray(study: Any, store: Any, todo: Sequence[str], index: Mapping[str, tuple[int, int, str]],
                      digest: str, *, device: str, threads: int | None, done_before: int = 0, progress: bool = True,
                      ray: Any = None) -> None:
     """Run the cases `todo` of `study` as Ray tasks (Ray must be initialized: `ray_runtime`)."""

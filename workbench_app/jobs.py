@@ -25,7 +25,7 @@ from typing import Any
 from workbench.errors import UnknownModelError, WorkbenchError
 from workbench.results import RunStore
 from workbench.storage import atomic_write_json
-from workbench_app.workspace import ConflictError, _read_json
+from workbench_app.workspace import ConflictError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class JobRunner:
         for d in sorted(self.root.iterdir()):
             if not _ID.match(d.name):
                 continue
-            state = _read_json(d / STATE_JSON, None)
+            state = read_json(d / STATE_JSON, None)
             if isinstance(state, dict) and state.get("status") in ACTIVE:
                 state.update(status="interrupted", finished=time.time(), cancellable=False,
                              error="the server stopped while this job ran; it did not finish (start it again)",
@@ -232,7 +232,7 @@ class JobRunner:
             state = self._states.get(job_id)
         if state is not None:
             return state
-        data = _read_json(self.root / job_id / STATE_JSON, None)
+        data = read_json(self.root / job_id / STATE_JSON, None)
         if not isinstance(data, dict):
             raise UnknownModelError(f"unknown job {job_id!r}; GET /api/jobs lists them")
         known = {f for f in JobState.__dataclass_fields__}
@@ -242,10 +242,10 @@ class JobRunner:
         """State, config, prediction and (when done) result of a job."""
         state = self.get(job_id)
         store = RunStore(self.root / job_id)
-        out: dict[str, Any] = {"state": state.to_json(), "config": _read_json(store.root / "config.json", None),
-                               "prediction": _read_json(store.root / "prediction.json", None), "result": None}
+        out: dict[str, Any] = {"state": state.to_json(), "config": read_json(store.root / "config.json", None),
+                               "prediction": read_json(store.root / "prediction.json", None), "result": None}
         if state.status == "done":
-            out["result"] = _read_json(store.root / "summary.json", None)
+            out["result"] = read_json(store.root / "summary.json", None)
         return out
 
     def list(self, *, model: str | None = None, kind: str | None = None, limit: int = 50) -> list[dict[str, Any]]:

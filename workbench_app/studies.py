@@ -24,7 +24,7 @@ from typing import Any
 from workbench.errors import UnknownModelError, WorkbenchError
 from workbench_app.jobs import JobContext
 from workbench_app.security import inside, relative_to_workspace
-from workbench_app.workspace import STACKS, _read_json
+from workbench_app.workspace import STACKS, read_json
 
 STUDY_JOBS = "studies"  # the JobRunner key of study jobs: one study job per workspace at a time
 RUNS = "runs"
@@ -203,9 +203,9 @@ def _count_cases(d: Path) -> int:
 
 def _study_view(name: str, d: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One study of a run: what it is and its predictions with verdicts (pending until it finished)."""
-    results = _read_json(d / RESULTS_FILE, None)
-    registration = _read_json(d / "prediction.json", None) or {}
-    config = _read_json(d / "config.json", None) or {}
+    results = read_json(d / RESULTS_FILE, None)
+    registration = read_json(d / "prediction.json", None) or {}
+    config = read_json(d / "config.json", None) or {}
     if isinstance(results, dict):
         verdicts = results.get("verdicts") or []
         preds = [{**v, "study": name} for v in verdicts]
@@ -235,7 +235,7 @@ def _study_view(name: str, d: Path) -> tuple[dict[str, Any], list[dict[str, Any]
 
 def run_summary(root: Path, folder: Path) -> dict[str, Any]:
     """One line of the runs list: studies, mode, when, whether finished, verdict counts."""
-    run = _read_json(folder / RUN_FILE, None) or {}
+    run = read_json(folder / RUN_FILE, None) or {}
     studies, counts = [], Counter()
     for name, d in _study_dirs(folder, run):
         view, preds = _study_view(name, d)
@@ -269,7 +269,7 @@ def check_filters(query: Mapping[str, Any]) -> dict[str, str]:
 
 def view_run(root: Path, folder: Path, filters: Mapping[str, str]) -> dict[str, Any]:
     """A run as the Studies page shows it: its studies, and every prediction with its verdict (filtered)."""
-    run = _read_json(folder / RUN_FILE, None) or {}
+    run = read_json(folder / RUN_FILE, None) or {}
     studies, preds = [], []
     for name, d in _study_dirs(folder, run):
         view, p = _study_view(name, d)
@@ -278,7 +278,7 @@ def view_run(root: Path, folder: Path, filters: Mapping[str, str]) -> dict[str, 
     facets = {k: dict(Counter("" if p.get(k) is None else str(p.get(k)) for p in preds).most_common())
               for k in FILTERS}
     shown = [p for p in preds if all(("" if p.get(k) is None else str(p.get(k))) == v for k, v in filters.items())]
-    top = _read_json(folder / RESULTS_FILE, None)
+    top = read_json(folder / RESULTS_FILE, None)
     top = top if isinstance(top, dict) else {}
     suite = run.get("suite") or {}
     return {"path": relative_to_workspace(root, folder),

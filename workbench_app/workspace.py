@@ -55,7 +55,8 @@ def model_key(spec: str) -> str:
     return f"{stem}-{hashlib.sha256(spec.encode('utf-8')).hexdigest()[:8]}"
 
 
-def _read_json(path: Path, default: Any) -> Any:
+def read_json(path: Path, default: Any) -> Any:
+    """A JSON file of the workspace, or `default` when it is missing; a file that does not parse is an error."""
     import json
 
     if not path.is_file():
@@ -108,7 +109,7 @@ class OpenModel:
                 return self.handle
             handle = self._load_handle()
             original = model_fingerprint(handle.model)
-            record = _read_json(self.dir / MODEL_JSON, None)
+            record = read_json(self.dir / MODEL_JSON, None)
             if record is not None and record.get("original_fingerprint") not in (None, original):
                 raise ConflictError(
                     f"{self.spec} has other weights than when its edits were made in this workspace (fingerprint "
@@ -119,7 +120,7 @@ class OpenModel:
                                                       "opened": (record or {}).get("opened", time.time())})
             stack: list[tuple[dict[str, Any], WeightDelta]] = []
             try:
-                for entry in _read_json(self.dir / STACK_JSON, []):
+                for entry in read_json(self.dir / STACK_JSON, []):
                     delta = WeightDelta.load(self.delta_path(entry))
                     delta.apply(handle.model)
                     stack.append((entry, delta))
@@ -161,7 +162,7 @@ class OpenModel:
     def stack(self) -> list[dict[str, Any]]:
         """The edits applied, oldest first (read without waiting for a running job)."""
         if self.handle is None:
-            return list(_read_json(self.dir / STACK_JSON, []))
+            return list(read_json(self.dir / STACK_JSON, []))
         return [dict(entry) for entry, _ in list(self._stack)]
 
     def _write_stack(self, entries: list[dict[str, Any]]) -> None:
@@ -392,7 +393,7 @@ class Workspace:
             model = self._open.get(key)
         if model is not None:
             return model
-        record = _read_json(self.root / STACKS / key / MODEL_JSON, None)
+        record = read_json(self.root / STACKS / key / MODEL_JSON, None)
         if not isinstance(record, dict) or "spec" not in record:
             raise UnknownModelError(f"unknown model {key!r}; open one first (POST /api/models)")
         folder = record.get("folder")
@@ -403,12 +404,12 @@ class Workspace:
         out = []
         models = self.root / STACKS
         for d in sorted(models.iterdir()) if models.is_dir() else ():
-            record = _read_json(d / MODEL_JSON, None)
+            record = read_json(d / MODEL_JSON, None)
             if isinstance(record, dict) and "spec" in record:
                 with self._lock:
                     loaded = d.name in self._open and self._open[d.name].loaded
                 out.append({"key": d.name, "spec": record["spec"], "loaded": loaded,
-                            "edits": len(_read_json(d / STACK_JSON, []))})
+                            "edits": len(read_json(d / STACK_JSON, []))})
         return out
 
     def model_folders(self, *, depth: int = 3) -> list[str]:

@@ -154,10 +154,9 @@ def _text(r: dict[str, Any]) -> str:
               f"{' (its complement)' if r['complement'] else ''}: {shown}"),
              f"  folded into {', '.join(r['params'])}"]
     if "asr_before" in r:
-        lines.append(f"  trojan {r['trojan']}: attack success {r['asr_before']:.3f} -> {r['asr_after']:.3f} "
-                     f"(random nodes: {r['random_asr_after']:.3f})")
-        lines.append(f"  clean accuracy {r['clean_before']:.3f} -> {r['clean_after']:.3f} "
-                     f"(random nodes: {r['random_clean_after']:.3f})")
+        from workbench_protocols.surgery import beside_controls_lines
+
+        lines += beside_controls_lines(r, "random nodes")
     lines.append(f"  delta: {r['delta_path']}")
     return "\n".join(lines)
 

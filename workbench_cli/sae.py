@@ -237,10 +237,9 @@ def _ablate_text(r: dict[str, Any]) -> str:
     lines = [f"set latents {r['latents']}' directions (rank {r['rank']}) at {r['site']} to {to}, folded into "
              f"{', '.join(r['changed'])}"]
     if "asr_before" in r:
-        lines.append(f"  trojan {r['trojan']}: attack success {r['asr_before']:.3f} -> {r['asr_after']:.3f} "
-                     f"(random latents: {r['random_asr_after']:.3f})")
-        lines.append(f"  clean accuracy {r['clean_before']:.3f} -> {r['clean_after']:.3f} "
-                     f"(random latents: {r['random_clean_after']:.3f})")
+        from workbench_protocols.surgery import beside_controls_lines
+
+        lines += beside_controls_lines(r, "random latents")
     lines.append(f"  delta: {r['delta_path']}")
     return "\n".join(lines)
 

@@ -402,6 +402,14 @@ def edit_beside_controls(case: SurgeryCase, delta: WeightDelta, controls: Sequen
     return out
 
 
+def beside_controls_lines(result: Mapping[str, Any], controls: str) -> list[str]:
+    """Two lines for a person: attack success and clean accuracy before -> after, with the controls' (`edit_beside_controls`)."""
+    return [f"  trojan {result['trojan']}: attack success {result['asr_before']:.3f} -> {result['asr_after']:.3f} "
+            f"({controls}: {result['random_asr_after']:.3f})",
+            f"  clean accuracy {result['clean_before']:.3f} -> {result['clean_after']:.3f} "
+            f"({controls}: {result['random_clean_after']:.3f})"]
+
+
 def trojan_surgery(handle: ModelHandle, trojan: str, *, config: SurgeryConfig | None = None, return_delta: bool = False,
                    progress: bool = True) -> dict[str, Any]:
     """Remove the units that carry a ShapesNet trojan; measure attack success and clean accuracy.

@@ -19,6 +19,7 @@ from workbench.delta import (
     ModelChangedError,
     WeightDelta,
     assert_unchanged,
+    changes_added,
     compose_on,
 )
 from workbench.errors import CorruptFileError, FingerprintMismatchError, UnsafeFileError, WorkbenchError
@@ -506,3 +507,32 @@ def test_cuda_model_with_cpu_delta(tmp_path: Path, dtype: torch.dtype) -> None:
         assert not torch.equal(model.state_dict()[GPT2_PARAM], before[GPT2_PARAM])
     assert_bit_equal(model, before)
     assert model_fingerprint(model) == fp
+
+
+def test_changes_added_hold_inside_the_block_and_restore_exact_bits_even_on_error() -> None:
+    model = tiny_mlp()
+    before = snapshot(model)
+    change = {"0.weight": torch.full((5, 6), 0.25), "2.bias": torch.ones(3)}
+    with changes_added(model, change):
+        torch.testing.assert_close(model[0].weight, before["0.weight"] + 0.25)
+        torch.testing.assert_close(model[2].bias, before["2.bias"] + 1.0)
+    assert_bit_equal(model, before)
+    with pytest.raises(RuntimeError, match="inside"), changes_added(model, change):
+        raise RuntimeError("inside")
+    assert_bit_equal(model, before)
+    with pytest.raises(WorkbenchError, match="no parameter"), changes_added(model, {"9.weight": torch.zeros(1)}):
+        pass
+
+
+def test_a_delta_built_from_its_fits_guard_has_the_fingerprints_of_a_fresh_hash() -> None:
+    model = tiny_gpt2()
+    change = {GPT2_PARAM: torch.zeros(128, 32)}
+    with assert_unchanged(model) as guard:
+        pass
+    assert guard.digests  # the closing check's digests of the whole model
+    reused = WeightDelta.from_model(model, change, method="t", guard=guard)
+    fresh = WeightDelta.from_model(model, change, method="t")
+    assert (reused.model_fingerprint, reused.state_fingerprint) == (fresh.model_fingerprint, fresh.state_fingerprint)
+    with assert_unchanged(model, [GPT2_PARAM]) as partial:
+        pass
+    assert partial.digests == {}  # a guard over some parameters cannot stand for the whole model
